@@ -1,0 +1,212 @@
+"""Model specs, safe loading, and lazy access to checkpoint tensors.
+
+A model spec is a local checkpoint directory or `zoo:NAME`. Weights load from
+safetensors only; pickle files (.bin, .pt, .pth) are refused unless the caller opts
+in. Nothing is fetched from a hub and remote code is never trusted.
+
+Donors are read lazily: `CheckpointTensors` memory-maps the safetensors files and
+reads only the tensors asked for, so registering a donor costs its metadata, not its
+weights.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from .arch import ModuleTable, build_table
+from .errors import InvalidArgument, NotFound, UnsafeCheckpoint
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+
+
+class TensorSource(Protocol):
+    """Anything that can hand out tensors by parameter key: a checkpoint, a live
+    model, a snapshot. The transplant reads donors only through this."""
+
+    name: str
+
+    def has(self, key: str) -> bool: ...
+    def meta(self, key: str) -> tuple[tuple[int, ...], str]: ...
+    def get(self, key: str) -> torch.Tensor: ...
+
+
+def resolve_model_path(spec: str) -> Path:
+    if spec.startswith("zoo:"):
+        from . import zoo  # the embedded family; imported lazily (it pulls in training code)
+
+        try:
+            return zoo.model_dir(spec[4:])
+        except zoo.ZooError as e:
+            raise NotFound(str(e)) from None
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise NotFound(f"model path {str(path)!r} does not exist; give a checkpoint directory or zoo:NAME")
+    if not path.is_dir() or not (path / "config.json").is_file():
+        raise InvalidArgument(f"{str(path)!r} is not a checkpoint directory (no config.json in it)")
+    return path.resolve()
+
+
+def weight_files(path: Path, allow_pickle: bool = False) -> list[Path]:
+    """The weight files of a checkpoint dir: safetensors, or pickle when allowed."""
+    st = sorted(path.glob("*.safetensors"))
+    if st:
+        return st
+    pk = sorted(p for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pk and not allow_pickle:
+        raise UnsafeCheckpoint(
+            f"{path} has only pickle weights ({', '.join(p.name for p in pk)}); pickle can run code on load. "
+            "Convert it to safetensors, or opt in with --allow-pickle (allow_pickle in the server config)"
+        )
+    if not pk:
+        raise NotFound(f"{path} has no weight files (*.safetensors)")
+    return pk
+
+
+def load_model(spec: str, allow_pickle: bool = False, dtype: torch.dtype | None = None):
+    """(model, tokenizer, path) for a spec; the model is in eval mode on the CPU."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model_path(spec)
+    files = weight_files(path, allow_pickle)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, local_files_only=True, trust_remote_code=False,
+        use_safetensors=files[0].suffix == ".safetensors", dtype=dtype or "auto",
+    )
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer, path
+
+
+def skeleton(path: Path) -> nn.Module:
+    """The model's module tree on the meta device: structure without memory."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+
+
+class CheckpointTensors:
+    """Lazy, read-only tensors of a checkpoint directory (safetensors memory maps)."""
+
+    def __init__(self, path: Path, allow_pickle: bool = False, name: str | None = None):
+        from safetensors import safe_open
+
+        self.path = Path(path)
+        self.name = name or str(path)
+        self._handles: dict[str, object] = {}
+        self._where: dict[str, str] = {}
+        self._pickled: dict[str, torch.Tensor] | None = None
+        for f in weight_files(self.path, allow_pickle):
+            if f.suffix == ".safetensors":
+                h = safe_open(str(f), framework="pt")
+                self._handles[str(f)] = h
+                for k in h.keys():
+                    self._where[k] = str(f)
+            else:
+                self._pickled = self._pickled or {}
+                self._pickled.update(torch.load(f, map_location="cpu", weights_only=True))
+        if self._pickled:
+            self._where.update({k: "" for k in self._pickled})
+
+    def _key(self, key: str) -> str | None:
+        if key in self._where:
+            return key
+        # older checkpoints omit the base-model prefix (GPT-2's "h.0..." for "transformer.h.0...")
+        short = key.split(".", 1)[1] if "." in key else key
+        return short if short in self._where else None
+
+    def has(self, key: str) -> bool:
+        return self._key(key) is not None
+
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def meta(self, key: str) -> tuple[tuple[int, ...], str]:
+        k = self._key(key)
+        if k is None:
+            raise NotFound(f"tensor {key!r} is not in checkpoint {self.name}")
+        if self._pickled is not None and k in self._pickled:
+            t = self._pickled[k]
+            return tuple(t.shape), str(t.dtype).removeprefix("torch.")
+        sl = self._handles[self._where[k]].get_slice(k)
+        return tuple(sl.get_shape()), _ST_DTYPES.get(sl.get_dtype(), sl.get_dtype().lower())
+
+    def get(self, key: str) -> torch.Tensor:
+        k = self._key(key)
+        if k is None:
+            raise NotFound(f"tensor {key!r} is not in checkpoint {self.name}")
+        if self._pickled is not None and k in self._pickled:
+            return self._pickled[k]
+        return self._handles[self._where[k]].get_tensor(k)
+
+    def shapes(self, model_keys: list[str]) -> dict[str, tuple[tuple[int, ...], str]]:
+        return {k: self.meta(k) for k in model_keys if self.has(k)}
+
+
+_ST_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64",
+              "I64": "int64", "I32": "int32", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+
+
+class ModelTensors:
+    """The parameters of an in-memory model, as a tensor source."""
+
+    def __init__(self, model: nn.Module, name: str = "model"):
+        self.name = name
+        self._params = dict(model.named_parameters())
+
+    def has(self, key: str) -> bool:
+        return key in self._params
+
+    def meta(self, key: str) -> tuple[tuple[int, ...], str]:
+        p = self._params[key]
+        return tuple(p.shape), str(p.dtype).removeprefix("torch.")
+
+    def get(self, key: str) -> torch.Tensor:
+        if key not in self._params:
+            raise NotFound(f"tensor {key!r} is not in {self.name}")
+        return self._params[key].detach()
+
+
+class DictTensors(ModelTensors):
+    """A plain {key: tensor} mapping (a snapshot) as a tensor source."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], name: str = "snapshot"):
+        self.name = name
+        self._params = dict(tensors)
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint on disk, described without loading its weights."""
+
+    path: Path
+    config: dict
+    table: ModuleTable
+    tensors: CheckpointTensors
+
+    @classmethod
+    def open(cls, spec: str, allow_pickle: bool = False) -> "Checkpoint":
+        path = resolve_model_path(spec)
+        tensors = CheckpointTensors(path, allow_pickle, name=spec)
+        skel = skeleton(path)
+        keys = [k for k, _ in skel.named_parameters()]
+        table = build_table(skel, tensors.shapes(keys))
+        config = json.loads((path / "config.json").read_text())
+        return cls(path, config, table, tensors)
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(f.stat().st_size for f in weight_files(self.path, allow_pickle=True))

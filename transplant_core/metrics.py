@@ -1,0 +1,45 @@
+"""The paper's metrics and the intervals it lacks.
+
+Undefined values are None, never 0 or infinity: TIR when the target scores 0,
+Recovery when target and donor score the same.
+"""
+from __future__ import annotations
+
+import random
+from statistics import fmean
+
+
+def accuracy(correct: list[bool]) -> float:
+    return sum(correct) / len(correct) if correct else 0.0
+
+
+def tir(acc_after: float, acc_target: float) -> float | None:
+    """Transplantation improvement ratio: Acc_after / Acc_target."""
+    return None if acc_target == 0 else acc_after / acc_target
+
+
+def recovery(acc_after: float, acc_target: float, acc_donor: float) -> float | None:
+    """100 x (Acc_after - Acc_target) / (Acc_donor - Acc_target), in percent."""
+    gap = acc_donor - acc_target
+    return None if gap == 0 else 100.0 * (acc_after - acc_target) / gap
+
+
+def retention(acc_after: float, acc_before: float) -> float | None:
+    """Share of the target's own accuracy on another task kept after the transplant."""
+    return None if acc_before == 0 else acc_after / acc_before
+
+
+def bootstrap_ci(correct: list[bool], n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of the accuracy (resampling examples)."""
+    if not correct:
+        return (0.0, 0.0)
+    rng = random.Random(seed)
+    n = len(correct)
+    vals = sorted(fmean(rng.choices(correct, k=n)) for _ in range(n_boot))
+    lo = vals[int((1 - level) / 2 * n_boot)]
+    hi = vals[min(n_boot - 1, int((1 + level) / 2 * n_boot))]
+    return (lo, hi)
+
+
+def fmt(x: float | None, spec: str = ".3f") -> str:
+    return "undefined" if x is None else format(x, spec)

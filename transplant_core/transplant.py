@@ -1,0 +1,151 @@
+"""The transplant itself: plan (validate everything), commit (snapshot, copy), revert.
+
+Nothing is mutated until the whole plan validates. A commit snapshots the tensors
+it replaces, copies with `param.data.copy_()` so parameter identity survives (hooks,
+optimisers and views stay attached), and restores the snapshot if anything fails
+half way. Revert is a transplant whose donor is the snapshot.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .arch import ModuleInfo, ModuleTable
+from .checkpoint import DictTensors, TensorSource
+from .errors import Incompatible, InvalidArgument, NonFiniteWeights
+from .refs import ModuleRef
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A validated transplant: which modules, the donor values to install, alpha."""
+
+    donor: str
+    alpha: float
+    modules: tuple[ModuleInfo, ...]
+    values: dict[str, torch.Tensor] = field(repr=False)
+
+    @property
+    def refs(self) -> list[ModuleRef]:
+        return [m.ref for m in self.modules]
+
+    @property
+    def keys(self) -> list[str]:
+        return [k for m in self.modules for k in m.keys]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(m.nbytes for m in self.modules)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """The tensors a commit replaced, enough to undo it."""
+
+    refs: tuple[ModuleRef, ...]
+    tensors: dict[str, torch.Tensor] = field(repr=False)
+
+    def as_source(self) -> DictTensors:
+        return DictTensors(self.tensors, name="snapshot")
+
+
+def plan(table: ModuleTable, donor: TensorSource, refs: list[ModuleRef], alpha: float = 1.0) -> Plan:
+    """Validate a transplant of `refs` from `donor` into the model `table` describes.
+
+    Every problem is collected before raising, so one error lists them all. Reads
+    only the selected modules' tensors from the donor."""
+    if not isinstance(alpha, (int, float)) or not 0.0 <= float(alpha) <= 1.0 or alpha != alpha:
+        raise InvalidArgument(f"alpha must be a number in [0, 1] (1 = full copy), got {alpha!r}")
+    if not refs:
+        raise InvalidArgument("no modules selected; give module names or a task and K >= 1")
+    modules = table.require(refs)
+    problems: list[str] = []
+    values: dict[str, torch.Tensor] = {}
+    for m in modules:
+        for key, shape in ((m.weight_key, m.weight_shape), (m.bias_key, m.bias_shape)):
+            if key is None:
+                continue
+            if not donor.has(key):
+                problems.append(f"{m.ref}: donor {donor.name} has no tensor {key}")
+                continue
+            d_shape, d_dtype = donor.meta(key)
+            if tuple(d_shape) != tuple(shape):
+                problems.append(f"{m.ref}: {key} shape target {list(shape)} vs donor {list(d_shape)}")
+            elif d_dtype != m.dtype:
+                problems.append(f"{m.ref}: {key} dtype target {m.dtype} vs donor {d_dtype}")
+            else:
+                values[key] = donor.get(key)
+        if m.bias_key is None and donor.has(f"{m.path}.bias"):
+            problems.append(f"{m.ref}: donor has a bias, target has none")
+    if problems:
+        raise Incompatible(f"cannot transplant from {donor.name}", problems)
+    bad = [k for k, v in values.items() if not torch.isfinite(v).all()]
+    if bad:
+        raise NonFiniteWeights(f"donor {donor.name} has NaN or infinite values in {', '.join(bad)}; refusing to install them")
+    return Plan(donor.name, float(alpha), tuple(modules), values)
+
+
+def commit(model: nn.Module, p: Plan) -> Snapshot:
+    """Install the plan into `model` in place; return the snapshot that undoes it."""
+    params = dict(model.named_parameters())
+    missing = [k for k in p.keys if k not in params]
+    if missing:
+        raise InvalidArgument(f"model has no parameter(s) {', '.join(missing)}; was the plan made for another model?")
+    snap = {k: params[k].detach().clone() for k in p.keys}
+    done: list[str] = []
+    try:
+        with torch.no_grad():
+            for k in p.keys:
+                new = p.values[k].to(params[k].device)
+                if p.alpha < 1.0:
+                    new = torch.lerp(snap[k], new.to(snap[k].dtype), p.alpha)
+                done.append(k)
+                params[k].data.copy_(new)
+    except BaseException:
+        with torch.no_grad():
+            for k in done:
+                params[k].data.copy_(snap[k])
+        raise
+    return Snapshot(tuple(p.refs), snap)
+
+
+def revert(model: nn.Module, table: ModuleTable, snapshot: Snapshot) -> Snapshot:
+    """Undo a commit through the same path: the snapshot is the donor, alpha 1."""
+    return commit(model, plan(table, snapshot.as_source(), list(snapshot.refs), 1.0))
+
+
+def fork(model: nn.Module, keys: list[str]) -> nn.Module:
+    """A structural copy of `model` that shares every tensor except `keys`, which are
+    cloned. Committing into the fork leaves `model` untouched: this is how the server
+    builds a new generation while requests keep running on the old one."""
+    keys = set(keys)
+    memo: dict[int, object] = {}
+    for k, p in model.named_parameters():
+        if k not in keys:
+            memo[id(p)] = p
+    for _, b in model.named_buffers():
+        memo[id(b)] = b
+    return copy.deepcopy(model, memo)
+
+
+def tensor_digest(t: torch.Tensor) -> str:
+    t = t.detach().contiguous().cpu()
+    return hashlib.sha256(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"").hexdigest()
+
+
+def checksums(model: nn.Module, keys: list[str] | None = None) -> dict[str, str]:
+    """sha256 of each parameter (all, or the given keys): tests and the journal use
+    these to prove which weights are live."""
+    params = dict(model.named_parameters())
+    return {k: tensor_digest(params[k]) for k in (keys if keys is not None else sorted(params))}
+
+
+def model_digest(model: nn.Module) -> str:
+    h = hashlib.sha256()
+    for k, v in checksums(model).items():
+        h.update(k.encode() + v.encode())
+    return h.hexdigest()
