@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Sets up everything, idempotently: a virtual environment (.venv), PyTorch where none
+# is present, the package (editable) with its generated gRPC stubs, and the embedded
+# model family (built once, cached in ~/.cache/transplant/zoo).
+#   bash deploy/setup.sh          # for `transplant serve`
+#   bash deploy/setup.sh --test   # also the test extras, Prometheus and Alertmanager
+# Environment: TORCH_SPEC (default torch==2.13.0, the CPU wheel; GPU users install
+# their own torch into .venv first, or set TORCH_SPEC), PYTHON (default python3).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+want_test=0
+[ "${1:-}" = "--test" ] && want_test=1
+PY=${PYTHON:-python3}
+
+if [ ! -x .venv/bin/python ]; then
+  echo "== creating .venv" >&2
+  "$PY" -m venv .venv
+fi
+VPY=.venv/bin/python
+$VPY -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+if ! $VPY -c "import torch" >/dev/null 2>&1; then
+  echo "== installing ${TORCH_SPEC:-torch==2.13.0}" >&2
+  $VPY -m pip install -q "${TORCH_SPEC:-torch==2.13.0}"
+fi
+echo "== installing the package" >&2
+if [ $want_test = 1 ]; then extras='.[test]'; else extras='.'; fi
+$VPY -m pip install -q -e "$extras" 2>&1 | grep -v -e 'is ignored' -e '^$' >&2 || true
+$VPY -c "import transplant_core, server" >/dev/null
+echo "== generating gRPC stubs" >&2
+$VPY -m server.protogen
+
+if [ $want_test = 1 ] && { ! command -v prometheus >/dev/null || ! command -v prometheus-alertmanager >/dev/null; }; then
+  if [ -f deploy/prometheus/prometheus.yml ]; then
+    echo "== installing prometheus and prometheus-alertmanager (Debian)" >&2
+    SUDO=""; [ "$(id -u)" != 0 ] && SUDO=sudo
+    $SUDO apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends prometheus prometheus-alertmanager >/dev/null
+  fi
+fi
+
+echo "== building the embedded model family (cached after the first time)" >&2
+.venv/bin/transplant zoo build --quiet >/dev/null
+echo "== ready: .venv/bin/transplant" >&2

@@ -1,0 +1,328 @@
+"""`transplant`: the one console script. Offline subcommands call transplant_core;
+`serve` and `admin` talk gRPC (imported only when used).
+
+Every reporting subcommand takes --json: one JSON document on stdout and nothing
+else there; progress and errors go to stderr. Exit status: 0 ok, 1 a check failed
+(e.g. `compat` found mismatches), 2 bad input or a refused operation.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _emit(args, doc: dict, human) -> None:
+    if args.json:
+        sys.stdout.write(json.dumps(doc, indent=2, default=str) + "\n")
+    else:
+        human(doc)
+
+
+@contextlib.contextmanager
+def _progress(total: int, desc: str, quiet: bool = False):
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc=desc, file=sys.stderr, disable=quiet or None, leave=False)
+    try:
+        yield bar.update
+    finally:
+        bar.close()
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+# ---- zoo -----------------------------------------------------------------------------
+
+def cmd_zoo_build(args) -> int:
+    from transplant_core import zoo
+
+    root = Path(args.out) if args.out else None
+    summary = zoo.build(root=root, progress=not args.quiet, force=args.force,
+                        log=(lambda *a, **k: print(*a, file=sys.stderr)))
+    _emit(args, summary, lambda d: print(json.dumps(d, indent=2, default=str)))
+    return 0
+
+
+def cmd_zoo_list(args) -> int:
+    from transplant_core import zoo
+
+    root = zoo.zoo_root()
+    doc = {"root": str(root), "built": zoo.is_built(), "models": list(zoo.MODEL_NAMES),
+           "tasks": list(zoo.TASK_NAMES), "settings": zoo.SETTINGS}
+    _emit(args, doc, lambda d: print(
+        f"zoo at {d['root']} ({'built' if d['built'] else 'not built: run `transplant zoo build`'})\n"
+        f"models: {', '.join('zoo:' + m for m in d['models'])}\n"
+        f"tasks:  {', '.join('zoo:' + t for t in d['tasks'])}\n"
+        + "\n".join(f"setting {k}: target zoo:{v['target']}, donor zoo:{v['donor']}, task zoo:{v['task']}"
+                    for k, v in d["settings"].items())))
+    return 0
+
+
+def cmd_zoo_export_task(args) -> int:
+    from transplant_core.tasks import load_task, write_jsonl
+
+    task = load_task(args.task if args.task.startswith("zoo:") else "zoo:" + args.task, n=args.n, split=args.split)
+    write_jsonl(task, Path(args.out))
+    print(f"wrote {len(task)} examples of {task.name} ({args.split}) to {args.out}", file=sys.stderr)
+    return 0
+
+
+# ---- offline method ------------------------------------------------------------------
+
+def cmd_inspect(args) -> int:
+    from transplant_core.workflow import open_donor
+
+    ck = open_donor(args.model, args.allow_pickle)
+    mods = [{"name": str(m.ref), "kind": m.ref.kind, "group": m.ref.group, "path": m.path,
+             "shape": list(m.out_in), "stored_shape": list(m.weight_shape), "bias": m.bias_key is not None,
+             "dtype": m.dtype, "bytes": m.nbytes} for m in (ck.table[r] for r in ck.table.refs())]
+    doc = {"model": args.model, "path": str(ck.path), "arch": ck.table.arch, "table": ck.table.source,
+           "layers": ck.table.num_layers, "vocab_size": ck.table.vocab_size, "modules": mods,
+           "transplantable_bytes": sum(m["bytes"] for m in mods), "weight_file_bytes": ck.weight_bytes}
+
+    def human(d):
+        print(f"{d['model']} -> {d['path']}\n{d['arch']} ({d['table']}), {d['layers']} layers, "
+              f"vocab {d['vocab_size']}, {len(mods)} transplantable modules "
+              f"({_fmt_bytes(d['transplantable_bytes'])} of {_fmt_bytes(d['weight_file_bytes'])})")
+        print(f"{'name':<24}{'group':<11}{'shape (out x in)':<18}{'bias':<6}{'dtype':<10}bytes")
+        for m in mods:
+            print(f"{m['name']:<24}{m['group']:<11}{'x'.join(map(str, m['shape'])):<18}"
+                  f"{'yes' if m['bias'] else 'no':<6}{m['dtype']:<10}{_fmt_bytes(m['bytes'])}")
+    _emit(args, doc, human)
+    return 0
+
+
+def cmd_compat(args) -> int:
+    from transplant_core.compat import check
+    from transplant_core.workflow import open_donor
+
+    t, d = open_donor(args.target, args.allow_pickle), open_donor(args.donor, args.allow_pickle)
+    report = check(t.table, d.table)
+    doc = dict(report.to_dict(), target=args.target, donor=args.donor)
+
+    def human(x):
+        verdict = "compatible" if x["ok"] else ("partly compatible" if x["usable"] else "NOT compatible")
+        print(f"{x['target']} <- {x['donor']}: {verdict}; {len(x['compatible'])} transplantable module pairs")
+        for m in x["mismatches"]:
+            print(f"  mismatch: {m}")
+    _emit(args, doc, human)
+    return 0 if report.ok else 1
+
+
+def _load_pair(args):
+    from transplant_core.workflow import compatibility, open_model
+
+    target, donor = open_model(args.target, args.allow_pickle), open_model(args.donor, args.allow_pickle)
+    return target, donor, compatibility(target.table, donor.table)
+
+
+def _analysis(args, target, donor, report):
+    from transplant_core.tasks import load_task
+    from transplant_core.workflow import analyse
+
+    task = load_task(args.task, n=args.n, split="probe" if args.task.startswith("zoo:") else "eval")
+    with _progress(len(task), "activation analysis", args.quiet) as tick:
+        return analyse(target, donor.model, task, report, args.max_new_tokens, args.alignment, tick)
+
+
+def cmd_analyze(args) -> int:
+    from transplant_core.plot import score_heatmap
+
+    target, donor, report = _load_pair(args)
+    a = _analysis(args, target, donor, report)
+    doc = dict(a.to_dict(), target=args.target, donor=args.donor, task=args.task)
+    if args.k:
+        doc["selected"] = [m["name"] for m in doc["modules"][:args.k]]
+    if args.plot:
+        doc["plot"] = str(score_heatmap(a.scores, Path(args.plot), f"LAE: {args.donor} vs {args.target} on {args.task}"))
+
+    def human(x):
+        print(f"LAE {x['target']} <- {x['donor']} on {x['task']}: {x['prompts']} prompts, "
+              f"{x['valid_steps']} prompt-steps, alignment {x['alignment']}")
+        for i, m in enumerate(x["modules"][:args.k or len(x["modules"])], 1):
+            print(f"{i:>4}  {m['name']:<24}{m['score']:.6f}")
+        if args.plot:
+            print(f"plot: {x['plot']}")
+    _emit(args, doc, human)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from transplant_core.evaluate import evaluate
+    from transplant_core.tasks import load_task
+    from transplant_core.workflow import open_model
+
+    m = open_model(args.model, args.allow_pickle)
+    task = load_task(args.task, n=args.n, split=args.split)
+    with _progress(len(task), f"eval {args.task}", args.quiet) as tick:
+        r = evaluate(m.model, m.tokenizer, task, args.max_new_tokens, progress=tick)
+    doc = dict(r.to_dict(), model=args.model)
+    _emit(args, doc, lambda d: print(
+        f"{d['model']} on {d['task']}: accuracy {d['accuracy']:.3f} ({d['correct']}/{d['n']}), "
+        f"95% CI [{d['ci95'][0]:.3f}, {d['ci95'][1]:.3f}]"))
+    return 0
+
+
+def cmd_apply(args) -> int:
+    from transplant_core import transplant as tp
+    from transplant_core.errors import InvalidArgument
+    from transplant_core.export import manifest, write_checkpoint
+    from transplant_core.workflow import explicit_modules, select
+
+    if bool(args.modules) == bool(args.task):
+        raise InvalidArgument("give either --modules A,B,... or --task TASK with --k K")
+    target, donor, report = _load_pair(args)
+    if args.modules:
+        refs, selection = explicit_modules(args.modules, report), {"method": "explicit", "modules": args.modules}
+    else:
+        a = _analysis(args, target, donor, report)
+        refs = select(a, args.k)
+        selection = {"method": "lae", "task": args.task, "k": args.k, "alignment": a.alignment,
+                     "scores": {str(r): a.scores[r] for r in refs}}
+    p = tp.plan(target.table, _donor_source(donor), refs, args.alpha)
+    before = tp.checksums(target.model, p.keys)
+    tp.commit(target.model, p)
+    meta = manifest(args.target, args.donor, p, before, tp.checksums(target.model, p.keys), selection)
+    out = write_checkpoint(target.model, target.tokenizer, Path(args.out), meta, args.force)
+    doc = {"out": str(out), "modules": [str(r) for r in refs], "alpha": p.alpha, "bytes": p.nbytes,
+           "manifest": str(out / "transplant_manifest.json")}
+    _emit(args, doc, lambda d: print(
+        f"transplanted {len(d['modules'])} modules ({_fmt_bytes(d['bytes'])}) from {args.donor} into "
+        f"{args.target}, alpha {d['alpha']}: {', '.join(d['modules'])}\nwrote {d['out']} (manifest {d['manifest']})"))
+    return 0
+
+
+def _donor_source(donor):
+    from transplant_core.checkpoint import ModelTensors
+
+    return ModelTensors(donor.model, donor.spec)
+
+
+# ---- parser --------------------------------------------------------------------------
+
+def _common(p: argparse.ArgumentParser, json_flag: bool = True) -> None:
+    if json_flag:
+        p.add_argument("--json", action="store_true", help="one JSON document on stdout")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--allow-pickle", action="store_true", help="accept .bin/.pt weights (pickle can run code)")
+
+
+def _pair(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target", required=True, help="model spec: checkpoint dir or zoo:NAME")
+    p.add_argument("--donor", required=True, help="model spec: checkpoint dir or zoo:NAME")
+
+
+def _analysis_flags(p: argparse.ArgumentParser, task_required: bool) -> None:
+    p.add_argument("--task", required=task_required, help="zoo:NAME or a JSONL file")
+    p.add_argument("--k", type=int, help="number of modules to select (top-K by score)")
+    p.add_argument("--n", type=int, default=64, help="diagnostic prompts used for the analysis (default 64)")
+    p.add_argument("--max-new-tokens", type=int, default=16, help="decoding steps analysed (default 16)")
+    p.add_argument("--alignment", choices=("free", "teacher_forced"), default="free",
+                   help="step alignment between the two models (default free: paper-exact)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="transplant", description="Hot-swap transplant of linear modules between checkpoints.")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    z = sub.add_parser("zoo", help="the embedded model family").add_subparsers(dest="zoo_command", required=True)
+    p = z.add_parser("build", help="train and cache the embedded family")
+    p.add_argument("--out", help="directory (default $TRANSPLANT_ZOO_DIR or ~/.cache/transplant/zoo)")
+    p.add_argument("--force", action="store_true", help="rebuild even if built")
+    _common(p)
+    p.set_defaults(fn=cmd_zoo_build)
+    p = z.add_parser("list", help="models, tasks and settings of the family")
+    _common(p)
+    p.set_defaults(fn=cmd_zoo_list)
+    p = z.add_parser("export-task", help="write a zoo task as a JSONL task file")
+    p.add_argument("task")
+    p.add_argument("--out", required=True)
+    p.add_argument("--n", type=int)
+    p.add_argument("--split", default="eval", choices=("eval", "dev", "test", "probe"))
+    _common(p, json_flag=False)
+    p.set_defaults(fn=cmd_zoo_export_task)
+
+    p = sub.add_parser("inspect", help="list a model's transplantable modules")
+    p.add_argument("model")
+    _common(p)
+    p.set_defaults(fn=cmd_inspect)
+
+    p = sub.add_parser("compat", help="pairwise compatibility, every mismatch listed (exit 1 if any)")
+    p.add_argument("target")
+    p.add_argument("donor")
+    _common(p)
+    p.set_defaults(fn=cmd_compat)
+
+    p = sub.add_parser("analyze", help="rank modules by activation difference (LAE)")
+    _pair(p)
+    _analysis_flags(p, task_required=True)
+    p.add_argument("--plot", help="write a PNG heatmap of the scores")
+    _common(p)
+    p.set_defaults(fn=cmd_analyze)
+
+    p = sub.add_parser("eval", help="accuracy of a model on a task")
+    p.add_argument("model")
+    p.add_argument("--task", required=True)
+    p.add_argument("--n", type=int, help="first N examples only")
+    p.add_argument("--split", default="eval", choices=("eval", "dev", "test", "probe"), help="zoo tasks only")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    _common(p)
+    p.set_defaults(fn=cmd_eval)
+
+    p = sub.add_parser("apply", help="write a transplanted checkpoint with a manifest")
+    _pair(p)
+    _analysis_flags(p, task_required=False)
+    p.add_argument("--modules", help="explicit names or globs, comma separated (instead of --task/--k)")
+    p.add_argument("--alpha", type=float, default=1.0, help="blend factor in [0, 1]; 1 = full copy (paper)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    _common(p)
+    p.set_defaults(fn=cmd_apply)
+
+    for extra in _extra_commands():
+        extra(sub)
+    return ap
+
+
+def _extra_commands():
+    """Subcommands that live in other modules (experiment, serve, admin)."""
+    out = []
+    for mod in ("server.cli_experiment", "server.cli_serve", "server.cli_admin"):
+        try:
+            out.append(__import__(mod, fromlist=["register"]).register)
+        except ModuleNotFoundError as e:
+            if e.name != mod:
+                raise
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    from transplant_core.errors import TransplantError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args) or 0
+    except TransplantError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,433 @@
+"""Build the embedded model family: recipe, atomic on-disk layout, model cards.
+
+Layout under zoo_root():   <name>/ for each of MODEL_NAMES (a plain HF Llama
+checkpoint + tokenizer + README.md + card.json), .stages/<stage>/ for shared
+intermediate checkpoints, .build.lock. A model directory only appears, by one
+rename, once it is complete; `card.json` carries the recipe version, so a zoo
+built by another recipe counts as not built.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import GenerationConfig, LlamaForCausalLM
+
+from .errors import ZooError
+from .lora import add_lora, is_lora_param, merge_lora
+from .tasks import EVAL_SIZE, TASK_NAMES, task_examples
+from .tokenizer import ALPHABET, build_tokenizer
+from .train import BOS_ID, EOS_ID, PAD_ID, greedy, new_model, train
+
+MODEL_NAMES: tuple[str, ...] = ("base", "tuned", "lora", "v1", "v2")
+
+SETTINGS: dict[str, dict] = {
+    "cross_generation": {"target": "v2", "donor": "v1", "task": "add"},
+    "base_vs_tuned": {"target": "base", "donor": "tuned", "task": "rev"},
+    "adapter": {"target": "base", "donor": "lora", "task": "rev"},
+}
+
+NUM_THREADS = 2
+_LINEAR = (".q_proj.", ".k_proj.", ".v_proj.", ".o_proj.", ".gate_proj.", ".up_proj.", ".down_proj.")
+
+# Every number that decides the weights. Changing any of it changes RECIPE_VERSION
+# (and so the default zoo directory). Bump RECIPE_REVISION for code changes that
+# alter the weights without touching this dict (task generators, training loop).
+RECIPE_REVISION = 1
+RECIPE: dict = {
+    "arch": {
+        "hidden_size": 128,
+        "intermediate_size": 384,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "max_position_embeddings": 64,
+    },
+    "init_seed": 0,
+    "batch_size": 64,
+    # stage name -> how it is made; "from" is the parent stage (None = random init)
+    "stages": {
+        "trunk": {
+            "from": None, "mixture": {"copy": 1, "upper": 1, "add": 2}, "steps": 1200, "lr": 3e-3,
+            "warmup": 100, "schedule": "constant", "seed": 1, "trainable": "all",
+            "why": "shared pre-training (warmup + constant LR; the branches below do the decay, "
+                   "like a warmup-stable-decay run with two cool-downs)",
+        },
+        "base": {
+            "from": "trunk", "mixture": {"copy": 1, "upper": 1, "sort": 2, "add": 1}, "steps": 600, "lr": 3e-3,
+            "warmup": 1, "schedule": "cosine", "seed": 2, "trainable": "all",
+            "why": "broad mixture without rev: the model that lacks rev",
+        },
+        "tuned": {
+            "from": "base", "mixture": {"copy": 1, "upper": 1, "rev": 4, "sort": 1, "add": 1}, "steps": 300,
+            "lr": 3e-4, "warmup": 30, "schedule": "cosine", "seed": 4, "trainable": "all",
+            "why": "short full fine-tune on rev (with replay of base's tasks) at 1/10 of the pre-training LR",
+        },
+        "lora": {
+            "from": "base", "mixture": {"copy": 1, "upper": 1, "rev": 4, "sort": 1, "add": 1}, "steps": 300,
+            "lr": 2e-3, "warmup": 30, "schedule": "cosine", "seed": 5, "trainable": "lora",
+            "lora": {"rank": 8, "alpha": 16.0},
+            "why": "same data as tuned, through a rank-8 LoRA on all 28 linear projections, merged",
+        },
+        "v1": {
+            "from": "trunk", "mixture": {"copy": 1, "upper": 1, "rev": 2, "add": 1}, "steps": 600, "lr": 3e-3,
+            "warmup": 1, "schedule": "cosine", "seed": 3, "trainable": "all",
+            "why": "generation 1: a sibling cool-down of the shared trunk, with add and without sort",
+        },
+        "v2": {
+            "from": "v1", "mixture": {"copy": 1, "upper": 1, "rev": 1, "sort": 3}, "steps": 600, "lr": 1e-3,
+            "warmup": 30, "schedule": "cosine", "seed": 6, "trainable": "linear",
+            "why": "generation 2: v1 trained further on a mixture with sort and without add; only the "
+                   "28 linear projections move (embeddings, norms, lm_head frozen), so copying linear "
+                   "modules can in principle undo all of it",
+        },
+    },
+}
+
+
+def _recipe_version() -> str:
+    blob = json.dumps({"recipe": RECIPE, "rev": RECIPE_REVISION, "alphabet": ALPHABET, "eval": EVAL_SIZE},
+                      sort_keys=True)
+    return f"r{RECIPE_REVISION}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
+
+
+RECIPE_VERSION = _recipe_version()
+
+
+# ---------------------------------------------------------------- locations
+
+def zoo_root() -> Path:
+    """$TRANSPLANT_ZOO_DIR if set, else ~/.cache/transplant/zoo/<RECIPE_VERSION>."""
+    env = os.environ.get("TRANSPLANT_ZOO_DIR")
+    if env:
+        return Path(env).expanduser()
+    return Path.home() / ".cache" / "transplant" / "zoo" / RECIPE_VERSION
+
+
+def _valid_dir(d: Path) -> bool:
+    try:
+        card = json.loads((d / "card.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return card.get("recipe_version") == RECIPE_VERSION and all(
+        (d / f).is_file() for f in ("config.json", "model.safetensors", "tokenizer.json"))
+
+
+def _check_name(name: str) -> None:
+    if name not in MODEL_NAMES:
+        raise ZooError(f"unknown zoo model {name!r}; valid names: {', '.join(MODEL_NAMES)}")
+
+
+def model_dir(name: str, root: Path | None = None) -> Path:
+    """Directory of the built zoo model `name` (ZooError if unknown or not built)."""
+    _check_name(name)
+    root = Path(root) if root is not None else zoo_root()
+    d = root / name
+    if not _valid_dir(d):
+        raise ZooError(
+            f"zoo model {name!r} is not built in {root} (recipe {RECIPE_VERSION}); "
+            f"run `transplant zoo build` (or transplant_core.zoo.build())")
+    return d
+
+
+def is_built(root: Path | None = None) -> bool:
+    root = Path(root) if root is not None else zoo_root()
+    return all(_valid_dir(root / n) for n in MODEL_NAMES)
+
+
+def load_card(name: str, root: Path | None = None) -> dict:
+    return json.loads((model_dir(name, root) / "card.json").read_text())
+
+
+# ---------------------------------------------------------------- building
+
+@contextlib.contextmanager
+def _lock(root: Path):
+    root.mkdir(parents=True, exist_ok=True)
+    f = open(root / ".build.lock", "w")
+    try:
+        try:
+            import fcntl
+            fcntl.flock(f, fcntl.LOCK_EX)
+        except ImportError:  # pragma: no cover - non-POSIX
+            pass
+        yield
+    finally:
+        f.close()
+
+
+@contextlib.contextmanager
+def _threads(n: int):
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def _lineage(stage: str) -> list[str]:
+    chain = []
+    while stage is not None:
+        chain.append(stage)
+        stage = RECIPE["stages"][stage]["from"]
+    return chain[::-1]
+
+
+def _trainable(spec: dict):
+    kind = spec["trainable"]
+    if kind == "all":
+        return None
+    if kind == "linear":
+        return lambda n: any(k in n for k in _LINEAR)
+    if kind == "lora":
+        return is_lora_param
+    raise ValueError(kind)
+
+
+def _train_stage(name: str, parent: LlamaForCausalLM | None, on_step) -> tuple[LlamaForCausalLM, dict]:
+    spec = RECIPE["stages"][name]
+    model = new_model(RECIPE["arch"], RECIPE["init_seed"])
+    if parent is not None:
+        model.load_state_dict(parent.state_dict())
+    extra = {}
+    if "lora" in spec:
+        torch.manual_seed(spec["seed"])
+        extra["lora_modules"] = add_lora(model, **spec["lora"])
+    t0 = time.perf_counter()
+    res = train(model, mixture=spec["mixture"], steps=spec["steps"], lr=spec["lr"], seed=spec["seed"],
+                batch_size=RECIPE["batch_size"], warmup=spec["warmup"], schedule=spec["schedule"],
+                trainable=_trainable(spec), on_step=on_step)
+    if "lora" in spec:
+        merge_lora(model)
+    res.update(extra, seconds=round(time.perf_counter() - t0, 1))
+    return model, res
+
+
+def _evaluate(model) -> dict:
+    """{split: {task: acc}} for eval, dev and test (dev/test are the halves of eval)."""
+    out: dict[str, dict[str, float]] = {"eval": {}, "dev": {}, "test": {}}
+    half = EVAL_SIZE // 2
+    for task in TASK_NAMES:
+        ex = task_examples(task, "eval")
+        hits = [p == a for p, (_, a) in zip(greedy(model, [q for q, _ in ex]), ex)]
+        for split, sl in (("eval", hits), ("dev", hits[:half]), ("test", hits[half:])):
+            out[split][task] = round(sum(sl) / len(sl), 4)
+    return out
+
+
+def _roles(name: str) -> list[str]:
+    return [f"{role} of setting '{s}' (task {c['task']})" for s, c in SETTINGS.items()
+            for role in ("target", "donor") if c[role] == name]
+
+
+def _card(name: str, stage_log: dict, acc: dict, n_params: int) -> dict:
+    lineage = _lineage(name)
+    return {
+        "name": name,
+        "recipe_version": RECIPE_VERSION,
+        "architecture": "LlamaForCausalLM", **{"arch": RECIPE["arch"]},
+        "parameters": n_params,
+        "roles": _roles(name),
+        "lineage": [{"stage": s, **{k: v for k, v in RECIPE["stages"][s].items()},
+                     "result": stage_log.get(s, {})} for s in lineage],
+        "init_seed": RECIPE["init_seed"],
+        "batch_size": RECIPE["batch_size"],
+        "optimizer": "AdamW(betas=(0.9, 0.98), weight_decay=0.01 on matrices), grad clip 1.0",
+        "loss": "cross-entropy on answer tokens + EOS only",
+        "prompt_format": "'<task>:<input>=' encoded without BOS; answer, then </s>",
+        "training_seconds": round(sum(stage_log.get(s, {}).get("seconds", 0.0) for s in lineage), 1),
+        "accuracy": acc["eval"],
+        "accuracy_by_split": acc,
+        "eval_size": EVAL_SIZE,
+        "eval_method": "greedy, batched, left padding, exact match, max 12 new tokens",
+        "threads": NUM_THREADS,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def _readme(card: dict) -> str:
+    a = card["accuracy"]
+    lines = [
+        f"# zoo model `{card['name']}`", "",
+        "A tiny LlamaForCausalLM of the transplant project's embedded model family, trained "
+        "from scratch on CPU on synthetic character tasks (`add:12+7=` -> `19</s>`).", "",
+        f"- recipe version: `{card['recipe_version']}`",
+        f"- architecture: {json.dumps(card['arch'])}, {card['parameters']:,} parameters, "
+        "untied embeddings, char vocabulary",
+        f"- roles: {'; '.join(card['roles']) or 'none'}",
+        f"- training time (whole lineage, {card['threads']} CPU threads): {card['training_seconds']} s",
+        f"- optimizer: {card['optimizer']}; batch {card['batch_size']}; loss: {card['loss']}",
+        f"- prompt format: {card['prompt_format']}", "",
+        "## Accuracy (exact match, held-out eval split, "
+        f"{card['eval_size']} prompts per task; dev/test are its halves)", "",
+        "| split | " + " | ".join(TASK_NAMES) + " |", "|---" * (len(TASK_NAMES) + 1) + "|",
+    ]
+    for split, row in card["accuracy_by_split"].items():
+        lines.append(f"| {split} | " + " | ".join(f"{row[t]:.3f}" for t in TASK_NAMES) + " |")
+    lines += ["", "## Recipe (stages from random init to this model)", ""]
+    for st in card["lineage"]:
+        r = st.get("result", {})
+        lines.append(
+            f"- **{st['stage']}** (from {st['from'] or 'random init, seed ' + str(card['init_seed'])}): "
+            f"mixture {json.dumps(st['mixture'])}, {st['steps']} steps, lr {st['lr']}, "
+            f"warmup {st['warmup']}, schedule {st['schedule']}, data/torch seed {st['seed']}, "
+            f"trains {st['trainable']}" + (f" (LoRA {json.dumps(st['lora'])})" if "lora" in st else "")
+            + (f"; final loss {r['final_loss']:.4f}, {r['trainable_params']:,} trainable params, "
+               f"{r['seconds']} s" if r else "") + f". Why: {st['why']}.")
+    lines += ["", f"Built with torch {card['torch']}, transformers {card['transformers']}, "
+              f"Python {card['python']}. Mean accuracy over tasks: {sum(a.values()) / len(a):.3f}.", ""]
+    return "\n".join(lines)
+
+
+def _save_model(model: LlamaForCausalLM, dest: Path, card: dict | None) -> None:
+    """Write to a temp sibling, then one rename; replaces an existing dest."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.parent / f".tmp-{dest.name}-{uuid.uuid4().hex[:8]}"
+    model.save_pretrained(tmp, safe_serialization=True)
+    build_tokenizer().save_pretrained(tmp)
+    GenerationConfig(do_sample=False, max_new_tokens=12, bos_token_id=BOS_ID, eos_token_id=EOS_ID,
+                     pad_token_id=PAD_ID).save_pretrained(tmp)
+    if card is not None:
+        (tmp / "README.md").write_text(_readme(card))
+        (tmp / "card.json").write_text(json.dumps(card, indent=2) + "\n")
+    else:
+        (tmp / "stage.json").write_text(json.dumps({"recipe_version": RECIPE_VERSION}) + "\n")
+    if dest.exists():
+        trash = dest.parent / f".old-{dest.name}-{uuid.uuid4().hex[:8]}"
+        os.replace(dest, trash)
+        os.replace(tmp, dest)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(tmp, dest)
+
+
+def _stage_dir(root: Path, name: str) -> Path:
+    return root / name if name in MODEL_NAMES else root / ".stages" / name
+
+
+def _stage_done(root: Path, name: str) -> bool:
+    d = _stage_dir(root, name)
+    if name in MODEL_NAMES:
+        return _valid_dir(d)
+    try:
+        return json.loads((d / "stage.json").read_text())["recipe_version"] == RECIPE_VERSION
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def _load_stage(root: Path, name: str) -> LlamaForCausalLM:
+    return LlamaForCausalLM.from_pretrained(_stage_dir(root, name), dtype=torch.float32).eval()
+
+
+def build(root: Path | None = None, progress: bool = True, force: bool = False, log=print) -> dict:
+    """Build every zoo model that is missing (all of them if force). Idempotent.
+
+    Returns {"root", "recipe_version", "built", "reused", "seconds", "accuracy"
+    ({model: {task: acc}}), "settings" ({setting: {target, donor, task,
+    target_acc, donor_acc, gap}}), "stages" ({stage: training result})}."""
+    from tqdm.auto import tqdm
+
+    root = Path(root) if root is not None else zoo_root()
+    t0 = time.perf_counter()
+    log = log or (lambda *_a, **_k: None)
+    with _lock(root), _threads(NUM_THREADS):
+        todo = [n for n in MODEL_NAMES if force or not _valid_dir(root / n)]
+        # stages to train: the todo models and, unless cached, their ancestors
+        need: list[str] = []
+        for n in todo:
+            for s in _lineage(n):
+                if s not in need and (s in todo or force or not _stage_done(root, s)):
+                    need.append(s)
+        order = [s for s in RECIPE["stages"] if s in need]
+        if order:
+            log(f"building zoo {RECIPE_VERSION} in {root}: training {', '.join(order)}")
+        stage_log: dict[str, dict] = {}
+        models: dict[str, LlamaForCausalLM] = {}
+        bar = tqdm(total=sum(RECIPE["stages"][s]["steps"] for s in order), disable=not progress or not order,
+                   file=sys.stderr, unit="step", desc="zoo build", dynamic_ncols=True)
+        try:
+            for s in order:
+                parent_name = RECIPE["stages"][s]["from"]
+                parent = None
+                if parent_name is not None:
+                    parent = models.get(parent_name) or _load_stage(root, parent_name)
+                    models[parent_name] = parent
+                bar.set_description(f"zoo {s}")
+
+                def on_step(step, loss, _bar=bar):
+                    _bar.update(1)
+                    if step % 25 == 0:
+                        _bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+
+                model, res = _train_stage(s, parent, on_step)
+                stage_log[s] = res
+                models[s] = model
+                if s in MODEL_NAMES:
+                    acc = _evaluate(model)
+                    for anc in _lineage(s)[:-1]:  # keep the ancestors' numbers in the card
+                        stage_log.setdefault(anc, _old_stage_result(root, s, anc))
+                    card = _card(s, stage_log, acc, sum(p.numel() for p in model.parameters()))
+                    _save_model(model, root / s, card)
+                    log(f"  {s}: " + ", ".join(f"{t} {acc['eval'][t]:.3f}" for t in TASK_NAMES)
+                        + f"  ({res['seconds']} s)")
+                else:
+                    _save_model(model, _stage_dir(root, s), None)
+                    (_stage_dir(root, s) / "result.json").write_text(json.dumps(res) + "\n")
+        finally:
+            bar.close()
+    summary = summarize(root)
+    summary.update(built=[s for s in order if s in MODEL_NAMES],
+                   reused=[n for n in MODEL_NAMES if n not in order], stages=stage_log,
+                   seconds=round(time.perf_counter() - t0, 1))
+    if order:
+        log(f"zoo built in {summary['seconds']} s")
+        log(format_table(summary))
+    return summary
+
+
+def _old_stage_result(root: Path, model_name: str, stage: str) -> dict:
+    """Training result of an ancestor stage trained by an earlier build."""
+    if stage in MODEL_NAMES and _valid_dir(root / stage):
+        for st in json.loads((root / stage / "card.json").read_text())["lineage"]:
+            if st["stage"] == stage:
+                return st.get("result", {})
+    try:
+        return json.loads((_stage_dir(root, stage) / "result.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def summarize(root: Path | None = None) -> dict:
+    """Accuracy table and setting gaps, read from the built models' cards."""
+    root = Path(root) if root is not None else zoo_root()
+    cards = {n: load_card(n, root) for n in MODEL_NAMES}
+    acc = {n: c["accuracy"] for n, c in cards.items()}
+    settings = {}
+    for s, c in SETTINGS.items():
+        ta, da = acc[c["target"]][c["task"]], acc[c["donor"]][c["task"]]
+        settings[s] = {**c, "target_acc": ta, "donor_acc": da, "gap": round(da - ta, 4)}
+    return {"root": str(root), "recipe_version": RECIPE_VERSION, "accuracy": acc, "settings": settings,
+            "training_seconds": {n: c["training_seconds"] for n, c in cards.items()}}
+
+
+def format_table(summary: dict) -> str:
+    rows = ["model  " + " ".join(f"{t:>6}" for t in TASK_NAMES)]
+    for n, a in summary["accuracy"].items():
+        rows.append(f"{n:<6} " + " ".join(f"{a[t]:6.3f}" for t in TASK_NAMES))
+    for s, c in summary["settings"].items():
+        rows.append(f"{s}: {c['target']} {c['target_acc']:.3f} vs {c['donor']} {c['donor_acc']:.3f} "
+                    f"on {c['task']} (gap {c['gap']:+.3f})")
+    return "\n".join(rows)
