@@ -39,5 +39,5 @@ if [ $want_test = 1 ] && { ! command -v prometheus >/dev/null || ! command -v pr
 fi
 
 echo "== building the embedded model family (cached after the first time)" >&2
-.venv/bin/transplant zoo build --quiet >/dev/null
+.venv/bin/transplant zoo build >/dev/null
 echo "== ready: .venv/bin/transplant" >&2
