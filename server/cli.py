@@ -136,7 +136,8 @@ def _analysis(args, target, donor, report):
 
     task = load_task(args.task, n=args.n, split="probe" if args.task.startswith("zoo:") else "eval")
     with _progress(len(task), "activation analysis", args.quiet) as tick:
-        return analyse(target, donor.model, task, report, args.max_new_tokens, args.alignment, tick)
+        return analyse(target.model, target.tokenizer, target.table, donor.model, task, report,
+                       args.max_new_tokens, args.alignment, tick)
 
 
 def cmd_analyze(args) -> int:

@@ -74,7 +74,9 @@ def weight_files(path: Path, allow_pickle: bool = False) -> list[Path]:
 def load_model(spec: str, allow_pickle: bool = False, dtype: torch.dtype | None = None):
     """(model, tokenizer, path) for a spec; the model is in eval mode on the CPU."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()   # our own progress is shown where work is long
     path = resolve_model_path(spec)
     files = weight_files(path, allow_pickle)
     model = AutoModelForCausalLM.from_pretrained(

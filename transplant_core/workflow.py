@@ -51,13 +51,14 @@ def explicit_modules(text: str, report: CompatReport) -> list[ModuleRef]:
     return refs
 
 
-def analyse(target: Loaded, donor_model, task: Task, report: CompatReport, max_new_tokens: int,
-            alignment: str = "free", progress: Callable[[int], None] | None = None) -> lae.Analysis:
+def analyse(model, tokenizer, table: ModuleTable, donor_model, task: Task, report: CompatReport,
+            max_new_tokens: int, alignment: str = "free",
+            progress: Callable[[int], None] | None = None) -> lae.Analysis:
     """LAE over the compatible modules (the only ones that may be selected)."""
-    table = ModuleTable(target.table.arch, target.table.source, target.table.layers_path,
-                        target.table.vocab_size, {r: target.table[r] for r in report.compatible})
-    return lae.analyze(target.model, donor_model, target.tokenizer, table, task.prompts,
-                       max_new_tokens, alignment, progress=progress)
+    table = ModuleTable(table.arch, table.source, table.layers_path, table.vocab_size,
+                        {r: table[r] for r in report.compatible})
+    return lae.analyze(model, donor_model, tokenizer, table, task.prompts, max_new_tokens, alignment,
+                       progress=progress)
 
 
 def select(analysis: lae.Analysis, k: int) -> list[ModuleRef]:

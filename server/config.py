@@ -1,0 +1,122 @@
+"""The server's one typed, validated configuration: loaded once (file, then flags)
+and passed down. Nothing reads the environment or globals after this."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from transplant_core.errors import InvalidArgument
+
+
+def default_state_dir() -> Path:
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "transplant"
+
+
+class DonorSpec(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
+    path: str          # checkpoint dir or zoo:NAME
+
+
+class ProbeSpec(BaseModel):
+    """A task whose quality the server measures on every generation."""
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    task: str
+    examples: int = Field(64, ge=1, le=100_000)
+    interval_s: float = Field(60.0, gt=0)
+    guard: bool = False               # refuse/revert transplants that drop this task
+
+
+class GuardSpec(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    margin: float = Field(0.05, ge=0, le=1)        # largest accuracy drop tolerated
+    confidence: float = Field(0.95, gt=0.5, lt=1)  # one-sided; the drop must be this sure
+    mode: Literal["refuse", "revert"] = "refuse"
+
+
+class ServeConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model: str = "zoo:v2"
+    donors: tuple[DonorSpec, ...] = ()
+    zoo_donors: bool = True               # with a zoo model: register the family's other models
+    donor_roots: tuple[Path, ...] = ()
+    watch_donor_roots: bool = True
+    state_dir: Path = Field(default_factory=default_state_dir)
+    grpc_listen: str = "127.0.0.1:50051"
+    http_listen: str = "127.0.0.1:9400"
+    admin_token_file: Path | None = None   # default: <state_dir>/admin_token, created 0600
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    allow_pickle: bool = False
+    task_roots: tuple[Path, ...] = ()     # JSONL task files named in RPCs must lie here (zoo: tasks always work)
+    test_crash_at: str | None = None      # test hook: SIGKILL self at a commit step (after_tensors, ...)
+
+    max_batch_size: int = Field(16, ge=1, le=1024)
+    batch_wait_ms: float = Field(2.0, ge=0, le=1000)
+    max_queue: int = Field(256, ge=1)
+    max_prompt_chars: int = Field(4096, ge=1)
+    max_new_tokens_limit: int = Field(256, ge=1)
+    default_max_new_tokens: int = Field(32, ge=1)
+    grpc_workers: int = Field(64, ge=4)
+    drain_timeout_s: float = Field(30.0, ge=0)
+
+    probe_prompts: int = Field(64, ge=1)        # activation analysis defaults
+    probe_max_new_tokens: int = Field(16, ge=1)
+    eval_examples: int = Field(100, ge=1)
+    eval_max_new_tokens: int = Field(32, ge=1)
+
+    probes: tuple[ProbeSpec, ...] = ()
+    guard: GuardSpec = GuardSpec()
+
+    @field_validator("grpc_listen", "http_listen")
+    @classmethod
+    def _address(cls, v: str) -> str:
+        host, sep, port = v.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+            raise ValueError(f"{v!r} is not HOST:PORT (for example 127.0.0.1:50051; port 0 picks a free one)")
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> "ServeConfig":
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("TLS needs both tls_cert and tls_key")
+        if self.default_max_new_tokens > self.max_new_tokens_limit:
+            raise ValueError("default_max_new_tokens exceeds max_new_tokens_limit")
+        names = [d.name for d in self.donors]
+        if len(names) != len(set(names)):
+            raise ValueError(f"donor names repeat: {names}")
+        return self
+
+    @property
+    def token_file(self) -> Path:
+        return self.admin_token_file or self.state_dir / "admin_token"
+
+
+def load_config(path: str | None = None, **overrides) -> ServeConfig:
+    """A config file (YAML or JSON), then non-None overrides from flags."""
+    data: dict = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise InvalidArgument(f"config file {path!r} does not exist")
+        text = p.read_text()
+        if p.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        else:
+            data = json.loads(text)
+        if not isinstance(data, dict):
+            raise InvalidArgument(f"config file {path}: expected a mapping at the top level")
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return ServeConfig(**data)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'config'}: {err['msg']}" for err in e.errors())
+        raise InvalidArgument(f"invalid configuration: {problems}") from None

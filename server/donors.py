@@ -1,0 +1,170 @@
+"""The donor registry: checkpoints the live model may take modules from.
+
+Donors are opened lazily (safetensors memory maps, metadata only): registering one
+costs its header, not its weights. Paths must lie inside the configured donor roots
+(symlinks resolved; no traversal). A watchdog observer on the roots registers
+checkpoints dropped in, once completely written (config.json + safetensors, sizes
+unchanged for a settle period), and unregisters removed ones; it reconciles by set
+difference, so a burst of events costs one pass.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from transplant_core.arch import ModuleTable
+from transplant_core.checkpoint import Checkpoint
+from transplant_core.compat import CompatReport, check
+from transplant_core.errors import AlreadyExists, InvalidArgument, NotFound
+
+log = logging.getLogger("transplant.donors")
+
+
+@dataclass
+class Donor:
+    name: str
+    path: Path
+    origin: str                 # config, rpc, watch
+    checkpoint: Checkpoint
+    compat: CompatReport
+
+
+class DonorRegistry:
+    def __init__(self, live_table: ModuleTable, roots: list[Path], allow_pickle: bool = False,
+                 on_change: Callable[[int], None] | None = None):
+        self.table = live_table
+        self.roots = [Path(r).resolve() for r in roots]
+        self.allow_pickle = allow_pickle
+        self._donors: dict[str, Donor] = {}
+        self._lock = threading.Lock()
+        self._on_change = on_change or (lambda n: None)
+        self._observer = None
+        self._reconcile_wakeup = threading.Event()
+        self._stop = threading.Event()
+
+    # ---- registry ----------------------------------------------------------------
+
+    def confine(self, path: str) -> Path:
+        if not path:
+            raise InvalidArgument("donor path is empty")
+        if "\x00" in path:
+            raise InvalidArgument("donor path contains a NUL byte")
+        p = Path(path).expanduser().resolve()
+        if not any(p == r or r in p.parents for r in self.roots):
+            roots = ", ".join(map(str, self.roots)) or "(none configured)"
+            raise InvalidArgument(f"donor path {path!r} is outside the donor roots {roots}; "
+                                  "put the checkpoint under a root or add one with --donor-root")
+        return p
+
+    def register(self, name: str, path: str, origin: str = "rpc", trusted: bool = False) -> Donor:
+        """`trusted` skips root confinement: only for donors named in the server's own config."""
+        p = Path(path).expanduser().resolve() if trusted else self.confine(path)
+        name = name or p.name
+        with self._lock:
+            old = self._donors.get(name)
+            if old is not None:
+                if old.path == p:
+                    return old
+                raise AlreadyExists(f"a donor named {name!r} is already registered ({old.path}); choose another name")
+        if not p.exists():
+            raise NotFound(f"donor path {str(p)!r} does not exist")
+        ck = Checkpoint.open(str(p), self.allow_pickle)
+        donor = Donor(name, p, origin, ck, check(self.table, ck.table))
+        with self._lock:
+            self._donors.setdefault(name, donor)
+            n = len(self._donors)
+        self._on_change(n)
+        log.info("registered donor %s (%s, %s): %d compatible modules", name, p, origin, len(donor.compat.compatible))
+        return donor
+
+    def unregister(self, name: str) -> None:
+        with self._lock:
+            self._donors.pop(name, None)
+            n = len(self._donors)
+        self._on_change(n)
+
+    def get(self, name: str) -> Donor:
+        with self._lock:
+            d = self._donors.get(name)
+            names = sorted(self._donors)
+        if d is None:
+            raise NotFound(f"no donor named {name!r}; registered: {', '.join(names) or 'none'} "
+                           "(add one with `transplant admin register-donor`)")
+        return d
+
+    def list(self) -> list[Donor]:
+        with self._lock:
+            return [self._donors[k] for k in sorted(self._donors)]
+
+    # ---- watching the roots ----------------------------------------------------------
+
+    def watch(self, settle_s: float = 1.0) -> None:
+        from watchdog.events import FileSystemEventHandler
+        from watchdog.observers import Observer
+
+        wake = self._reconcile_wakeup
+
+        class Handler(FileSystemEventHandler):
+            def on_any_event(self, event):
+                wake.set()
+
+        self._observer = Observer()
+        for r in self.roots:
+            if r.is_dir():
+                self._observer.schedule(Handler(), str(r), recursive=True)
+        self._observer.start()
+        threading.Thread(target=self._reconcile_loop, args=(settle_s,), name="donor-watch", daemon=True).start()
+        wake.set()
+
+    def _candidates(self) -> dict[str, Path]:
+        out = {}
+        for r in self.roots:
+            if not r.is_dir():
+                continue
+            for d in sorted(p for p in r.iterdir() if p.is_dir() and not p.name.startswith(".")):
+                if (d / "config.json").is_file() and any(d.glob("*.safetensors")):
+                    out[d.name] = d.resolve()
+        return out
+
+    @staticmethod
+    def _fingerprint(d: Path) -> tuple:
+        return tuple(sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in d.iterdir() if f.is_file()))
+
+    def _reconcile_loop(self, settle_s: float) -> None:
+        while not self._stop.is_set():
+            if not self._reconcile_wakeup.wait(timeout=5.0):
+                continue
+            self._reconcile_wakeup.clear()
+            try:
+                self._reconcile(settle_s)
+            except Exception:       # a bad drop-in must not kill the watcher
+                log.exception("donor reconcile failed")
+
+    def _reconcile(self, settle_s: float) -> None:
+        on_disk = self._candidates()
+        watched = {d.name: d for d in self.list() if d.origin == "watch"}
+        for name in set(watched) - set(on_disk):
+            log.info("donor %s removed from %s", name, watched[name].path)
+            self.unregister(name)
+        for name in sorted(set(on_disk) - {d.name for d in self.list()}):
+            path = on_disk[name]
+            before = self._fingerprint(path)
+            time.sleep(settle_s)                     # completely written = unchanged for settle_s
+            if not path.exists() or self._fingerprint(path) != before:
+                self._reconcile_wakeup.set()         # still being written: look again
+                continue
+            try:
+                self.register(name, str(path), origin="watch")
+            except Exception as e:
+                log.warning("not registering %s: %s", path, e)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._reconcile_wakeup.set()
+        if self._observer is not None:
+            self._observer.stop()
+            self._observer.join(timeout=5)

@@ -1,0 +1,289 @@
+"""The runtime: the live model, its generations, donors, the scheduler and the
+operations the servicers expose. Servicers translate protos; this does the work."""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from transplant_core import transplant as tp
+from transplant_core.errors import Incompatible, InvalidArgument
+from transplant_core.evaluate import evaluate
+from transplant_core.generation import SamplingParams
+from transplant_core.tasks import Task, load_task
+from transplant_core.workflow import analyse, explicit_modules, open_model, select
+
+from .config import ServeConfig
+from .donors import Donor, DonorRegistry
+from .generations import Generations, Record
+from .metrics import Metrics
+from .scheduler import Request, Scheduler
+
+log = logging.getLogger("transplant.runtime")
+
+MAX_STOP_SEQUENCES, MAX_STOP_CHARS = 8, 64
+
+
+@dataclass
+class TransplantArgs:
+    donor: str
+    modules: list[str] = field(default_factory=list)
+    task: str = ""
+    k: int = 0
+    alpha: float = 1.0
+    probe_prompts: int = 0
+    max_new_tokens: int = 0
+    alignment: str = "free"
+    eval_tasks: list[str] = field(default_factory=list)
+    eval_examples: int = 0
+    reason: str = ""
+
+
+@dataclass
+class PlanResult:
+    donor: Donor
+    plan: tp.Plan | None
+    ranked: list[tuple[str, float, int]]
+    base_generation: int
+
+
+@dataclass
+class SwapResult:
+    record: Record
+    before: list[dict]
+    after: list[dict]
+    seconds: float
+
+
+class Runtime:
+    def __init__(self, cfg: ServeConfig):
+        self.cfg = cfg
+        self.metrics = Metrics()
+        self.started = time.time()
+        self.serving = False
+        self._donor_models: dict[str, object] = {}
+        self.ready = threading.Event()
+
+    # ---- lifecycle ----------------------------------------------------------------
+
+    def load(self) -> None:
+        cfg = self.cfg
+        self.loaded = open_model(cfg.model, cfg.allow_pickle)
+        self.tokenizer, self.table = self.loaded.tokenizer, self.loaded.table
+        self.gens = Generations(self.loaded.model, self.table, cfg.state_dir, cfg.model, self._crash_hook)
+        self.metrics.live_generation.set(self.gens.live.id)
+        roots = list(cfg.donor_roots)
+        zoo_specs = self._zoo_donors()
+        self.donors = DonorRegistry(self.table, roots, cfg.allow_pickle, on_change=self.metrics.donors.set)
+        for d in cfg.donors:
+            path = str(self._resolve_spec(d.path))
+            self.donors.register(d.name, path, origin="config", trusted=True)
+        for name, path in zoo_specs:
+            self.donors.register(name, str(path), origin="config", trusted=True)
+        if cfg.watch_donor_roots and roots:
+            self.donors.watch()
+        self.scheduler = Scheduler(self.gens, self.tokenizer, cfg.max_batch_size, cfg.max_queue,
+                                   cfg.batch_wait_ms, on_batch=self._on_batch)
+        self.scheduler.start()
+        self.ready.set()
+
+    def _crash_hook(self, point: str) -> None:
+        if self.cfg.test_crash_at == point:
+            log.warning("test hook: SIGKILL at %s", point)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    @staticmethod
+    def _resolve_spec(spec: str) -> Path:
+        from transplant_core.checkpoint import resolve_model_path
+
+        return resolve_model_path(spec)
+
+    def _zoo_donors(self) -> list[tuple[str, Path]]:
+        """With a zoo model live, the family's other models are donors (`transplant serve`)."""
+        if not (self.cfg.zoo_donors and self.cfg.model.startswith("zoo:")):
+            return []
+        from transplant_core import zoo
+
+        live = self.cfg.model[4:]
+        return [(name, zoo.model_dir(name)) for name in zoo.MODEL_NAMES if name != live]
+
+    def close(self) -> None:
+        self.serving = False
+        if hasattr(self, "scheduler"):
+            self.scheduler.stop()
+        if hasattr(self, "donors"):
+            self.donors.close()
+        if hasattr(self, "gens"):
+            self.gens.journal.close()
+
+    def drain(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.scheduler.idle():
+                return True
+            time.sleep(0.05)
+        return False
+
+    # ---- inference ----------------------------------------------------------------
+
+    def request(self, prompt: str, max_new_tokens: int, temperature: float, top_p: float, seed: int | None,
+                stop: list[str], deadline: float | None = None, alive=lambda: True, stream=None) -> Request:
+        """Validate a generate request and queue it."""
+        cfg = self.cfg
+        if not prompt:
+            raise InvalidArgument("prompt is empty")
+        if len(prompt) > cfg.max_prompt_chars:
+            raise InvalidArgument(f"prompt has {len(prompt)} characters; the limit is {cfg.max_prompt_chars}")
+        n = max_new_tokens or cfg.default_max_new_tokens
+        if not 1 <= n <= cfg.max_new_tokens_limit:
+            raise InvalidArgument(f"max_new_tokens must be in 1..{cfg.max_new_tokens_limit}, got {max_new_tokens}")
+        if not math.isfinite(temperature) or not 0 <= temperature <= 100:
+            raise InvalidArgument(f"temperature must be in [0, 100] (0 = greedy), got {temperature}")
+        if not math.isfinite(top_p) or not 0 <= top_p <= 1:
+            raise InvalidArgument(f"top_p must be in [0, 1] (0 or 1 = disabled), got {top_p}")
+        if len(stop) > MAX_STOP_SEQUENCES or any(not s or len(s) > MAX_STOP_CHARS for s in stop):
+            raise InvalidArgument(f"at most {MAX_STOP_SEQUENCES} stop sequences of 1..{MAX_STOP_CHARS} characters")
+        ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise InvalidArgument("prompt has no tokens")
+        params = SamplingParams(n, float(temperature), float(top_p) if top_p > 0 else 1.0, seed, tuple(stop))
+        req = Request(prompt, ids, params, deadline, alive, stream)
+        self.scheduler.submit(req)
+        self.metrics.queue_depth.set(self.scheduler.depth)
+        return req
+
+    def _on_batch(self, gen: int, reqs: list[Request]) -> None:
+        m = self.metrics
+        m.batch_size.observe(len(reqs))
+        m.queue_depth.set(self.scheduler.depth)
+        for r in reqs:
+            m.queue_seconds.observe(r.started - r.enqueued)
+            if r.first_token is not None:
+                m.ttft_seconds.observe(r.first_token - r.enqueued)
+            if r.result is not None:
+                m.tokens.inc(r.result.completion_tokens)
+                m.prompt_tokens.inc(r.result.prompt_tokens)
+
+    # ---- admin: donors --------------------------------------------------------------
+
+    def register_donor(self, name: str, path: str) -> Donor:
+        return self.donors.register(name, path, origin="rpc")
+
+    def _donor_model(self, donor: Donor):
+        """The donor loaded for activation analysis (one cached)."""
+        if donor.name not in self._donor_models:
+            self._donor_models.clear()
+            self._donor_models[donor.name] = open_model(str(donor.path), self.cfg.allow_pickle).model
+        return self._donor_models[donor.name]
+
+    # ---- admin: tasks and quality -------------------------------------------------------
+
+    def task(self, spec: str, n: int | None = None) -> Task:
+        if not spec:
+            raise InvalidArgument("task is empty; give zoo:NAME or a JSONL file inside a task root")
+        if not spec.startswith("zoo:"):
+            p = Path(spec).expanduser().resolve()
+            roots = [Path(r).resolve() for r in self.cfg.task_roots]
+            if not any(r == p.parent or r in p.parents for r in roots):
+                raise InvalidArgument(f"task file {spec!r} is outside the task roots "
+                                      f"({', '.join(map(str, roots)) or 'none configured'}); use zoo:NAME or --task-root")
+        return load_task(spec, n=n)
+
+    def evaluate_on(self, model, gen: int, spec: str, n: int = 0, max_new_tokens: int = 0) -> dict:
+        task = self.task(spec, n or self.cfg.eval_examples)
+        r = evaluate(model, self.tokenizer, task, max_new_tokens or self.cfg.eval_max_new_tokens)
+        lo, hi = r.interval()
+        return {"task": spec, "accuracy": r.accuracy, "n": r.n, "correct": r.n_correct, "generation": gen,
+                "ci_low": lo, "ci_high": hi}
+
+    def evaluate_live(self, spec: str, n: int = 0, max_new_tokens: int = 0) -> dict:
+        live = self.gens.live
+        q = self.evaluate_on(live.model, live.id, spec, n, max_new_tokens)
+        self.gens.add_quality(live.id, q)
+        return q
+
+    # ---- admin: plan, transplant, revert ---------------------------------------------------
+
+    def plan(self, a: TransplantArgs) -> PlanResult:
+        """Validate and select; nothing changes."""
+        donor = self.donors.get(a.donor)
+        if not donor.compat.usable:
+            raise Incompatible(f"donor {donor.name} cannot give modules to the live model",
+                               list(donor.compat.model_mismatches + donor.compat.mismatches))
+        if bool(a.modules) == bool(a.task):
+            raise InvalidArgument("give either modules or a task with k")
+        ranked: list[tuple[str, float, int]] = []
+        live = self.gens.live
+        if a.modules:
+            refs = explicit_modules(",".join(a.modules), donor.compat)
+        else:
+            if a.k < 1:
+                raise InvalidArgument("k must be at least 1 with a task")
+            probe = self.task(a.task, a.probe_prompts or self.cfg.probe_prompts)
+            shadow = tp.fork(live.model, [])              # hooks go on a private module tree
+            analysis = analyse(shadow, self.tokenizer, self.table, self._donor_model(donor), probe, donor.compat,
+                               a.max_new_tokens or self.cfg.probe_max_new_tokens, a.alignment or "free")
+            refs = select(analysis, a.k)
+            ranked = [(str(r), s, self.table[r].nbytes) for r, s in analysis.ranking()]
+        p = tp.plan(self.table, donor.checkpoint.tensors, refs, a.alpha)
+        return PlanResult(donor, p, ranked, live.id)
+
+    def transplant(self, a: TransplantArgs, requested_by: str = "") -> SwapResult:
+        with self.gens.lock:
+            pr = self.plan(a)
+            tasks = list(dict.fromkeys(([a.task] if a.task else []) + list(a.eval_tasks)))
+            selection = {"method": "explicit" if a.modules else "lae", "task": a.task, "k": a.k,
+                         "alignment": a.alignment or "free",
+                         "scores": {name: s for name, s, _ in pr.ranked[:a.k]} if pr.ranked else {}}
+            return self._swap(pr.plan, "transplant", tasks, a.eval_examples, requested_by, a.reason, selection)
+
+    def revert(self, to: int | None, reason: str = "", requested_by: str = "", eval_tasks=(), eval_examples: int = 0,
+               why: str = "manual") -> SwapResult:
+        with self.gens.lock:
+            p, target = self.gens.revert_plan(to)
+            return self._swap(p, "revert", list(eval_tasks), eval_examples, requested_by, reason,
+                              {"method": "revert", "why": why}, reverted_to=target)
+
+    def _swap(self, p: tp.Plan, kind: str, tasks: list[str], n: int, requested_by: str, reason: str,
+              selection: dict, reverted_to: int | None = None) -> SwapResult:
+        parent = self.gens.live
+        why = selection.get("why", "manual")
+        before = [self.evaluate_on(parent.model, parent.id, t, n) for t in tasks]
+        t0 = time.perf_counter()
+        try:
+            rec = self.gens.commit(p, kind, requested_by, reason, selection, reverted_to)
+        except Exception:
+            self.metrics.swaps.labels(kind, "error", why).inc()
+            raise
+        seconds = time.perf_counter() - t0
+        m = self.metrics
+        m.swaps.labels(kind, "ok", why).inc()
+        m.swap_seconds.labels(kind).observe(seconds)
+        m.modules_swapped.inc(len(p.modules))
+        m.bytes_swapped.inc(p.nbytes)
+        m.live_generation.set(rec.id)
+        live = self.gens.live
+        after = []
+        for t in tasks:
+            q = self.evaluate_on(live.model, live.id, t, n)
+            self.gens.add_quality(live.id, q)
+            after.append(q)
+        log.info("%s: generation %d -> %d (%d modules, %.1f ms)", kind, parent.id, rec.id, len(p.modules), seconds * 1e3)
+        return SwapResult(rec, before, after, seconds)
+
+    def generation(self, gen: int) -> Record:
+        return self.gens.get(gen)
+
+    def status(self) -> dict:
+        return {"model": self.cfg.model, "model_path": str(self.loaded.path), "arch": self.table.arch,
+                "live_generation": self.gens.live.id, "generations": len(self.gens.records),
+                "donors": len(self.donors.list()), "health": "SERVING" if self.serving else "NOT_SERVING",
+                "queue_depth": self.scheduler.depth, "max_batch_size": self.cfg.max_batch_size,
+                "transplantable_modules": len(self.table.modules), "uptime_seconds": time.time() - self.started,
+                "state_dir": str(self.cfg.state_dir)}
+

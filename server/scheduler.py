@@ -1,0 +1,144 @@
+"""Dynamic batching: concurrent requests share forward passes.
+
+Requests wait in a bounded queue (full: RESOURCE_EXHAUSTED, never unbounded memory).
+One worker thread takes up to `max_batch_size` of them, pins the live generation,
+and decodes them together with per-request sampling; requests that arrive while a
+batch runs join the next one. A swap only changes which generation the NEXT batch
+pins, so it never waits for a running batch and a batch never mixes generations.
+Rows whose client went away or whose deadline passed are dropped from the batch.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from transplant_core.generation import Completion, SamplingParams, generate
+
+from .generations import Generations
+
+
+class QueueFull(Exception):
+    pass
+
+
+@dataclass
+class Request:
+    prompt: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    deadline: float | None = None                   # time.monotonic() value
+    alive: Callable[[], bool] = lambda: True
+    stream: queue.SimpleQueue | None = None         # text deltas, then None
+    enqueued: float = field(default_factory=time.monotonic)
+    started: float | None = None
+    first_token: float | None = None
+    generation: int | None = None
+    result: Completion | None = None
+    error: BaseException | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+    def cancelled(self) -> bool:
+        return not self.alive() or (self.deadline is not None and time.monotonic() > self.deadline)
+
+
+class Scheduler:
+    def __init__(self, gens: Generations, tokenizer, max_batch_size: int, max_queue: int, batch_wait_ms: float,
+                 on_batch: Callable[[int, list[Request]], None] | None = None):
+        self.gens = gens
+        self.tokenizer = tokenizer
+        self.max_batch_size = max_batch_size
+        self.batch_wait = batch_wait_ms / 1000.0
+        self._q: queue.Queue[Request] = queue.Queue(maxsize=max_queue)
+        self._on_batch = on_batch or (lambda gen, reqs: None)
+        self._stop = threading.Event()
+        self._busy = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="scheduler", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    @property
+    def depth(self) -> int:
+        return self._q.qsize()
+
+    def submit(self, req: Request) -> Request:
+        try:
+            self._q.put_nowait(req)
+        except queue.Full:
+            raise QueueFull(f"the request queue is full ({self._q.maxsize} waiting); retry with backoff") from None
+        return req
+
+    def idle(self) -> bool:
+        return self._q.empty() and not self._busy.is_set()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _take(self) -> list[Request]:
+        try:
+            first = self._q.get(timeout=0.1)
+        except queue.Empty:
+            return []
+        batch = [first]
+        until = time.monotonic() + self.batch_wait
+        while len(batch) < self.max_batch_size:
+            try:
+                batch.append(self._q.get(timeout=max(0.0, until - time.monotonic())) if self.batch_wait
+                             else self._q.get_nowait())
+            except queue.Empty:
+                break
+        return batch
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            batch = self._take()
+            if not batch:
+                continue
+            self._busy.set()
+            try:
+                self._decode(batch)
+            finally:
+                self._busy.clear()
+
+    def _decode(self, batch: list[Request]) -> None:
+        live = [r for r in batch if not r.cancelled()]
+        for r in batch:
+            if r.cancelled():
+                r.error = TimeoutError("cancelled or deadline exceeded before the request started")
+                self._finish(r)
+        if not live:
+            return
+        pinned = self.gens.live                       # one generation for the whole batch
+        now = time.monotonic()
+        for r in live:
+            r.started, r.generation = now, pinned.id
+
+        def on_text(i: int, delta: str) -> None:
+            r = live[i]
+            if r.first_token is None:
+                r.first_token = time.monotonic()
+            if r.stream is not None and delta:
+                r.stream.put(delta)
+
+        try:
+            outs = generate(pinned.model, self.tokenizer, [r.prompt for r in live], [r.params for r in live],
+                            on_text=on_text, cancelled=lambda i: live[i].cancelled(),
+                            prompt_ids=[r.prompt_ids for r in live])
+            for r, c in zip(live, outs):
+                r.result = c
+        except BaseException as e:           # the batch failed: every request in it learns why
+            for r in live:
+                r.error = e
+        self._on_batch(pinned.id, live)
+        for r in live:
+            self._finish(r)
+
+    @staticmethod
+    def _finish(r: Request) -> None:
+        if r.stream is not None:
+            r.stream.put(None)
+        r.done.set()

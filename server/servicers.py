@@ -1,0 +1,147 @@
+"""gRPC servicers: translate protos to runtime calls and back. No logic lives here."""
+from __future__ import annotations
+
+import json
+import queue
+import time
+
+from .errors import rpc, rpc_stream
+from .generations import Record
+from .rpc import admin_pb2 as A
+from .rpc import admin_pb2_grpc
+from .rpc import inference_pb2 as I
+from .rpc import inference_pb2_grpc
+from .runtime import Runtime, TransplantArgs
+
+FINISH = {"eos": I.FINISH_REASON_EOS, "stop": I.FINISH_REASON_STOP, "length": I.FINISH_REASON_LENGTH}
+
+
+def _deadline(context) -> float | None:
+    left = context.time_remaining()
+    return None if left is None else time.monotonic() + left
+
+
+def _observe(rt: Runtime, method: str, t0: float, code: str = "OK") -> None:
+    rt.metrics.requests.labels(method, code).inc()
+    rt.metrics.request_seconds.labels(method).observe(time.perf_counter() - t0)
+
+
+class InferenceServicer(inference_pb2_grpc.InferenceServicer):
+    def __init__(self, rt: Runtime):
+        self.rt = rt
+
+    def _submit(self, req, context, stream=None):
+        return self.rt.request(req.prompt, req.max_new_tokens, req.temperature, req.top_p,
+                               req.seed if req.HasField("seed") else None, list(req.stop),
+                               _deadline(context), context.is_active, stream)
+
+    @rpc
+    def Generate(self, request, context):
+        t0 = time.perf_counter()
+        r = self._submit(request, context)
+        while not r.done.wait(0.05):
+            pass
+        if r.error is not None:
+            raise r.error
+        c = r.result
+        _observe(self.rt, "Generate", t0)
+        return I.GenerateResponse(text=c.text, prompt_tokens=c.prompt_tokens, completion_tokens=c.completion_tokens,
+                                  finish_reason=FINISH.get(c.finish_reason, 0), generation=r.generation)
+
+    @rpc_stream
+    def GenerateStream(self, request, context):
+        t0 = time.perf_counter()
+        q: queue.SimpleQueue = queue.SimpleQueue()
+        r = self._submit(request, context, stream=q)
+        while True:
+            delta = q.get()
+            if delta is None:
+                break
+            yield I.GenerateChunk(text=delta, generation=r.generation)
+        if r.error is not None:
+            raise r.error
+        c = r.result
+        _observe(self.rt, "GenerateStream", t0)
+        yield I.GenerateChunk(text="", generation=r.generation, finish_reason=FINISH.get(c.finish_reason, 0),
+                              prompt_tokens=c.prompt_tokens, completion_tokens=c.completion_tokens)
+
+
+def _quality(q: dict) -> A.Quality:
+    return A.Quality(**q)
+
+
+def _generation(rec: Record, live: int) -> A.Generation:
+    return A.Generation(id=rec.id, parent=rec.parent, kind=rec.kind, donor=rec.donor, modules=rec.modules,
+                        alpha=rec.alpha, selection_json=json.dumps(rec.selection, sort_keys=True),
+                        checksums=rec.checksums, quality=[_quality(q) for q in rec.quality],
+                        requested_by=rec.requested_by, reason=rec.reason, created_unix=rec.created,
+                        reverted_to=rec.reverted_to, bytes=rec.bytes, live=rec.id == live)
+
+
+def _donor(d) -> A.Donor:
+    c = d.compat
+    return A.Donor(name=d.name, path=str(d.path), origin=d.origin, compatible=c.ok,
+                   compatible_modules=len(c.compatible), mismatches=list(c.model_mismatches + c.mismatches),
+                   weight_bytes=d.checkpoint.weight_bytes)
+
+
+def _args(req) -> TransplantArgs:
+    return TransplantArgs(req.donor, list(req.modules), req.task, req.k,
+                          req.alpha if req.HasField("alpha") else 1.0, req.probe_prompts, req.max_new_tokens,
+                          req.alignment, list(req.eval_tasks), req.eval_examples, req.reason)
+
+
+def _who(context) -> str:
+    md = dict(context.invocation_metadata() or ())
+    return md.get("x-requested-by") or context.peer()
+
+
+class AdminServicer(admin_pb2_grpc.AdminServicer):
+    def __init__(self, rt: Runtime):
+        self.rt = rt
+
+    @rpc
+    def GetStatus(self, request, context):
+        return A.Status(version=__import__("transplant_core").__version__, **self.rt.status())
+
+    @rpc
+    def ListDonors(self, request, context):
+        return A.ListDonorsResponse(donors=[_donor(d) for d in self.rt.donors.list()])
+
+    @rpc
+    def RegisterDonor(self, request, context):
+        return _donor(self.rt.register_donor(request.name, request.path))
+
+    @rpc
+    def PlanTransplant(self, request, context):
+        pr = self.rt.plan(_args(request))
+        c = pr.donor.compat
+        return A.Plan(donor=pr.donor.name, base_generation=pr.base_generation, compatible=c.ok,
+                      compatible_modules=[str(r) for r in c.compatible],
+                      mismatches=list(c.model_mismatches + c.mismatches),
+                      ranked=[A.ModuleScore(name=n, score=s, bytes=b) for n, s, b in pr.ranked],
+                      selected=[str(r) for r in pr.plan.refs], bytes=pr.plan.nbytes, alpha=pr.plan.alpha)
+
+    def _swap_reply(self, res) -> A.TransplantResponse:
+        return A.TransplantResponse(generation=_generation(res.record, self.rt.gens.live.id),
+                                    before=[_quality(q) for q in res.before], after=[_quality(q) for q in res.after],
+                                    swap_seconds=res.seconds)
+
+    @rpc
+    def Transplant(self, request, context):
+        return self._swap_reply(self.rt.transplant(_args(request), _who(context)))
+
+    @rpc
+    def Revert(self, request, context):
+        to = request.to_generation if request.HasField("to_generation") else None
+        return self._swap_reply(self.rt.revert(to, request.reason, _who(context), list(request.eval_tasks),
+                                               request.eval_examples))
+
+    @rpc
+    def ListGenerations(self, request, context):
+        live = self.rt.gens.live.id
+        return A.ListGenerationsResponse(generations=[_generation(r, live) for r in self.rt.gens.history()], live=live)
+
+    @rpc
+    def Evaluate(self, request, context):
+        return _quality(self.rt.evaluate_live(request.task, request.n, request.max_new_tokens))
