@@ -13,12 +13,36 @@ from grpc_reflection.v1alpha import reflection
 from .auth import AdminAuthInterceptor, load_or_create_token
 from .config import ServeConfig
 from .http import HttpServer
-from .rpc import ADMIN_SERVICE, INFERENCE_SERVICE, admin_pb2, admin_pb2_grpc, inference_pb2, inference_pb2_grpc
+from .errors import MalformedRequest
+from .rpc import ADMIN_SERVICE, INFERENCE_SERVICE, admin_pb2, inference_pb2
 from .runtime import Runtime
 from .servicers import AdminServicer, InferenceServicer
 
 log = logging.getLogger("transplant.server")
 SERVICES = ("", INFERENCE_SERVICE, ADMIN_SERVICE)
+
+
+def tolerant_handler(service, servicer) -> grpc.GenericRpcHandler:
+    """The service's handlers, built from its descriptor like the generated code, except
+    that a request that does not parse (invalid UTF-8 in a string, say) reaches the
+    servicer as MalformedRequest, so the client gets INVALID_ARGUMENT, not INTERNAL."""
+    from google.protobuf import message_factory
+    from google.protobuf.message import DecodeError
+
+    handlers = {}
+    for m in service.methods:
+        cls, out = message_factory.GetMessageClass(m.input_type), message_factory.GetMessageClass(m.output_type)
+
+        def parse(data, cls=cls):
+            try:
+                return cls.FromString(data)
+            except DecodeError as e:
+                return MalformedRequest(f"malformed {cls.DESCRIPTOR.name}: {e} (strings must be valid UTF-8)")
+
+        make = grpc.unary_stream_rpc_method_handler if m.server_streaming else grpc.unary_unary_rpc_method_handler
+        handlers[m.name] = make(getattr(servicer, m.name), request_deserializer=parse,
+                                response_serializer=out.SerializeToString)
+    return grpc.method_handlers_generic_handler(service.full_name, handlers)
 
 
 class Server:
@@ -46,20 +70,31 @@ class Server:
             self.grpc_port = self.grpc.add_insecure_port(cfg.grpc_listen)
         if not self.grpc_port:
             raise OSError(f"cannot listen on {cfg.grpc_listen}")
-        inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(self.runtime), self.grpc)
-        admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(self.runtime), self.grpc)
+        self.grpc.add_generic_rpc_handlers((
+            tolerant_handler(inference_pb2.DESCRIPTOR.services_by_name["Inference"], InferenceServicer(self.runtime)),
+            tolerant_handler(admin_pb2.DESCRIPTOR.services_by_name["Admin"], AdminServicer(self.runtime)),
+        ))
         self.http = HttpServer(cfg.http_listen, self.runtime.metrics.registry, self.token)
         self.http_port = self.http.port
         self._stopped = threading.Event()
+        self._finished = threading.Event()
+        self._listening = False
 
     def _set_health(self, status) -> None:
         for s in SERVICES:
             self.health.set(s, status)
 
+    def listen(self) -> "Server":
+        """Accept connections (health says NOT_SERVING until the model is loaded)."""
+        if not self._listening:
+            self._listening = True
+            self.grpc.start()
+            self.http.start()
+        return self
+
     def start(self) -> "Server":
-        """Listen at once (NOT_SERVING), load, then SERVING."""
-        self.grpc.start()
-        self.http.start()
+        """Listen, load, then SERVING."""
+        self.listen()
         try:
             self.runtime.load()
         except BaseException:
@@ -87,9 +122,11 @@ class Server:
         done.wait(grace + 1)
         self.http.stop()
         self.runtime.close()
+        self._finished.set()
 
     def wait(self) -> None:
-        self._stopped.wait()
+        """Block until stop() has drained and closed everything."""
+        self._finished.wait()
 
 
 def create_server(cfg: ServeConfig) -> Server:

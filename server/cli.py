@@ -320,6 +320,12 @@ def main(argv: list[str] | None = None) -> int:
     except TransplantError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        if type(e).__module__.startswith("grpc"):      # an RPC the server refused
+            code = getattr(e, "code", lambda: None)()
+            print(f"error: {getattr(code, 'name', code)}: {getattr(e, 'details', lambda: str(e))()}", file=sys.stderr)
+            return 2
+        raise
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -13,6 +13,13 @@ from .scheduler import QueueFull
 log = logging.getLogger("transplant.server")
 
 
+class MalformedRequest:
+    """Stands in for a request whose bytes did not parse."""
+
+    def __init__(self, message: str):
+        self.message = message
+
+
 class NotReady(Exception):
     """The server is still loading its model."""
 
@@ -30,7 +37,9 @@ STATUS = {
 }
 
 
-def _ready(servicer) -> None:
+def _ready(servicer, request) -> None:
+    if isinstance(request, MalformedRequest):
+        raise E.InvalidArgument(request.message)
     if not servicer.rt.ready.is_set():
         raise NotReady("the server is loading its model; retry when health says SERVING")
 
@@ -48,7 +57,7 @@ def rpc(method):
     @functools.wraps(method)
     def wrapper(self, request, context):
         try:
-            _ready(self)
+            _ready(self, request)
             return method(self, request, context)
         except grpc.RpcError:
             raise
@@ -65,7 +74,7 @@ def rpc_stream(method):
     @functools.wraps(method)
     def wrapper(self, request, context):
         try:
-            _ready(self)
+            _ready(self, request)
             yield from method(self, request, context)
         except grpc.RpcError:
             raise

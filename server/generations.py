@@ -114,10 +114,7 @@ class Generations:
                 self.records[e["generation"]].quality.append(e["quality"])
         last = max(self.records)
         if last:
-            overrides = self._load_overrides(last)
-            model = tp.fork(self.base, list(overrides))
-            self._install(model, overrides)
-            self._overrides, self.live = overrides, Live(last, model)
+            self._overrides, self.live = self._load_overrides(last), Live(last, self.materialize(last))
 
     # ---- reading generations -----------------------------------------------------
 
@@ -133,6 +130,13 @@ class Generations:
         if sums != self.records[gen].state:
             raise PreconditionFailed(f"tensor file of generation {gen} does not match its journal checksums")
         return out
+
+    def materialize(self, gen: int) -> nn.Module:
+        """A model object with generation `gen`'s weights (shares everything else with the base)."""
+        overrides = self._load_overrides(self.get(gen).id)
+        model = tp.fork(self.base, list(overrides))
+        self._install(model, overrides)
+        return model
 
     def get(self, gen: int) -> Record:
         if gen not in self.records:

@@ -77,7 +77,9 @@ class Runtime:
         self.tokenizer, self.table = self.loaded.tokenizer, self.loaded.table
         self.gens = Generations(self.loaded.model, self.table, cfg.state_dir, cfg.model, self._crash_hook)
         self.metrics.live_generation.set(self.gens.live.id)
-        roots = list(cfg.donor_roots)
+        roots = list(cfg.donor_roots) or [cfg.state_dir / "donors"]   # a drop-in folder by default
+        for r in roots:
+            Path(r).mkdir(parents=True, exist_ok=True)
         zoo_specs = self._zoo_donors()
         self.donors = DonorRegistry(self.table, roots, cfg.allow_pickle, on_change=self.metrics.donors.set)
         for d in cfg.donors:

@@ -1,0 +1,227 @@
+"""`transplant admin ...`: a client for a running server (gRPC, bearer token)."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+
+def register(sub) -> None:
+    p = sub.add_parser("admin", help="operate a running server")
+    p.add_argument("--address", default="127.0.0.1:50051", help="server HOST:PORT (default 127.0.0.1:50051)")
+    p.add_argument("--token", help="admin token (default: read --token-file)")
+    p.add_argument("--token-file", help="default: the server's default state dir admin_token")
+    p.add_argument("--tls-ca", help="CA certificate: connect with TLS")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds per call")
+    a = p.add_subparsers(dest="admin_command", required=True, metavar="ACTION")
+
+    def action(name, help_, fn):
+        q = a.add_parser(name, help=help_)
+        q.add_argument("--json", action="store_true", help="one JSON document on stdout")
+        q.set_defaults(fn=fn)
+        return q
+
+    action("status", "live generation, health, queue", _status)
+    action("donors", "registered donors and their compatibility", _donors)
+    q = action("register-donor", "register a checkpoint inside a donor root", _register)
+    q.add_argument("path")
+    q.add_argument("--name", default="")
+    for name, fn, help_ in (("plan", _plan, "dry run: compatibility, ranking, bytes"),
+                            ("transplant", _transplant, "make a new generation from a donor")):
+        q = action(name, help_, fn)
+        q.add_argument("--donor", required=True)
+        q.add_argument("--modules", help="names or globs, comma separated")
+        q.add_argument("--task", default="")
+        q.add_argument("--k", type=int, default=0)
+        q.add_argument("--alpha", type=float)
+        q.add_argument("--alignment", default="free", choices=("free", "teacher_forced"))
+        q.add_argument("--eval", default="", help="tasks to measure before/after, comma separated")
+        q.add_argument("--n", type=int, default=0, help="examples per quality measurement")
+        q.add_argument("--reason", default="")
+    q = action("revert", "make an earlier generation live again (default: the parent)", _revert)
+    q.add_argument("--to", type=int)
+    q.add_argument("--reason", default="")
+    q.add_argument("--eval", default="")
+    action("history", "every generation", _history)
+    q = action("eval", "task accuracy on the live generation", _eval)
+    q.add_argument("--task", required=True)
+    q.add_argument("--n", type=int, default=0)
+    q = action("watch", "live terminal view: generations, quality, swaps", _watch)
+    q.add_argument("--interval", type=float, default=2.0)
+    q.add_argument("--once", action="store_true")
+
+
+class Client:
+    def __init__(self, args):
+        import grpc
+
+        from .config import default_state_dir
+        from .rpc import admin_pb2_grpc
+
+        token = args.token
+        if not token:
+            path = Path(args.token_file) if args.token_file else default_state_dir() / "admin_token"
+            if not path.is_file():
+                from transplant_core.errors import InvalidArgument
+
+                raise InvalidArgument(f"no admin token: {path} does not exist; pass --token or --token-file "
+                                      "(the server prints where its token is)")
+            token = path.read_text().strip()
+        if args.tls_ca:
+            creds = grpc.ssl_channel_credentials(Path(args.tls_ca).read_bytes())
+            self.channel = grpc.secure_channel(args.address, creds)
+        else:
+            self.channel = grpc.insecure_channel(args.address)
+        self.stub = admin_pb2_grpc.AdminStub(self.channel)
+        self.md = [("authorization", f"Bearer {token}"), ("x-requested-by", "transplant-admin-cli")]
+        self.timeout = args.timeout
+
+    def __getattr__(self, name):
+        method = getattr(self.stub, name)
+        return lambda req: method(req, metadata=self.md, timeout=self.timeout)
+
+
+def _doc(msg) -> dict:
+    from google.protobuf.json_format import MessageToDict
+
+    return MessageToDict(msg, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+
+
+def _out(args, msg, human) -> int:
+    d = _doc(msg)
+    if args.json:
+        sys.stdout.write(json.dumps(d, indent=2) + "\n")
+    else:
+        human(d)
+    return 0
+
+
+def _status(args) -> int:
+    from .rpc import admin_pb2 as A
+
+    return _out(args, Client(args).GetStatus(A.GetStatusRequest()), lambda d: print(
+        f"{d['model']} ({d['arch']}): generation {d['live_generation']} live of {d['generations']}, "
+        f"{d['health']}, {d['donors']} donors, queue {d['queue_depth']}, batch <= {d['max_batch_size']}, "
+        f"up {float(d['uptime_seconds']):.0f} s"))
+
+
+def _donors(args) -> int:
+    from .rpc import admin_pb2 as A
+
+    def human(d):
+        for x in d["donors"]:
+            ok = "compatible" if x["compatible"] else f"{x['compatible_modules']} compatible modules"
+            print(f"{x['name']:<12}{ok:<26}{x['origin']:<8}{x['path']}")
+            for m in x["mismatches"][:5]:
+                print(f"    mismatch: {m}")
+    return _out(args, Client(args).ListDonors(A.ListDonorsRequest()), human)
+
+
+def _register(args) -> int:
+    from .rpc import admin_pb2 as A
+
+    return _out(args, Client(args).RegisterDonor(A.RegisterDonorRequest(name=args.name, path=args.path)),
+                lambda d: print(f"registered {d['name']} ({d['path']}): {d['compatible_modules']} compatible modules"))
+
+
+def _treq(args):
+    from .rpc import admin_pb2 as A
+
+    req = A.TransplantRequest(donor=args.donor, task=args.task, k=args.k, alignment=args.alignment,
+                              eval_tasks=[t for t in args.eval.split(",") if t], eval_examples=args.n,
+                              reason=args.reason)
+    if args.modules:
+        req.modules.extend(m.strip() for m in args.modules.split(",") if m.strip())
+    if args.alpha is not None:
+        req.alpha = args.alpha
+    return req
+
+
+def _plan(args) -> int:
+    def human(d):
+        print(f"plan from {d['donor']} on generation {d['base_generation']}: {len(d['selected'])} modules, "
+              f"{d['bytes']} bytes, alpha {d['alpha']}; nothing changed")
+        for m in d["mismatches"]:
+            print(f"  mismatch: {m}")
+        for i, m in enumerate(d["ranked"][:max(args.k, 10)], 1):
+            mark = "*" if m["name"] in d["selected"] else " "
+            print(f" {mark}{i:>3}  {m['name']:<24}{float(m['score']):.6f}")
+        if not d["ranked"]:
+            print("  selected: " + ", ".join(d["selected"]))
+    return _out(args, Client(args).PlanTransplant(_treq(args)), human)
+
+
+def _quality_lines(d) -> None:
+    after = {q["task"]: q for q in d["after"]}
+    for b in d["before"]:
+        a = after.get(b["task"])
+        print(f"  {b['task']}: {b['accuracy']:.3f} -> {a['accuracy']:.3f} (n={a['n']})" if a else "")
+
+
+def _swap_human(d) -> None:
+    g = d["generation"]
+    print(f"generation {g['id']} live ({g['kind']} from {g['donor'] or 'snapshot'}, parent {g.get('parent')}, "
+          f"{len(g['modules'])} modules, swap {float(d['swap_seconds']) * 1e3:.1f} ms)")
+    _quality_lines(d)
+
+
+def _transplant(args) -> int:
+    return _out(args, Client(args).Transplant(_treq(args)), _swap_human)
+
+
+def _revert(args) -> int:
+    from .rpc import admin_pb2 as A
+
+    req = A.RevertRequest(reason=args.reason, eval_tasks=[t for t in args.eval.split(",") if t])
+    if args.to is not None:
+        req.to_generation = args.to
+    return _out(args, Client(args).Revert(req), _swap_human)
+
+
+def _history_lines(d) -> list[str]:
+    lines = []
+    for g in d["generations"]:
+        when = time.strftime("%H:%M:%S", time.localtime(float(g["created_unix"])))
+        mark = "*" if g["live"] else " "
+        what = {"load": "as loaded", "transplant": f"from {g['donor']}: {len(g['modules'])} modules",
+                "revert": f"revert to {g.get('reverted_to')}"}.get(g["kind"], g["kind"])
+        q = ", ".join(f"{x['task']} {x['accuracy']:.2f}" for x in g["quality"][-3:])
+        reason = json.loads(g["selection_json"] or "{}").get("why") or g["reason"]
+        lines.append(f"{mark}{g['id']:>4} {when} parent {str(g.get('parent', '-')):>4}  {what:<34}"
+                     f"{('[' + reason + '] ') if reason else ''}{q}")
+    return lines
+
+
+def _history(args) -> int:
+    from .rpc import admin_pb2 as A
+
+    return _out(args, Client(args).ListGenerations(A.ListGenerationsRequest()),
+                lambda d: print("\n".join(_history_lines(d))))
+
+
+def _eval(args) -> int:
+    from .rpc import admin_pb2 as A
+
+    return _out(args, Client(args).Evaluate(A.EvaluateRequest(task=args.task, n=args.n)), lambda d: print(
+        f"generation {d['generation']} on {d['task']}: accuracy {d['accuracy']:.3f} ({d['correct']}/{d['n']}), "
+        f"95% CI [{d['ci_low']:.3f}, {d['ci_high']:.3f}]"))
+
+
+def _watch(args) -> int:
+    from .rpc import admin_pb2 as A
+
+    c = Client(args)
+    while True:
+        st, gens = _doc(c.GetStatus(A.GetStatusRequest())), _doc(c.ListGenerations(A.ListGenerationsRequest()))
+        screen = [f"transplant watch - {st['model']} - generation {st['live_generation']} live - {st['health']} - "
+                  f"queue {st['queue_depth']} - {time.strftime('%H:%M:%S')}", ""]
+        screen += _history_lines({"generations": gens["generations"][-20:]})
+        if args.json:
+            sys.stdout.write(json.dumps({"status": st, "generations": gens["generations"]}) + "\n")
+        else:
+            sys.stdout.write(("" if args.once else "\x1b[2J\x1b[H") + "\n".join(screen) + "\n")
+        sys.stdout.flush()
+        if args.once:
+            return 0
+        time.sleep(args.interval)

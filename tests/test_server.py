@@ -1,0 +1,437 @@
+"""The real server on a loopback port, through real gRPC stubs."""
+import json
+import os
+import shutil
+import stat
+import subprocess
+import threading
+import time
+import urllib.request
+
+import grpc
+import pytest
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from safetensors.torch import save_file
+
+from serverkit import A, I, Clients, config, spawn, start
+from tiny import make_model, save
+from transplant_core import transplant as tp
+from transplant_core.generation import greedy
+from transplant_core.zoo.tokenizer import build_tokenizer
+
+PROMPTS = ["hello", "abc", "add:1+2=", "the quick brown", "zz", "Q", "sort:dcba=", "x y z"]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    donors = root / "donors"
+    save(make_model("llama", 0), root / "target")
+    save(make_model("llama", 1), donors / "other")
+    save(make_model("llama", 2, intermediate_size=96), donors / "wide")
+    nan = make_model("llama", 3)
+    with torch.no_grad():
+        nan.model.layers[0].mlp.up_proj.weight[0, 0] = float("nan")
+    save(nan, donors / "nan")
+    pk = donors / "pickled"
+    pk.mkdir()
+    shutil.copy(root / "target" / "config.json", pk / "config.json")
+    torch.save(make_model("llama", 4).state_dict(), pk / "pytorch_model.bin")
+    (root / "outside").mkdir()
+    save(make_model("llama", 5), root / "outside" / "evil")
+    return root
+
+
+@pytest.fixture()
+def server(models, tmp_path):
+    s = start(config(tmp_path, models / "target", [models / "donors"], watch_donor_roots=False))
+    c = Clients(s.grpc_port, s.token)
+    for name in ("other", "wide", "nan"):
+        c.admin("RegisterDonor", A.RegisterDonorRequest(name=name, path=str(models / "donors" / name)))
+    yield s, c
+    c.close()
+    s.stop(2)
+
+
+def live_sums(s):
+    gens = s.runtime.gens
+    return tp.checksums(gens.live.model, sorted(gens.records[0].checksums))
+
+
+def code_of(fn):
+    with pytest.raises(grpc.RpcError) as e:
+        fn()
+    return e.value.code(), e.value.details()
+
+
+def test_generate_and_stream_agree(server):
+    s, c = server
+    r = c.generate("hello", 10)
+    assert r.generation == 0 and r.prompt_tokens == 5 and 0 < r.completion_tokens <= 10
+    assert r.finish_reason in (I.FINISH_REASON_EOS, I.FINISH_REASON_LENGTH)
+    chunks = list(c.inference.GenerateStream(I.GenerateRequest(prompt="hello", max_new_tokens=10)))
+    assert "".join(ch.text for ch in chunks) == r.text
+    assert chunks[-1].finish_reason == r.finish_reason and chunks[-1].completion_tokens == r.completion_tokens
+    alone = greedy(s.runtime.gens.live.model, build_tokenizer(), ["hello"], 10)[0]
+    assert r.text == alone.text
+    seeded = [c.generate("abc", 12, temperature=1.0, top_p=0.9, seed=7).text for _ in range(2)]
+    assert seeded[0] == seeded[1]
+
+
+def test_transplant_revert_round_trip(server):
+    s, c = server
+    sums0 = live_sums(s)
+    before = c.generate("the quick brown", 12).text
+    plan = c.admin("PlanTransplant", A.TransplantRequest(donor="other", modules=["layers.*.mlp.*"]))
+    assert len(plan.selected) == 6 and plan.bytes == 6 * 64 * 32 * 4 and live_sums(s) == sums0
+    r = c.admin("Transplant", A.TransplantRequest(donor="other", modules=["layers.*.mlp.*", "layers.1.attn.o"],
+                                                   reason="test"))
+    assert r.generation.id == 1 and r.generation.parent == 0 and len(r.generation.modules) == 7
+    assert live_sums(s) != sums0 and live_sums(s) == s.runtime.gens.state_checksums(1)
+    after = c.generate("the quick brown", 12)
+    assert after.generation == 1 and after.text != before
+    back = c.admin("Revert", A.RevertRequest())
+    assert back.generation.id == 2 and back.generation.reverted_to == 0 and back.generation.kind == "revert"
+    assert live_sums(s) == sums0
+    assert c.generate("the quick brown", 12).text == before
+    hist = c.admin("ListGenerations", A.ListGenerationsRequest())
+    assert [g.id for g in hist.generations] == [0, 1, 2] and hist.live == 2
+    again = c.admin("Revert", A.RevertRequest(to_generation=1))
+    assert again.generation.id == 3 and live_sums(s) == s.runtime.gens.state_checksums(1)
+
+
+def test_task_k_transplant_reports_quality(server, tmp_path):
+    s, c = server
+    r = c.admin("Transplant", A.TransplantRequest(donor="other", task="zoo:add", k=3, eval_examples=6))
+    assert len(r.generation.modules) == 3
+    sel = json.loads(r.generation.selection_json)
+    assert sel["method"] == "lae" and len(sel["scores"]) == 3
+    assert [q.task for q in r.before] == ["zoo:add"] and r.before[0].generation == 0 and r.after[0].generation == 1
+    q = c.admin("Evaluate", A.EvaluateRequest(task="zoo:add", n=6))
+    assert q.generation == 1 and q.n == 6 and q.accuracy == r.after[0].accuracy
+
+
+def test_atomic_generations_under_load(server):
+    """Concurrent greedy clients while transplants and reverts run: every answer equals what
+    its reported generation gives for that prompt alone, and none fails."""
+    s, c = server
+    results, errors, stop = [], [], threading.Event()
+
+    def client(i):
+        cl = Clients(s.grpc_port, s.token)
+        k = 0
+        while not stop.is_set():
+            p = PROMPTS[(i + k) % len(PROMPTS)]
+            try:
+                r = cl.generate(p, 10)
+                results.append((p, r.generation, r.text))
+            except grpc.RpcError as e:
+                errors.append(e)
+            k += 1
+        cl.close()
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(12)]
+    for t in threads:
+        t.start()
+    swaps = 0
+    for _ in range(4):
+        c.admin("Transplant", A.TransplantRequest(donor="other", modules=["layers.*"]))
+        time.sleep(0.15)
+        c.admin("Revert", A.RevertRequest())
+        time.sleep(0.15)
+        swaps += 2
+    stop.set()
+    for t in threads:
+        t.join()
+    assert not errors
+    gens = {g for _, g, _ in results}
+    assert len(gens) >= 3, gens       # traffic really spanned several generations
+    tok = build_tokenizer()
+    for g in sorted(gens):
+        model = s.runtime.gens.materialize(g)
+        want = {p: greedy(model, tok, [p], 10)[0].text for p in PROMPTS}
+        for p, gen, text in results:
+            if gen == g:
+                assert text == want[p], (g, p)
+    # the two weight sets really answer differently, so a mix would have been caught
+    m0, m1 = s.runtime.gens.materialize(0), s.runtime.gens.materialize(1)
+    assert any(greedy(m0, tok, [p], 10)[0].text != greedy(m1, tok, [p], 10)[0].text for p in PROMPTS)
+    hist = s.runtime.metrics.registry.get_sample_value("transplant_batch_size_count")
+    total = s.runtime.metrics.registry.get_sample_value("transplant_batch_size_sum")
+    assert total / hist > 1.5       # requests shared forward passes
+
+
+def test_bad_inputs_get_the_right_code_and_change_nothing(server, models):
+    s, c = server
+    sums = live_sums(s)
+    T = A.TransplantRequest
+    cases = [
+        (lambda: c.admin("Transplant", T(donor="nobody", modules=["layers.0.mlp.up"])), grpc.StatusCode.NOT_FOUND, "nobody"),
+        (lambda: c.admin("Transplant", T(donor="other", modules=["layers.9.mlp.up"])), grpc.StatusCode.FAILED_PRECONDITION, "layers.9.mlp.up"),
+        (lambda: c.admin("Transplant", T(donor="other", modules=["bogus"])), grpc.StatusCode.INVALID_ARGUMENT, "layers.<index>"),
+        (lambda: c.admin("Transplant", T(donor="wide", modules=["layers.0.mlp.up"])), grpc.StatusCode.FAILED_PRECONDITION, "not in the compatible set"),
+        (lambda: c.admin("Transplant", T(donor="nan", modules=["layers.0.mlp.up"])), grpc.StatusCode.INVALID_ARGUMENT, "NaN"),
+        (lambda: c.admin("Transplant", T(donor="other", modules=["layers.0.mlp.up"], alpha=1.5)), grpc.StatusCode.INVALID_ARGUMENT, "alpha"),
+        (lambda: c.admin("Transplant", T(donor="other")), grpc.StatusCode.INVALID_ARGUMENT, "either modules"),
+        (lambda: c.admin("Revert", A.RevertRequest(to_generation=42)), grpc.StatusCode.NOT_FOUND, "generation 42"),
+        (lambda: c.admin("Revert", A.RevertRequest()), grpc.StatusCode.FAILED_PRECONDITION, "nothing to revert"),
+        (lambda: c.admin("RegisterDonor", A.RegisterDonorRequest(name="evil", path=str(models / "outside" / "evil"))), grpc.StatusCode.INVALID_ARGUMENT, "outside the donor roots"),
+        (lambda: c.admin("RegisterDonor", A.RegisterDonorRequest(name="trav", path=str(models / "donors" / ".." / "outside" / "evil"))), grpc.StatusCode.INVALID_ARGUMENT, "outside the donor roots"),
+        (lambda: c.admin("RegisterDonor", A.RegisterDonorRequest(name="pk", path=str(models / "donors" / "pickled"))), grpc.StatusCode.FAILED_PRECONDITION, "pickle"),
+        (lambda: c.admin("RegisterDonor", A.RegisterDonorRequest(name="other", path=str(models / "donors" / "wide"))), grpc.StatusCode.ALREADY_EXISTS, "already registered"),
+        (lambda: c.admin("RegisterDonor", A.RegisterDonorRequest(name="gone", path=str(models / "donors" / "gone"))), grpc.StatusCode.NOT_FOUND, "does not exist"),
+        (lambda: c.admin("Evaluate", A.EvaluateRequest(task="/etc/passwd")), grpc.StatusCode.INVALID_ARGUMENT, "outside the task roots"),
+        (lambda: c.admin("Evaluate", A.EvaluateRequest(task="zoo:nope")), grpc.StatusCode.NOT_FOUND, "nope"),
+        (lambda: c.generate("x" * 5000), grpc.StatusCode.INVALID_ARGUMENT, "limit is 4096"),
+        (lambda: c.generate("hello", 100000), grpc.StatusCode.INVALID_ARGUMENT, "max_new_tokens"),
+        (lambda: c.generate(""), grpc.StatusCode.INVALID_ARGUMENT, "empty"),
+        (lambda: c.generate("hi", 4, temperature=-1), grpc.StatusCode.INVALID_ARGUMENT, "temperature"),
+        (lambda: c.generate("hi", 4, top_p=2), grpc.StatusCode.INVALID_ARGUMENT, "top_p"),
+    ]
+    for fn, want, words in cases:
+        code, details = code_of(fn)
+        assert code == want and words in details, (want, code, details)
+    # invalid UTF-8 in the prompt: hand-built bytes, field 1 (prompt), length 2
+    raw = c.channel.unary_unary("/transplant.v1.Inference/Generate")
+    code, details = code_of(lambda: raw(b"\x0a\x02\xff\xfe", timeout=10))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "UTF-8" in details
+    assert live_sums(s) == sums and s.runtime.gens.live.id == 0
+    assert [g.id for g in c.admin("ListGenerations", A.ListGenerationsRequest()).generations] == [0]
+
+
+def test_auth_token_and_file_mode(server):
+    s, c = server
+    assert stat.S_IMODE(os.stat(s.cfg.token_file).st_mode) == 0o600
+    stub = c._admin
+    code, _ = code_of(lambda: stub.GetStatus(A.GetStatusRequest(), timeout=5))
+    assert code == grpc.StatusCode.UNAUTHENTICATED
+    code, _ = code_of(lambda: stub.GetStatus(A.GetStatusRequest(), metadata=[("authorization", "Bearer nope")], timeout=5))
+    assert code == grpc.StatusCode.PERMISSION_DENIED
+    assert c.admin("GetStatus", A.GetStatusRequest()).health == "SERVING"
+    # inference needs no token
+    assert c.generate("hi", 2).completion_tokens >= 0
+
+
+def test_metrics_and_health(server):
+    s, c = server
+    c.generate("hello", 4)
+    body = urllib.request.urlopen(f"http://127.0.0.1:{s.http_port}/metrics", timeout=5).read().decode()
+    for name in ("transplant_requests_total", "transplant_queue_seconds_bucket", "transplant_time_to_first_token_seconds",
+                 "transplant_generated_tokens_total", "transplant_batch_size_bucket", "transplant_live_generation",
+                 "transplant_donors_registered 3.0"):
+        assert name in body, name
+    assert 'transplant_requests_total{code="OK",rpc="Generate"}' in body
+    stub = health_pb2_grpc.HealthStub(c.channel)
+    for svc in ("", "transplant.v1.Inference", "transplant.v1.Admin"):
+        assert stub.Check(health_pb2.HealthCheckRequest(service=svc)).status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_health_transitions_loading_serving_draining(models, tmp_path):
+    from server.app import Server
+    from server.config import load_config
+
+    s = Server(load_config(None, **config(tmp_path, models / "target", [models / "donors"], watch_donor_roots=False)))
+    s.listen()
+    ch = grpc.insecure_channel(f"127.0.0.1:{s.grpc_port}")
+    stub = health_pb2_grpc.HealthStub(ch)
+    seen = []
+    watch = stub.Watch(health_pb2.HealthCheckRequest(service=""))
+    def follow():
+        try:
+            for r in watch:
+                seen.append(r.status)
+        except grpc.RpcError:
+            pass     # cancelled below, once the transitions are in
+
+    t = threading.Thread(target=follow)
+    t.start()
+    assert stub.Check(health_pb2.HealthCheckRequest(service="")).status == health_pb2.HealthCheckResponse.NOT_SERVING
+    code, _ = code_of(lambda: Clients(s.grpc_port, s.token).generate("hi", 2))
+    assert code == grpc.StatusCode.UNAVAILABLE
+    s.start()
+    assert stub.Check(health_pb2.HealthCheckRequest(service="")).status == health_pb2.HealthCheckResponse.SERVING
+    time.sleep(0.3)
+    threading.Thread(target=s.stop, args=(1,)).start()
+    time.sleep(0.5)
+    watch.cancel()
+    t.join(5)
+    ch.close()
+    S = health_pb2.HealthCheckResponse
+    assert seen[:3] == [S.NOT_SERVING, S.SERVING, S.NOT_SERVING], seen
+
+
+def test_reflection_lists_services(server):
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    s, c = server
+    stub = reflection_pb2_grpc.ServerReflectionStub(c.channel)
+    resp = next(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
+    names = {x.name for x in resp.list_services_response.service}
+    assert {"transplant.v1.Inference", "transplant.v1.Admin", "grpc.health.v1.Health"} <= names
+
+
+def test_watchdog_registers_dropped_in_checkpoints(models, tmp_path):
+    root = tmp_path / "drop"
+    root.mkdir()
+    s = start(config(tmp_path, models / "target", [root], watch_donor_roots=True))
+    c = Clients(s.grpc_port, s.token)
+    try:
+        # written slowly: the config first, the weights a moment later
+        dest = root / "fresh"
+        dest.mkdir()
+        shutil.copy(models / "donors" / "other" / "config.json", dest / "config.json")
+        time.sleep(0.5)
+        for f in (models / "donors" / "other").iterdir():
+            shutil.copy(f, dest / f.name)
+        names = []
+        for _ in range(100):
+            names = [d.name for d in c.admin("ListDonors", A.ListDonorsRequest()).donors]
+            if "fresh" in names:
+                break
+            time.sleep(0.1)
+        assert "fresh" in names
+        d = next(d for d in c.admin("ListDonors", A.ListDonorsRequest()).donors if d.name == "fresh")
+        assert d.origin == "watch" and d.compatible and d.compatible_modules == 14
+        shutil.rmtree(dest)
+        for _ in range(100):
+            names = [d.name for d in c.admin("ListDonors", A.ListDonorsRequest()).donors]
+            if "fresh" not in names:
+                break
+            time.sleep(0.1)
+        assert "fresh" not in names
+    finally:
+        c.close()
+        s.stop(1)
+
+
+def test_restart_keeps_history_and_rollback(models, tmp_path):
+    cfg = config(tmp_path, models / "target", [models / "donors"], watch_donor_roots=False)
+    s = start(cfg)
+    c = Clients(s.grpc_port, s.token)
+    c.admin("RegisterDonor", A.RegisterDonorRequest(name="other", path=str(models / "donors" / "other")))
+    c.admin("Transplant", A.TransplantRequest(donor="other", modules=["layers.0.*"]))
+    c.admin("Transplant", A.TransplantRequest(donor="other", modules=["layers.1.mlp.*"], alpha=0.5))
+    want = live_sums(s)
+    text = c.generate("hello", 8).text
+    c.close()
+    s.stop(1)
+    s = start(cfg)
+    c = Clients(s.grpc_port, s.token)
+    try:
+        assert s.runtime.gens.live.id == 2 and live_sums(s) == want
+        r = c.generate("hello", 8)
+        assert r.generation == 2 and r.text == text
+        assert [g.id for g in c.admin("ListGenerations", A.ListGenerationsRequest()).generations] == [0, 1, 2]
+        c.admin("Revert", A.RevertRequest(to_generation=0))
+        assert live_sums(s) == s.runtime.gens.state_checksums(0)
+    finally:
+        c.close()
+        s.stop(1)
+
+
+@pytest.mark.parametrize("point,survivor", [("after_tensors", 0), ("after_journal", 1), ("after_swap", 1)])
+def test_kill_9_during_transplant(models, tmp_path, point, survivor):
+    cfg = config(tmp_path, models / "target", [models / "donors"], watch_donor_roots=False, test_crash_at=point)
+    proc, port, _ = spawn(cfg, tmp_path)
+    try:
+        token = (tmp_path / "state" / "admin_token").read_text().strip()
+        c = Clients(port, token)
+        c.admin("RegisterDonor", A.RegisterDonorRequest(name="other", path=str(models / "donors" / "other")))
+        code, _ = code_of(lambda: c.admin("Transplant", A.TransplantRequest(donor="other", modules=["layers.*.mlp.*"])))
+        assert code == grpc.StatusCode.UNAVAILABLE
+        assert proc.wait(30) == -9
+        c.close()
+    finally:
+        proc.kill()
+    s = start(dict(cfg, test_crash_at=None))
+    try:
+        gens = s.runtime.gens
+        assert gens.live.id == survivor
+        assert live_sums(s) == gens.state_checksums(survivor)
+        assert sorted(gens.records) == list(range(survivor + 1))
+        if survivor:
+            s.runtime.revert(0)
+            assert live_sums(s) == gens.state_checksums(0)
+    finally:
+        s.stop(1)
+
+
+def test_torn_journal_tail_is_dropped(models, tmp_path):
+    cfg = config(tmp_path, models / "target", [models / "donors"], watch_donor_roots=False)
+    s = start(cfg)
+    s.stop(1)
+    journal = tmp_path / "state" / "journal.jsonl"
+    good = journal.read_bytes()
+    journal.write_bytes(good + b'{"type":"generation","id":1,"par')
+    s = start(cfg)
+    try:
+        assert s.runtime.gens.live.id == 0 and journal.read_bytes() == good
+    finally:
+        s.stop(1)
+
+
+def test_tls(models, tmp_path):
+    if shutil.which("openssl") is None:
+        pytest.fail("openssl is needed to make a test certificate")
+    key, crt = tmp_path / "k.pem", tmp_path / "c.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(crt),
+                    "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost"],
+                   check=True, capture_output=True)
+    s = start(config(tmp_path, models / "target", [models / "donors"], watch_donor_roots=False,
+                     tls_cert=str(crt), tls_key=str(key)))
+    try:
+        c = Clients(s.grpc_port, s.token, grpc.ssl_channel_credentials(crt.read_bytes()))
+        assert c.generate("hello", 3).completion_tokens >= 0
+        assert c.admin("GetStatus", A.GetStatusRequest()).health == "SERVING"
+        plain = Clients(s.grpc_port, s.token)
+        code, _ = code_of(lambda: plain.inference.Generate(I.GenerateRequest(prompt="hi"), timeout=3))
+        assert code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+    finally:
+        s.stop(1)
+
+
+def test_sigterm_drains_in_flight_requests(models, tmp_path):
+    cfg = config(tmp_path, models / "target", [models / "donors"], watch_donor_roots=False, max_new_tokens_limit=256)
+    proc, port, _ = spawn(cfg, tmp_path)
+    try:
+        c = Clients(port, "unused")
+        out = {}
+        t = threading.Thread(target=lambda: out.update(r=c.inference.Generate(
+            I.GenerateRequest(prompt="hello", max_new_tokens=200, stop=[]), timeout=60)))
+        t.start()
+        time.sleep(0.3)
+        proc.send_signal(15)
+        t.join(60)
+        assert proc.wait(60) == 0
+        assert "r" in out and out["r"].completion_tokens > 0
+    finally:
+        proc.kill()
+
+
+def test_queue_full_is_resource_exhausted(models, tmp_path):
+    s = start(config(tmp_path, models / "target", [models / "donors"], watch_donor_roots=False,
+                     max_queue=1, max_batch_size=1, max_new_tokens_limit=256))
+    try:
+        codes, lock = [], threading.Lock()
+
+        def one():
+            c = Clients(s.grpc_port, s.token)
+            try:
+                c.generate("hello", 200)
+                code = grpc.StatusCode.OK
+            except grpc.RpcError as e:
+                code = e.code()
+            with lock:
+                codes.append(code)
+            c.close()
+
+        ts = [threading.Thread(target=one) for _ in range(8)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+        assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes and grpc.StatusCode.OK in codes
+        assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}
+    finally:
+        s.stop(1)
