@@ -74,11 +74,16 @@ class Server:
             tolerant_handler(inference_pb2.DESCRIPTOR.services_by_name["Inference"], InferenceServicer(self.runtime)),
             tolerant_handler(admin_pb2.DESCRIPTOR.services_by_name["Admin"], AdminServicer(self.runtime)),
         ))
-        self.http = HttpServer(cfg.http_listen, self.runtime.metrics.registry, self.token)
+        self.http = HttpServer(cfg.http_listen, self.runtime.metrics.registry, self.token, self._on_alert)
         self.http_port = self.http.port
         self._stopped = threading.Event()
         self._finished = threading.Event()
         self._listening = False
+
+    def _on_alert(self, doc: dict) -> tuple[int, dict]:
+        if not self.runtime.ready.is_set():
+            return 503, {"error": "the server is loading; Alertmanager will retry"}
+        return self.runtime.on_alert(doc)
 
     def _set_health(self, status) -> None:
         for s in SERVICES:

@@ -73,6 +73,7 @@ class ServeConfig(BaseModel):
 
     probes: tuple[ProbeSpec, ...] = ()
     guard: GuardSpec = GuardSpec()
+    rollback_alerts: tuple[str, ...] = ("TransplantQualityRegression",)   # alertnames that revert
 
     @field_validator("grpc_listen", "http_listen")
     @classmethod

@@ -44,6 +44,15 @@ class Live:
     model: nn.Module
 
 
+@dataclass(frozen=True)
+class Candidate:
+    """A validated change built off to the side, not yet live."""
+    plan: tp.Plan
+    parent: int
+    model: nn.Module
+    replaced: dict = field(repr=False)
+
+
 @dataclass
 class Record:
     id: int
@@ -153,14 +162,23 @@ class Generations:
         if refs:
             tp.commit(model, tp.plan(self.table, _Overlay(overrides, self.base), refs))
 
-    def commit(self, p: tp.Plan, kind: str, requested_by: str = "", reason: str = "",
+    def prepare(self, p: tp.Plan) -> "Candidate":
+        """Build the next generation's model off to the side (the live one is untouched):
+        a fork of the live model sharing all but the plan's tensors, committed through the
+        core path. Shadow evaluation runs on it before it may go live."""
+        parent = self.live
+        model = tp.fork(parent.model, p.keys)
+        replaced = tp.commit(model, p)
+        return Candidate(p, parent.id, model, replaced.tensors)
+
+    def commit(self, c: "Candidate", kind: str, requested_by: str = "", reason: str = "",
                selection: dict | None = None, reverted_to: int | None = None) -> Record:
-        """Make `p` (validated against the live generation) the new live generation."""
+        """Make a prepared candidate the live generation (write-ahead, then swap)."""
         with self.lock:
-            parent = self.live
-            model = tp.fork(parent.model, p.keys)
-            replaced = tp.commit(model, p)                       # the core path: snapshot, copy
-            params = dict(model.named_parameters())
+            if c.parent != self.live.id:
+                raise PreconditionFailed(f"generation {self.live.id} went live while this change was prepared "
+                                         f"on {c.parent}; plan again")
+            p, params = c.plan, dict(c.model.named_parameters())
             base_params = dict(self.base.named_parameters())
             overrides = dict(self._overrides)
             for k in p.keys:
@@ -170,17 +188,17 @@ class Generations:
                 else:
                     overrides[k] = new
             gen = max(self.records) + 1
-            rec = Record(gen, parent.id, kind, p.donor, [str(r) for r in p.refs], p.alpha, selection or {},
-                         tp.checksums(model, p.keys), {k: tp.tensor_digest(v) for k, v in overrides.items()},
+            rec = Record(gen, c.parent, kind, p.donor, [str(r) for r in p.refs], p.alpha, selection or {},
+                         tp.checksums(c.model, p.keys), {k: tp.tensor_digest(v) for k, v in overrides.items()},
                          requested_by=requested_by, reason=reason, created=time.time(),
                          reverted_to=reverted_to, bytes=p.nbytes)
             self._write(self._file(gen), overrides)
-            self._write(self._file(gen, "replaced"), replaced.tensors)
+            self._write(self._file(gen, "replaced"), c.replaced)
             self._crash("after_tensors")
             self.journal.append(rec.to_journal())                # commit point
             self._crash("after_journal")
             self.records[gen] = rec
-            self._overrides, self.live = overrides, Live(gen, model)
+            self._overrides, self.live = overrides, Live(gen, c.model)
             self._crash("after_swap")
             return rec
 

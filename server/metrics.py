@@ -35,3 +35,36 @@ class Metrics:
         self.bytes_swapped = Counter("transplant_bytes_swapped_total", "Bytes installed by swaps", registry=r)
         self.donors = Gauge("transplant_donors_registered", "Donor checkpoints registered", registry=r)
         self.healthy = Gauge("transplant_serving", "1 when the server is SERVING", registry=r)
+
+
+class QualityMetrics:
+    """Task quality per generation. Only the live generation's series exist (older ones
+    are removed on every swap), so the generation label stays bounded while alerts can
+    still name the generation they are about."""
+
+    def __init__(self, registry) -> None:
+        labels = ["task", "generation"]
+        self.accuracy = Gauge("transplant_quality_accuracy", "Accuracy of the live generation on a probe task",
+                              labels, registry=registry)
+        self.baseline = Gauge("transplant_quality_baseline_accuracy",
+                              "Accuracy of the live generation's parent on the same examples", labels, registry=registry)
+        self.samples = Gauge("transplant_quality_samples", "Examples behind the accuracy", labels, registry=registry)
+        self.tir = Gauge("transplant_quality_tir", "TIR of the last transplant (after / parent); absent when undefined",
+                         labels, registry=registry)
+        self.recovery = Gauge("transplant_quality_recovery_percent",
+                              "Recovery of the last transplant against parent and donor; absent when undefined",
+                              labels, registry=registry)
+        self.measured = Gauge("transplant_quality_measured_timestamp_seconds", "When the accuracy was measured",
+                              labels, registry=registry)
+        self.guard = Counter("transplant_guard_decisions_total", "Guard decisions on transplants", ["decision"],
+                             registry=registry)
+        self.alerts = Counter("transplant_alerts_received_total", "Alert webhook notifications, by outcome",
+                              ["outcome"], registry=registry)
+        self._gauges = (self.accuracy, self.baseline, self.samples, self.tir, self.recovery, self.measured)
+
+    def forget_except(self, generation: int) -> None:
+        keep = str(generation)
+        for g in self._gauges:
+            for labels in list(g._metrics):      # prometheus_client keeps label tuples here
+                if labels[1] != keep:
+                    g.remove(*labels)

@@ -2,6 +2,7 @@
 operations the servicers expose. Servicers translate protos; this does the work."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -12,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from transplant_core import transplant as tp
-from transplant_core.errors import Incompatible, InvalidArgument
+from transplant_core.errors import Incompatible, InvalidArgument, PreconditionFailed
 from transplant_core.evaluate import evaluate
 from transplant_core.generation import SamplingParams
 from transplant_core.tasks import Task, load_task
@@ -21,7 +22,8 @@ from transplant_core.workflow import analyse, explicit_modules, open_model, sele
 from .config import ServeConfig
 from .donors import Donor, DonorRegistry
 from .generations import Generations, Record
-from .metrics import Metrics
+from .metrics import Metrics, QualityMetrics
+from .quality import QualityMonitor
 from .scheduler import Request, Scheduler
 
 log = logging.getLogger("transplant.runtime")
@@ -92,6 +94,9 @@ class Runtime:
         self.scheduler = Scheduler(self.gens, self.tokenizer, cfg.max_batch_size, cfg.max_queue,
                                    cfg.batch_wait_ms, on_batch=self._on_batch)
         self.scheduler.start()
+        self.quality = QualityMonitor(cfg, self.tokenizer, self.task, QualityMetrics(self.metrics.registry))
+        self._probe_generation(self.gens.live, "post_swap")
+        self.quality.start(lambda: self.gens.live, self._record_probe)
         self.ready.set()
 
     def _crash_hook(self, point: str) -> None:
@@ -116,6 +121,8 @@ class Runtime:
 
     def close(self) -> None:
         self.serving = False
+        if hasattr(self, "quality"):
+            self.quality.stop()
         if hasattr(self, "scheduler"):
             self.scheduler.stop()
         if hasattr(self, "donors"):
@@ -201,7 +208,7 @@ class Runtime:
         r = evaluate(model, self.tokenizer, task, max_new_tokens or self.cfg.eval_max_new_tokens)
         lo, hi = r.interval()
         return {"task": spec, "accuracy": r.accuracy, "n": r.n, "correct": r.n_correct, "generation": gen,
-                "ci_low": lo, "ci_high": hi}
+                "ci_low": lo, "ci_high": hi, "phase": "request"}
 
     def evaluate_live(self, spec: str, n: int = 0, max_new_tokens: int = 0) -> dict:
         live = self.gens.live
@@ -232,7 +239,7 @@ class Runtime:
                                a.max_new_tokens or self.cfg.probe_max_new_tokens, a.alignment or "free")
             refs = select(analysis, a.k)
             ranked = [(str(r), s, self.table[r].nbytes) for r, s in analysis.ranking()]
-        p = tp.plan(self.table, donor.checkpoint.tensors, refs, a.alpha)
+        p = dataclasses.replace(tp.plan(self.table, donor.checkpoint.tensors, refs, a.alpha), donor=donor.name)
         return PlanResult(donor, p, ranked, live.id)
 
     def transplant(self, a: TransplantArgs, requested_by: str = "") -> SwapResult:
@@ -245,24 +252,41 @@ class Runtime:
             return self._swap(pr.plan, "transplant", tasks, a.eval_examples, requested_by, a.reason, selection)
 
     def revert(self, to: int | None, reason: str = "", requested_by: str = "", eval_tasks=(), eval_examples: int = 0,
-               why: str = "manual") -> SwapResult:
+               why: str = "manual", extra: dict | None = None) -> SwapResult:
         with self.gens.lock:
             p, target = self.gens.revert_plan(to)
             return self._swap(p, "revert", list(eval_tasks), eval_examples, requested_by, reason,
-                              {"method": "revert", "why": why}, reverted_to=target)
+                              {"method": "revert", "why": why, **(extra or {})}, reverted_to=target)
 
     def _swap(self, p: tp.Plan, kind: str, tasks: list[str], n: int, requested_by: str, reason: str,
               selection: dict, reverted_to: int | None = None) -> SwapResult:
+        """Prepare off to the side, shadow-measure the probes, let the guard judge,
+        commit (write-ahead, swap), then measure again on the live generation."""
         parent = self.gens.live
         why = selection.get("why", "manual")
         before = [self.evaluate_on(parent.model, parent.id, t, n) for t in tasks]
         t0 = time.perf_counter()
         try:
-            rec = self.gens.commit(p, kind, requested_by, reason, selection, reverted_to)
+            cand = self.gens.prepare(p)
         except Exception:
             self.metrics.swaps.labels(kind, "error", why).inc()
             raise
         seconds = time.perf_counter() - t0
+        verdict, shadow = self._shadow(cand, parent, kind)
+        if verdict is not None and not verdict.ok and self.cfg.guard.mode == "refuse":
+            self.gens.append_event({"event": "refused", "reason": "guard", "kind": kind, "donor": p.donor,
+                                    "modules": [str(r) for r in p.refs], "violations": verdict.violations,
+                                    "requested_by": requested_by, "parent": parent.id})
+            self.metrics.swaps.labels(kind, "refused", "guard").inc()
+            raise PreconditionFailed(f"the guard refused this transplant: {verdict.reason()}; "
+                                     f"generation {parent.id} stays live")
+        t0 = time.perf_counter()
+        try:
+            rec = self.gens.commit(cand, kind, requested_by, reason, selection, reverted_to)
+        except Exception:
+            self.metrics.swaps.labels(kind, "error", why).inc()
+            raise
+        seconds += time.perf_counter() - t0
         m = self.metrics
         m.swaps.labels(kind, "ok", why).inc()
         m.swap_seconds.labels(kind).observe(seconds)
@@ -270,13 +294,88 @@ class Runtime:
         m.bytes_swapped.inc(p.nbytes)
         m.live_generation.set(rec.id)
         live = self.gens.live
+        for s in shadow:
+            self.gens.add_quality(rec.id, self.quality.adopt(rec.id, s).to_dict())
+        self._probe_generation(live, "post_swap", donor=p.donor if kind == "transplant" else None)
         after = []
         for t in tasks:
             q = self.evaluate_on(live.model, live.id, t, n)
             self.gens.add_quality(live.id, q)
             after.append(q)
         log.info("%s: generation %d -> %d (%d modules, %.1f ms)", kind, parent.id, rec.id, len(p.modules), seconds * 1e3)
+        if verdict is not None and not verdict.ok:       # guard mode "revert": it went live, take it back now
+            back = self.revert(None, reason="guard", why="guard", extra={"violations": verdict.violations})
+            raise PreconditionFailed(f"the guard reverted generation {rec.id} at once (now {back.record.id}): "
+                                     f"{verdict.reason()}")
         return SwapResult(rec, before, after, seconds)
+
+    def _shadow(self, cand, parent, kind: str):
+        """Probe the candidate before it goes live; the guard judges transplants (never reverts)."""
+        if not self.quality.probes:
+            return None, []
+        base = {t: self.quality.baseline(parent.model, parent.id, t) for t in self.quality.tasks}
+        shadow = {t: self.quality.measure(cand.model, None, t, "shadow") for t in self.quality.tasks}
+        verdict = self.quality.judge(base, shadow) if kind == "transplant" else None
+        return verdict, list(shadow.values())
+
+    def _probe_generation(self, live, phase: str, donor: str | None = None) -> None:
+        for t in self.quality.tasks:
+            self._record_probe(live, self.quality.measure(live.model, live.id, t, phase), export=False)
+        donor_acc = None
+        if donor is not None and self.quality.tasks:
+            d = self.donors.get(donor)
+            donor_acc = {t: self.quality.donor_accuracy(donor, t, lambda: self._donor_model(d)) for t in self.quality.tasks}
+        self._donor_acc_live = donor_acc
+        self.quality.export(live.id, self.gens.records[live.id].parent, donor_acc)
+
+    def _record_probe(self, live, m, export: bool = True) -> None:
+        self.gens.add_quality(live.id, m.to_dict())
+        if export and live.id == self.gens.live.id:
+            self.quality.export(live.id, self.gens.records[live.id].parent, getattr(self, "_donor_acc_live", None))
+
+    # ---- alerts (Alertmanager webhook) ---------------------------------------------------
+
+    def on_alert(self, doc: dict) -> tuple[int, dict]:
+        """Revert the live generation to its parent, once, when a rollback alert fires for
+        it. Everything else is answered and changes nothing."""
+        alerts = doc.get("alerts") if isinstance(doc, dict) else None
+        if not isinstance(alerts, list) or not all(isinstance(a, dict) for a in alerts):
+            self.quality.metrics.alerts.labels("malformed").inc()
+            return 400, {"error": "expected an Alertmanager webhook body: {\"alerts\": [{\"status\", \"labels\", ...}]}"}
+        decisions = [self._alert(a) for a in alerts]
+        return 200, {"decisions": decisions}
+
+    def _alert(self, a: dict) -> dict:
+        labels = a.get("labels") if isinstance(a.get("labels"), dict) else {}
+        fp = str(a.get("fingerprint", ""))
+        out = {"fingerprint": fp, "alertname": labels.get("alertname", ""), "action": "none"}
+
+        def ignored(why: str) -> dict:
+            self.quality.metrics.alerts.labels("ignored").inc()
+            return dict(out, reason=why)
+
+        if a.get("status") != "firing":
+            return ignored(f"status is {a.get('status')!r}, not firing")
+        if labels.get("alertname") not in self.cfg.rollback_alerts:
+            return ignored(f"alert {labels.get('alertname')!r} is not a rollback alert ({', '.join(self.cfg.rollback_alerts)})")
+        gen = labels.get("generation", "")
+        if not str(gen).isdigit():
+            return ignored("the alert has no numeric 'generation' label")
+        gen = int(gen)
+        with self.gens.lock:
+            live = self.gens.live.id
+            if gen != live:
+                return ignored(f"generation {gen} is not live (live is {live})")
+            if any(r.kind == "revert" and r.selection.get("why") == "alert" and r.parent == gen
+                   for r in self.gens.records.values()):
+                return ignored(f"generation {gen} was already reverted for an alert")
+            if self.gens.records[gen].parent is None:
+                return ignored("generation 0 is the model as loaded: nothing to revert to")
+            res = self.revert(None, reason="alert", requested_by="alertmanager", why="alert",
+                              extra={"fingerprint": fp, "alertname": labels.get("alertname"), "task": labels.get("task")})
+        self.quality.metrics.alerts.labels("reverted").inc()
+        return dict(out, action="reverted", reason=f"generation {gen} reverted to {res.record.reverted_to}",
+                    generation=res.record.id)
 
     def generation(self, gen: int) -> Record:
         return self.gens.get(gen)

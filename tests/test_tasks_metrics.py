@@ -59,3 +59,17 @@ def test_bootstrap_interval():
     # normal approximation: 0.5 +- 1.96 * 0.05
     assert 0.38 < lo < 0.42 and 0.58 < hi < 0.62
     assert bootstrap_ci([True] * 10) == (1.0, 1.0)
+
+
+def test_paired_drop():
+    from transplant_core.metrics import paired_drop
+
+    before = [True] * 60 + [False] * 4
+    sure = [False] * 40 + [True] * 20 + [False] * 4            # 40 of 60 lost: a real drop
+    drop, lower = paired_drop(before, sure)
+    assert drop == pytest.approx(40 / 64) and lower > 0.45
+    noisy = [False] * 2 + [True] * 58 + [True] * 2 + [False] * 2   # 2 lost, 2 gained
+    drop, lower = paired_drop(before, noisy)
+    assert drop == 0 and lower < 0
+    with pytest.raises(ValueError):
+        paired_drop([True], [True, False])

@@ -43,3 +43,18 @@ def bootstrap_ci(correct: list[bool], n_boot: int = 2000, level: float = 0.95, s
 
 def fmt(x: float | None, spec: str = ".3f") -> str:
     return "undefined" if x is None else format(x, spec)
+
+
+def paired_drop(before: list[bool], after: list[bool], confidence: float = 0.95, n_boot: int = 2000,
+                seed: int = 0) -> tuple[float, float]:
+    """(drop, lower): the accuracy drop from `before` to `after` on the SAME examples, and
+    the one-sided lower confidence bound of that drop (paired bootstrap over examples).
+    lower > 0 means the drop is unlikely to be noise at that confidence."""
+    if len(before) != len(after) or not before:
+        raise ValueError("paired_drop needs two equally long, non-empty lists of per-example results")
+    diffs = [int(b) - int(a) for b, a in zip(before, after)]
+    n = len(diffs)
+    drop = sum(diffs) / n
+    rng = random.Random(seed)
+    boots = sorted(sum(rng.choices(diffs, k=n)) / n for _ in range(n_boot))
+    return drop, boots[int((1 - confidence) * n_boot)]

@@ -1,0 +1,154 @@
+"""Task quality: probes measured on every generation (shadow before it goes live, right
+after, and periodically), exported per task and generation, and the guard that refuses
+or reverts a transplant that drops a guarded task by more than its margin, with
+enough evidence that it is not noise."""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+from transplant_core.evaluate import evaluate
+from transplant_core.metrics import bootstrap_ci, paired_drop, recovery, tir
+from transplant_core.tasks import Task
+
+from .config import ProbeSpec, ServeConfig
+from .metrics import QualityMetrics
+
+log = logging.getLogger("transplant.quality")
+
+
+@dataclass
+class Measurement:
+    task: str
+    generation: int
+    phase: str                   # baseline, shadow, post_swap, periodic, request
+    correct: list[bool]
+
+    @property
+    def accuracy(self) -> float:
+        return sum(self.correct) / len(self.correct)
+
+    def to_dict(self) -> dict:
+        lo, hi = bootstrap_ci(self.correct)
+        return {"task": self.task, "accuracy": self.accuracy, "n": len(self.correct), "correct": sum(self.correct),
+                "generation": self.generation, "ci_low": lo, "ci_high": hi, "phase": self.phase}
+
+
+@dataclass
+class Verdict:
+    ok: bool
+    violations: list[dict]
+
+    def reason(self) -> str:
+        return "; ".join(f"{v['task']} dropped {v['before']:.3f} -> {v['after']:.3f} (n={v['n']}, "
+                         f"drop {v['drop']:.3f} > margin {v['margin']:.3f}, lower bound {v['lower']:.3f} > 0)"
+                         for v in self.violations)
+
+
+class QualityMonitor:
+    def __init__(self, cfg: ServeConfig, tokenizer, load_task, metrics: QualityMetrics):
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.metrics = metrics
+        self.probes: list[ProbeSpec] = list(cfg.probes)
+        self.tasks: dict[str, Task] = {p.task: load_task(p.task, p.examples) for p in self.probes}
+        self._cache: dict[tuple[int, str], Measurement] = {}
+        self._donor_acc: dict[tuple[str, str], float] = {}
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+
+    def measure(self, model, gen: int | None, task: str, phase: str) -> Measurement:
+        """Evaluate; cached as generation `gen`'s latest unless gen is None (a shadow
+        candidate has no id until it commits: `adopt` files it then)."""
+        r = evaluate(model, self.tokenizer, self.tasks[task], self.cfg.eval_max_new_tokens)
+        m = Measurement(task, gen if gen is not None else -1, phase, r.correct)
+        if gen is not None:
+            self.adopt(gen, m)
+        return m
+
+    def adopt(self, gen: int, m: Measurement) -> Measurement:
+        m.generation = gen
+        with self._lock:
+            self._cache[(gen, m.task)] = m
+        return m
+
+    def latest(self, gen: int, task: str) -> Measurement | None:
+        with self._lock:
+            return self._cache.get((gen, task))
+
+    def baseline(self, model, gen: int, task: str) -> Measurement:
+        return self.latest(gen, task) or self.measure(model, gen, task, "baseline")
+
+    def donor_accuracy(self, donor_name: str, task: str, load_model) -> float:
+        key = (donor_name, task)
+        if key not in self._donor_acc:
+            self._donor_acc[key] = evaluate(load_model(), self.tokenizer, self.tasks[task],
+                                            self.cfg.eval_max_new_tokens).accuracy
+        return self._donor_acc[key]
+
+    # ---- the guard -------------------------------------------------------------------
+
+    def judge(self, before: dict[str, Measurement], after: dict[str, Measurement]) -> Verdict:
+        g = self.cfg.guard
+        out = []
+        for p in self.probes:
+            if not p.guard or p.task not in before or p.task not in after:
+                continue
+            drop, lower = paired_drop(before[p.task].correct, after[p.task].correct, g.confidence)
+            if drop > g.margin and lower > 0:
+                out.append({"task": p.task, "before": before[p.task].accuracy, "after": after[p.task].accuracy,
+                            "n": len(after[p.task].correct), "drop": drop, "lower": lower, "margin": g.margin})
+        self.metrics.guard.labels("refuse" if out else "allow").inc()
+        return Verdict(not out, out)
+
+    # ---- export ----------------------------------------------------------------------
+
+    def export(self, gen: int, parent: int | None, donor_acc: dict[str, float] | None = None) -> None:
+        """Publish the live generation's latest measurements (and drop older series)."""
+        self.metrics.forget_except(gen)
+        for task in self.tasks:
+            m = self.latest(gen, task)
+            if m is None:
+                continue
+            lab = (task, str(gen))
+            self.metrics.accuracy.labels(*lab).set(m.accuracy)
+            self.metrics.samples.labels(*lab).set(len(m.correct))
+            self.metrics.measured.labels(*lab).set(time.time())
+            base = self.latest(parent, task) if parent is not None else None
+            if base is None:
+                continue
+            self.metrics.baseline.labels(*lab).set(base.accuracy)
+            t = tir(m.accuracy, base.accuracy)
+            if t is not None:
+                self.metrics.tir.labels(*lab).set(t)
+            if donor_acc and task in donor_acc:
+                rec = recovery(m.accuracy, base.accuracy, donor_acc[task])
+                if rec is not None:
+                    self.metrics.recovery.labels(*lab).set(rec)
+
+    # ---- periodic probes ---------------------------------------------------------------
+
+    def start(self, live, on_measure) -> None:
+        """Every probe's interval: measure the live generation; `live()` returns the pinned
+        Live, `on_measure(live, measurement)` records it."""
+        if not self.probes:
+            return
+
+        def loop():
+            due = {p.task: time.monotonic() + p.interval_s for p in self.probes}
+            while not self._stop.wait(0.5):
+                for p in self.probes:
+                    if time.monotonic() >= due[p.task]:
+                        due[p.task] = time.monotonic() + p.interval_s
+                        pinned = live()
+                        try:
+                            on_measure(pinned, self.measure(pinned.model, pinned.id, p.task, "periodic"))
+                        except Exception:
+                            log.exception("periodic probe %s failed", p.task)
+
+        threading.Thread(target=loop, name="quality-probes", daemon=True).start()
+
+    def stop(self) -> None:
+        self._stop.set()
