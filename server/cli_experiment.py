@@ -59,6 +59,10 @@ def cmd_experiment(args) -> int:
         retain=retain, seeds=args.seeds, selectors=_csv(args.selectors), n=args.n, n_probe=args.n_probe,
         n_retain=args.n_retain, n_boot=args.n_boot, batch_size=args.batch_size, seed=args.seed,
         greedy_steps=args.greedy_steps, allow_pickle=args.allow_pickle).validate()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     bars = _Bars(args.quiet)
     try:
         doc = run(cfg, bars)
@@ -113,6 +117,7 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the random draws and the bootstrap (default 0)")
     p.add_argument("--greedy-steps", type=int, help="modules the greedy selector adds one by one before ordering the "
                    "rest by swap score (default: the largest K below all)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--out", help="output directory (default experiments/<target>-<donor>-<task>)")
     _common(p)
     p.set_defaults(fn=cmd_experiment)

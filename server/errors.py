@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 
 import grpc
 
@@ -51,37 +52,45 @@ def status_of(exc: BaseException) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
+def _fail(servicer, name: str, t0: float, e: Exception, context) -> None:
+    code = status_of(e)
+    servicer.rt.metrics.requests.labels(name, code.name).inc()
+    servicer.rt.metrics.request_seconds.labels(name).observe(time.perf_counter() - t0)
+    if code == grpc.StatusCode.INTERNAL:
+        log.exception("%s failed", name)
+        context.abort(code, f"internal error in {name}: {type(e).__name__}; see the server log")
+    context.abort(code, str(e))
+
+
+def _ok(servicer, name: str, t0: float) -> None:
+    servicer.rt.metrics.requests.labels(name, "OK").inc()
+    servicer.rt.metrics.request_seconds.labels(name).observe(time.perf_counter() - t0)
+
+
 def rpc(method):
-    """Servicer method decorator: domain errors become their status; anything else INTERNAL
-    (logged with its traceback, reported without internals)."""
+    """Servicer method decorator: counts and times the call; domain errors become their
+    status; anything else INTERNAL (logged with its traceback, reported without internals)."""
     @functools.wraps(method)
     def wrapper(self, request, context):
+        t0 = time.perf_counter()
         try:
             _ready(self, request)
-            return method(self, request, context)
-        except grpc.RpcError:
-            raise
+            reply = method(self, request, context)
         except Exception as e:   # noqa: BLE001 - this is the one place errors become statuses
-            code = status_of(e)
-            if code == grpc.StatusCode.INTERNAL:
-                log.exception("%s failed", method.__name__)
-                context.abort(code, f"internal error in {method.__name__}: {type(e).__name__}; see the server log")
-            context.abort(code, str(e))
+            _fail(self, method.__name__, t0, e, context)
+        _ok(self, method.__name__, t0)
+        return reply
     return wrapper
 
 
 def rpc_stream(method):
     @functools.wraps(method)
     def wrapper(self, request, context):
+        t0 = time.perf_counter()
         try:
             _ready(self, request)
             yield from method(self, request, context)
-        except grpc.RpcError:
-            raise
         except Exception as e:   # noqa: BLE001
-            code = status_of(e)
-            if code == grpc.StatusCode.INTERNAL:
-                log.exception("%s failed", method.__name__)
-                context.abort(code, f"internal error in {method.__name__}: {type(e).__name__}; see the server log")
-            context.abort(code, str(e))
+            _fail(self, method.__name__, t0, e, context)
+        _ok(self, method.__name__, t0)
     return wrapper

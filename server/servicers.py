@@ -21,9 +21,13 @@ def _deadline(context) -> float | None:
     return None if left is None else time.monotonic() + left
 
 
-def _observe(rt: Runtime, method: str, t0: float, code: str = "OK") -> None:
-    rt.metrics.requests.labels(method, code).inc()
-    rt.metrics.request_seconds.labels(method).observe(time.perf_counter() - t0)
+def _result(r):
+    """The completion, or the reason there is none."""
+    if r.error is not None:
+        raise r.error
+    if r.result.finish_reason == "cancelled":
+        raise TimeoutError("the deadline passed or the call was cancelled during generation")
+    return r.result
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServicer):
@@ -37,20 +41,15 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
 
     @rpc
     def Generate(self, request, context):
-        t0 = time.perf_counter()
         r = self._submit(request, context)
         while not r.done.wait(0.05):
             pass
-        if r.error is not None:
-            raise r.error
-        c = r.result
-        _observe(self.rt, "Generate", t0)
+        c = _result(r)
         return I.GenerateResponse(text=c.text, prompt_tokens=c.prompt_tokens, completion_tokens=c.completion_tokens,
                                   finish_reason=FINISH.get(c.finish_reason, 0), generation=r.generation)
 
     @rpc_stream
     def GenerateStream(self, request, context):
-        t0 = time.perf_counter()
         q: queue.SimpleQueue = queue.SimpleQueue()
         r = self._submit(request, context, stream=q)
         while True:
@@ -58,10 +57,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             if delta is None:
                 break
             yield I.GenerateChunk(text=delta, generation=r.generation)
-        if r.error is not None:
-            raise r.error
-        c = r.result
-        _observe(self.rt, "GenerateStream", t0)
+        c = _result(r)
         yield I.GenerateChunk(text="", generation=r.generation, finish_reason=FINISH.get(c.finish_reason, 0),
                               prompt_tokens=c.prompt_tokens, completion_tokens=c.completion_tokens)
 

@@ -435,3 +435,23 @@ def test_queue_full_is_resource_exhausted(models, tmp_path):
         assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}
     finally:
         s.stop(1)
+
+
+def test_deadline_frees_the_row_and_errors_are_counted(models, tmp_path):
+    s = start(config(tmp_path, models / "target", [models / "donors"], watch_donor_roots=False, max_new_tokens_limit=256))
+    c = Clients(s.grpc_port, s.token)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(grpc.RpcError) as e:
+            c.inference.Generate(I.GenerateRequest(prompt="hello", max_new_tokens=256), timeout=0.05)
+        assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert c.generate("hello", 3).completion_tokens > 0       # the server is free again
+        assert time.monotonic() - t0 < 20
+        with pytest.raises(grpc.RpcError):
+            c.generate("")
+        reg = s.runtime.metrics.registry
+        assert reg.get_sample_value("transplant_requests_total", {"rpc": "Generate", "code": "INVALID_ARGUMENT"}) == 1
+        assert reg.get_sample_value("transplant_requests_total", {"rpc": "Generate", "code": "OK"}) == 1
+    finally:
+        c.close()
+        s.stop(1)
