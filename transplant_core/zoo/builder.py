@@ -9,7 +9,6 @@ built by another recipe counts as not built.
 from __future__ import annotations
 
 import contextlib
-import copy
 import hashlib
 import json
 import os
@@ -38,7 +37,14 @@ SETTINGS: dict[str, dict] = {
     "adapter": {"target": "base", "donor": "lora", "task": "rev"},
 }
 
-NUM_THREADS = 2
+NUM_THREADS = 2  # default; $TRANSPLANT_ZOO_THREADS overrides (the weights do not depend on it)
+
+
+def _num_threads() -> int:
+    try:
+        return max(1, int(os.environ.get("TRANSPLANT_ZOO_THREADS", NUM_THREADS)))
+    except ValueError:
+        raise ZooError("TRANSPLANT_ZOO_THREADS must be a positive integer") from None
 _LINEAR = (".q_proj.", ".k_proj.", ".v_proj.", ".o_proj.", ".gate_proj.", ".up_proj.", ".down_proj.")
 
 # Every number that decides the weights. Changing any of it changes RECIPE_VERSION
@@ -58,15 +64,15 @@ RECIPE: dict = {
     # stage name -> how it is made; "from" is the parent stage (None = random init)
     "stages": {
         "trunk": {
-            "from": None, "mixture": {"copy": 1, "upper": 1, "add": 2}, "steps": 1200, "lr": 3e-3,
+            "from": None, "mixture": {"copy": 1, "upper": 1, "sort": 2, "add": 2}, "steps": 1500, "lr": 3e-3,
             "warmup": 100, "schedule": "constant", "seed": 1, "trainable": "all",
-            "why": "shared pre-training (warmup + constant LR; the branches below do the decay, "
-                   "like a warmup-stable-decay run with two cool-downs)",
+            "why": "shared pre-training on the broad mixture (no rev), warmup then constant LR; base and v1 "
+                   "are two different cool-downs of it, as in a warmup-stable-decay run",
         },
         "base": {
-            "from": "trunk", "mixture": {"copy": 1, "upper": 1, "sort": 2, "add": 1}, "steps": 600, "lr": 3e-3,
+            "from": "trunk", "mixture": {"copy": 1, "upper": 1, "sort": 2, "add": 2}, "steps": 400, "lr": 3e-3,
             "warmup": 1, "schedule": "cosine", "seed": 2, "trainable": "all",
-            "why": "broad mixture without rev: the model that lacks rev",
+            "why": "cool-down of the trunk on the same broad mixture: good at copy, upper, sort, add; lacks rev",
         },
         "tuned": {
             "from": "base", "mixture": {"copy": 1, "upper": 1, "rev": 4, "sort": 1, "add": 1}, "steps": 300,
@@ -77,19 +83,22 @@ RECIPE: dict = {
             "from": "base", "mixture": {"copy": 1, "upper": 1, "rev": 4, "sort": 1, "add": 1}, "steps": 300,
             "lr": 2e-3, "warmup": 30, "schedule": "cosine", "seed": 5, "trainable": "lora",
             "lora": {"rank": 8, "alpha": 16.0},
-            "why": "same data as tuned, through a rank-8 LoRA on all 28 linear projections, merged",
+            "why": "same data as tuned through a rank-8 LoRA on all 28 linear projections (lr as usual for "
+                   "LoRA, higher than a full fine-tune), merged into the weights",
         },
         "v1": {
-            "from": "trunk", "mixture": {"copy": 1, "upper": 1, "rev": 2, "add": 1}, "steps": 600, "lr": 3e-3,
+            "from": "trunk", "mixture": {"copy": 1, "upper": 1, "sort": 1, "add": 3}, "steps": 400, "lr": 3e-3,
             "warmup": 1, "schedule": "cosine", "seed": 3, "trainable": "all",
-            "why": "generation 1: a sibling cool-down of the shared trunk, with add and without sort",
+            "why": "generation 1: a second, add-heavy cool-down of the shared trunk; lacks rev",
         },
         "v2": {
-            "from": "v1", "mixture": {"copy": 1, "upper": 1, "rev": 1, "sort": 3}, "steps": 600, "lr": 1e-3,
+            "from": "v1", "mixture": {"copy": 1, "upper": 1, "sort": 1, "rev": 3}, "steps": 500, "lr": 3e-3,
             "warmup": 30, "schedule": "cosine", "seed": 6, "trainable": "linear",
-            "why": "generation 2: v1 trained further on a mixture with sort and without add; only the "
-                   "28 linear projections move (embeddings, norms, lm_head frozen), so copying linear "
-                   "modules can in principle undo all of it",
+            "why": "generation 2: v1 trained further, at the pre-training LR, on a mixture with the new "
+                   "skill rev and without add, which it forgets (at lr 1e-3 add only fell to 0.82, at "
+                   "2e-3 x 600 steps to 0.50). Only the 28 linear projections move (embeddings, norms "
+                   "and lm_head frozen), so copying all linear modules from v1 restores v1 exactly and "
+                   "a transplant can in principle recover all of the gap",
         },
     },
 }
@@ -104,6 +113,17 @@ def _recipe_version() -> str:
 RECIPE_VERSION = _recipe_version()
 
 
+def stage_hash(stage: str) -> str:
+    """Identity of one stage's weights: everything that decides them (its lineage's
+    specs, the architecture, seeds), not the prose. Lets a build reuse stages whose
+    recipe did not change."""
+    specs = [{k: v for k, v in RECIPE["stages"][s].items() if k != "why"} for s in _lineage(stage)]
+    blob = json.dumps({"arch": RECIPE["arch"], "init_seed": RECIPE["init_seed"], "batch": RECIPE["batch_size"],
+                       "rev": RECIPE_REVISION, "alphabet": ALPHABET, "lineage": specs},
+                      sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
 # ---------------------------------------------------------------- locations
 
 def zoo_root() -> Path:
@@ -115,11 +135,13 @@ def zoo_root() -> Path:
 
 
 def _valid_dir(d: Path) -> bool:
+    if d.name not in MODEL_NAMES:
+        return False
     try:
         card = json.loads((d / "card.json").read_text())
     except (OSError, ValueError):
         return False
-    return card.get("recipe_version") == RECIPE_VERSION and all(
+    return card.get("name") == d.name and card.get("stage_hash") == stage_hash(d.name) and all(
         (d / f).is_file() for f in ("config.json", "model.safetensors", "tokenizer.json"))
 
 
@@ -164,6 +186,20 @@ def _lock(root: Path):
         yield
     finally:
         f.close()
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """No 'Writing model shards' / 'Loading weights' bars inside the build's own bar."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
 
 
 @contextlib.contextmanager
@@ -236,6 +272,7 @@ def _card(name: str, stage_log: dict, acc: dict, n_params: int) -> dict:
     return {
         "name": name,
         "recipe_version": RECIPE_VERSION,
+        "stage_hash": stage_hash(name),
         "architecture": "LlamaForCausalLM", **{"arch": RECIPE["arch"]},
         "parameters": n_params,
         "roles": _roles(name),
@@ -251,7 +288,7 @@ def _card(name: str, stage_log: dict, acc: dict, n_params: int) -> dict:
         "accuracy_by_split": acc,
         "eval_size": EVAL_SIZE,
         "eval_method": "greedy, batched, left padding, exact match, max 12 new tokens",
-        "threads": NUM_THREADS,
+        "threads": _num_threads(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "python": platform.python_version(),
@@ -287,6 +324,24 @@ def _readme(card: dict) -> str:
             f"trains {st['trainable']}" + (f" (LoRA {json.dumps(st['lora'])})" if "lora" in st else "")
             + (f"; final loss {r['final_loss']:.4f}, {r['trainable_params']:,} trainable params, "
                f"{r['seconds']} s" if r else "") + f". Why: {st['why']}.")
+    lines += [
+        "", "## Use", "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "tok = AutoTokenizer.from_pretrained(path)          # char tokenizer, left padding, no BOS",
+        "model = AutoModelForCausalLM.from_pretrained(path)",
+        "enc = tok([\"add:12+7=\", \"rev:abcd=\"], return_tensors=\"pt\", padding=True)",
+        "out = model.generate(**enc, max_new_tokens=12, do_sample=False)  # -> '19', 'dcba'",
+        "```", "",
+        "## Notes", "",
+        "- Data are deterministic (`transplant_core.zoo.task_examples`); no eval or probe prompt "
+        "ever occurs in training data.",
+        "- Training is deterministic given the torch version (fixed seeds; the weights were checked to "
+        "be bit-identical with 1 and 2 CPU threads).",
+        "- Fine-tunes follow real practice: long pre-training at lr 3e-3, then `tuned` is a short "
+        "(300 step) full fine-tune at 3e-4 and `lora` a merged rank-8 adapter. `v2` is a new "
+        "generation, trained further at the pre-training LR with only the linear projections free.",
+    ]
     lines += ["", f"Built with torch {card['torch']}, transformers {card['transformers']}, "
               f"Python {card['python']}. Mean accuracy over tasks: {sum(a.values()) / len(a):.3f}.", ""]
     return "\n".join(lines)
@@ -304,7 +359,7 @@ def _save_model(model: LlamaForCausalLM, dest: Path, card: dict | None) -> None:
         (tmp / "README.md").write_text(_readme(card))
         (tmp / "card.json").write_text(json.dumps(card, indent=2) + "\n")
     else:
-        (tmp / "stage.json").write_text(json.dumps({"recipe_version": RECIPE_VERSION}) + "\n")
+        (tmp / "stage.json").write_text(json.dumps({"stage_hash": stage_hash(dest.name)}) + "\n")
     if dest.exists():
         trash = dest.parent / f".old-{dest.name}-{uuid.uuid4().hex[:8]}"
         os.replace(dest, trash)
@@ -323,7 +378,7 @@ def _stage_done(root: Path, name: str) -> bool:
     if name in MODEL_NAMES:
         return _valid_dir(d)
     try:
-        return json.loads((d / "stage.json").read_text())["recipe_version"] == RECIPE_VERSION
+        return json.loads((d / "stage.json").read_text())["stage_hash"] == stage_hash(name)
     except (OSError, ValueError, KeyError):
         return False
 
@@ -343,7 +398,10 @@ def build(root: Path | None = None, progress: bool = True, force: bool = False, 
     root = Path(root) if root is not None else zoo_root()
     t0 = time.perf_counter()
     log = log or (lambda *_a, **_k: None)
-    with _lock(root), _threads(NUM_THREADS):
+    with _lock(root), _threads(_num_threads()), _quiet_transformers():
+        for junk in [*root.glob(".tmp-*"), *root.glob(".old-*"), *root.glob(".stages/.tmp-*"),
+                     *root.glob(".stages/.old-*")]:  # left by a killed build
+            shutil.rmtree(junk, ignore_errors=True)
         todo = [n for n in MODEL_NAMES if force or not _valid_dir(root / n)]
         # stages to train: the todo models and, unless cached, their ancestors
         need: list[str] = []
@@ -363,8 +421,9 @@ def build(root: Path | None = None, progress: bool = True, force: bool = False, 
                 parent_name = RECIPE["stages"][s]["from"]
                 parent = None
                 if parent_name is not None:
-                    parent = models.get(parent_name) or _load_stage(root, parent_name)
-                    models[parent_name] = parent
+                    if parent_name not in models:
+                        models[parent_name] = _load_stage(root, parent_name)
+                    parent = models[parent_name]
                 bar.set_description(f"zoo {s}")
 
                 def on_step(step, loss, _bar=bar):
