@@ -107,8 +107,10 @@ def register(sub) -> None:
     p.add_argument("--retain", help="other tasks to measure retention on, comma separated, or 'none' "
                    "(default: the other zoo tasks for a zoo task, none otherwise)")
     p.add_argument("--seeds", type=int, default=5, help="random-module draws per K (default 5)")
-    p.add_argument("--selectors", default="lae,dw", help="selectors besides the random control: any of lae, lae_tf, "
-                   "lae_kind, dw, dwx, taylor, swap, loo, greedy, or all (default lae,dw; lae and dw always run)")
+    p.add_argument("--selectors", default="lae,dw", help="methods besides the random control: selectors lae, lae_tf, "
+                   "lae_kind, dw, dwx, taylor, swap, loo, greedy, greedy_keep; the finer unit lowrank; NAME+x also "
+                   "copies every differing norm, embedding and output-head weight; all = every selector and unit "
+                   "(default lae,dw; lae and dw always run)")
     p.add_argument("--n", type=int, help="questions per split, dev and test (default: all)")
     p.add_argument("--n-probe", type=int, default=64, help="diagnostic prompts for the selectors (default 64)")
     p.add_argument("--n-retain", type=int, default=100, help="questions per retention task (default 100)")

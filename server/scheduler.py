@@ -6,6 +6,14 @@ and decodes them together with per-request sampling; requests that arrive while 
 batch runs join the next one. A swap only changes which generation the NEXT batch
 pins, so it never waits for a running batch and a batch never mixes generations.
 Rows whose client went away or whose deadline passed are dropped from the batch.
+
+Regrouping: the clients of a batch all get their answers at the same moment and most
+come straight back, a few milliseconds apart. Taking the next batch the instant the
+first of them returns would split them into two half batches that then alternate for
+good (measured: mean batch 8 with 16 closed-loop clients). So while the batch being
+formed is smaller than the last one, the scheduler waits a little longer for the rest:
+at most REGROUP_FRACTION of the last batch's decode time and never over REGROUP_MAX_S
+(batch_wait_ms = 0 turns waiting off altogether).
 """
 from __future__ import annotations
 
@@ -18,6 +26,10 @@ from typing import Callable
 from transplant_core.generation import Completion, SamplingParams, generate
 
 from .generations import Generations
+
+
+REGROUP_FRACTION = 0.05      # of the last batch's decode time
+REGROUP_MAX_S = 0.1
 
 
 class QueueFull(Exception):
@@ -55,6 +67,7 @@ class Scheduler:
         self._on_batch = on_batch or (lambda gen, reqs: None)
         self._stop = threading.Event()
         self._busy = threading.Event()
+        self._last_size, self._last_seconds = 0, 0.0       # the previous batch, for regrouping
         self._thread = threading.Thread(target=self._run, name="scheduler", daemon=True)
 
     def start(self) -> None:
@@ -84,11 +97,14 @@ class Scheduler:
         except queue.Empty:
             return []
         batch = [first]
-        until = time.monotonic() + self.batch_wait
+        now = time.monotonic()
+        until = now + self.batch_wait
+        regroup = now + min(REGROUP_MAX_S, REGROUP_FRACTION * self._last_seconds)
+        want = min(self._last_size, self.max_batch_size) if self.batch_wait else 0   # 0 ms: never wait
         while len(batch) < self.max_batch_size:
+            left = (until if len(batch) >= want else max(until, regroup)) - time.monotonic()
             try:
-                batch.append(self._q.get(timeout=max(0.0, until - time.monotonic())) if self.batch_wait
-                             else self._q.get_nowait())
+                batch.append(self._q.get(timeout=left) if left > 0 else self._q.get_nowait())
             except queue.Empty:
                 break
         return batch
@@ -99,10 +115,12 @@ class Scheduler:
             if not batch:
                 continue
             self._busy.set()
+            t0 = time.monotonic()
             try:
                 self._decode(batch)
             finally:
                 self._busy.clear()
+                self._last_size, self._last_seconds = len(batch), time.monotonic() - t0
 
     def _decode(self, batch: list[Request]) -> None:
         live = [r for r in batch if not r.cancelled()]

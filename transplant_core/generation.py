@@ -88,6 +88,13 @@ def cache_argument(model: nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
+def _last_logits_only(model: nn.Module) -> dict:
+    """Ask for the last position's logits only where the model supports it: the prompt
+    pass then skips the LM head over every other position (a vocab x hidden matmul per
+    prompt token, ~10% of a 300M model's prefill with a 32k vocabulary)."""
+    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+
+
 @torch.no_grad()
 def generate(
     model: nn.Module,
@@ -113,13 +120,15 @@ def generate(
         if r.params.max_new_tokens <= 0:
             r.done = "length"
     eos_id = tokenizer.eos_token_id
-    cache_kw = cache_argument(model)
+    cache_kw, extra = cache_argument(model), _last_logits_only(model)
     past, step_ids = None, input_ids
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    any_greedy = any(r.params.temperature <= 0 for r in rows)
     while not all(r.done for r in rows):
         out = model(input_ids=step_ids, attention_mask=mask, position_ids=positions,
-                    use_cache=True, **{cache_kw: past})
+                    use_cache=True, **{cache_kw: past}, **extra)
         past, logits = getattr(out, cache_kw, None), out.logits[:, -1, :]
+        argmax = logits.argmax(-1).tolist() if any_greedy else None   # one op for all greedy rows
         nxt = []
         for i, r in enumerate(rows):
             if not r.done and cancelled is not None and cancelled(i):
@@ -127,7 +136,7 @@ def generate(
             if r.done:
                 nxt.append(pad)
                 continue
-            tok = _sample(logits[i], r.params, r.generator)
+            tok = argmax[i] if r.params.temperature <= 0 else _sample(logits[i], r.params, r.generator)
             _check_stop(r, eos_id, tok, tokenizer)
             nxt.append(tok)
             if on_text is not None:

@@ -1,0 +1,178 @@
+"""Swap vs reload: transplant K modules into the live server (and revert them) against
+the alternative operators use today, loading the whole new checkpoint from disk and
+swapping the model in, and against the physical floor, a plain memory copy of the
+same bytes. Targets: swap <= 1/20 of a reload and <= 3x the memory copy; same for revert.
+
+    python -m bench.swap                  # 300M Llama, K=8, 5 paired repeats
+    python -m bench.swap --quick          # tiny model, seconds
+
+Swap and revert are timed end to end through the Admin RPC of a real in-process
+server (validate, fork, copy, checksums, write-ahead snapshot files, fsync, journal).
+Reload is `from_pretrained` of the donor plus faulting in every weight page (so the
+model is as resident as the live one); the donor file is in the page cache for both
+sides, which favours reload. `--breakdown` also times each step of one swap.
+"""
+from __future__ import annotations
+
+import gc
+import os
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from pathlib import Path
+
+from . import common as C
+
+PROG = "swap"
+
+
+def touch(model) -> None:
+    """Fault in every page of every weight (one element per 4 KiB page)."""
+    import torch
+
+    with torch.no_grad():
+        for p in model.parameters():
+            flat = p.detach().reshape(-1)
+            step = max(1, 4096 // flat.element_size())
+            float(flat[::step].sum())
+
+
+def reload(path: str) -> float:
+    """Load the whole checkpoint from disk and make it the served model; seconds."""
+    from transplant_core.checkpoint import load_model
+
+    t0 = time.perf_counter()
+    model, _tok, _path = load_model(path)
+    touch(model)
+    served = model            # "swapping the model in" is a pointer assignment
+    dt = time.perf_counter() - t0
+    del model, served
+    gc.collect()
+    return dt
+
+
+def evict(path: str) -> None:
+    """Drop a checkpoint's pages from the page cache (best effort: unmapped pages only)."""
+    for f in Path(path).glob("*.safetensors"):
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def copy_floor(server, names: list[str], donor_path: str, reps: int = 5) -> float:
+    """Median seconds of a plain tensor copy of the K modules' bytes (in memory to in memory)."""
+    import torch
+
+    from transplant_core.checkpoint import CheckpointTensors
+    from transplant_core.refs import ModuleRef
+
+    table = server.runtime.table
+    keys = [k for n in names for k in table[ModuleRef.parse(n)].keys]
+    src_ck = CheckpointTensors(Path(donor_path))
+    src = [src_ck.get(k).clone() for k in keys]
+    dst = [torch.empty_like(s) for s in src]
+    times = []
+    for _ in range(reps + 1):
+        t0 = time.perf_counter()
+        for d, s in zip(dst, src):
+            d.copy_(s)
+        times.append(time.perf_counter() - t0)
+    return C.median(times[1:])
+
+
+@contextmanager
+def phase_timers():
+    """Inclusive seconds spent in each step of the swap path (patched in place, restored)."""
+    import safetensors.torch
+
+    import server.generations as G
+    import server.journal as J
+    from transplant_core import transplant as tp
+
+    totals: dict[str, float] = defaultdict(float)
+    targets = [(tp, "plan"), (tp, "fork"), (tp, "commit"), (tp, "checksums"), (tp, "tensor_digest"),
+               (G.Generations, "_write"), (G.Generations, "_load_overrides"), (G.Generations, "revert_plan"),
+               (G, "save_file"), (J.Journal, "append"), (os, "fsync"), (G, "fsync_dir")]
+    saved = []
+    for owner, attr in targets:
+        orig = getattr(owner, attr, None)
+        if orig is None:          # the runtime moved on: time what still exists
+            continue
+        label = f"{getattr(owner, '__name__', '?').rsplit('.', 1)[-1]}.{attr}"
+
+        def wrapper(*a, _orig=orig, _label=label, **kw):
+            t0 = time.perf_counter()
+            try:
+                return _orig(*a, **kw)
+            finally:
+                totals[_label] += time.perf_counter() - t0
+
+        setattr(owner, attr, wrapper)
+        saved.append((owner, attr, orig))
+    try:
+        yield totals
+    finally:
+        for owner, attr, orig in reversed(saved):
+            setattr(owner, attr, orig)
+        del safetensors
+
+
+def run(args) -> C.Result:
+    m = C.models(args)
+    res = C.Result(PROG, C.command_line(PROG), f"{m.label}, K={args.k}")
+    swaps, reverts, reloads, floors = [], [], [], []
+    with C.serving(m) as (server, client):
+        table = server.runtime.table
+        names = C.pick_modules(table, args.k)
+        nbytes = C.module_bytes(table, names)
+        client.transplant("donor", names)          # warm-up: page cache, code paths
+        client.revert()
+        reload(m.donor)
+        for _ in range(args.repeats):
+            swaps.append(C.seconds(lambda: client.transplant("donor", names)))
+            reverts.append(C.seconds(client.revert))
+            reloads.append(C.in_thread(lambda: reload(m.donor)))
+            floors.append(C.in_thread(lambda: copy_floor(server, names, m.donor)))
+        breakdown = {}
+        if args.breakdown:
+            for kind, fn in (("transplant", lambda: client.transplant("donor", names)), ("revert", client.revert)):
+                with phase_timers() as totals:
+                    total = C.seconds(fn)
+                breakdown[kind] = {"total_ms": round(total * 1e3, 1),
+                                   **{k: round(v * 1e3, 1) for k, v in sorted(totals.items(), key=lambda kv: -kv[1])}}
+        cold = None
+        if args.cold:
+            evict(m.donor)
+            cold = reload(m.donor)
+        gens = len(server.runtime.gens.records)
+    res.add("swap / reload", "<= 0.05", [s / r for s, r in zip(swaps, reloads)])
+    res.add("swap / memory copy", "<= 3", [s / f for s, f in zip(swaps, floors)])
+    res.add("revert / reload", "<= 0.05", [s / r for s, r in zip(reverts, reloads)])
+    res.add("revert / memory copy", "<= 3", [s / f for s, f in zip(reverts, floors)])
+    ms = lambda xs: [round(x * 1e3, 2) for x in xs]   # noqa: E731
+    res.details.update({
+        "modules": names, "bytes": nbytes, "swap_ms": ms(swaps), "revert_ms": ms(reverts),
+        "reload_ms": ms(reloads), "memcpy_ms": ms(floors),
+        "memcpy_GBps": round(nbytes / C.median(floors) / 1e9, 2), "generations_made": gens})
+    if cold is not None:
+        res.details["reload_cold_ms"] = round(cold * 1e3, 1)
+    if breakdown:
+        res.details["breakdown_ms (inclusive; digests nest in checksums, fsync in write/append)"] = breakdown
+    return C.emit(res, args)
+
+
+def main(argv=None) -> C.Result:
+    ap = C.parser(PROG, __doc__)
+    ap.add_argument("--k", type=int, default=8, help="modules per transplant (default 8)")
+    ap.add_argument("--breakdown", action="store_true", help="also time each step of one transplant and revert")
+    ap.add_argument("--cold", action="store_true", help="also time one reload with the donor evicted from the page cache")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.repeats = min(args.repeats, 2)
+    return run(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,25 @@
+"""Rewrite the generated summary table of docs/experiments/README.md from the
+settings' results.json (between the BEGIN/END markers; the prose is hand-written).
+With --render, also re-render each setting's report.md and plots from its
+results.json (no model is run)."""
+import json
+import re
+import sys
+from pathlib import Path
+
+from transplant_core.experiment_report import summary_markdown, write
+
+HERE = Path(__file__).parent
+SETTINGS = ("cross_generation", "base_vs_tuned", "adapter")
+BEGIN, END = "<!-- BEGIN generated summary -->", "<!-- END generated summary -->"
+
+docs = {s: json.loads((HERE / s / "results.json").read_text()) for s in SETTINGS if (HERE / s / "results.json").is_file()}
+if "--render" in sys.argv:
+    for s, doc in docs.items():
+        write(doc, HERE / s)
+table = summary_markdown({f"[{s}]({s}/report.md)": d for s, d in docs.items()})
+readme = HERE / "README.md"
+text = readme.read_text() if readme.is_file() else f"{BEGIN}\n{END}\n"
+text = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: f"{BEGIN}\n{table}{END}", text, flags=re.S)
+readme.write_text(text)
+print(f"updated {readme} from {', '.join(docs)}")
