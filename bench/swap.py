@@ -85,8 +85,6 @@ def copy_floor(server, names: list[str], donor_path: str, reps: int = 5) -> floa
 @contextmanager
 def phase_timers():
     """Inclusive seconds spent in each step of the swap path (patched in place, restored)."""
-    import safetensors.torch
-
     import server.generations as G
     import server.journal as J
     from transplant_core import transplant as tp
@@ -116,7 +114,6 @@ def phase_timers():
     finally:
         for owner, attr, orig in reversed(saved):
             setattr(owner, attr, orig)
-        del safetensors
 
 
 def run(args) -> C.Result:

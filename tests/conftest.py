@@ -4,6 +4,7 @@ from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # idle torch threads must not spin on a shared CPU
 sys.path.insert(0, str(Path(__file__).parent))
 
 import pytest  # noqa: E402
