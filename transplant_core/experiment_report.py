@@ -46,10 +46,12 @@ def _table(head: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in rows]
 
 
-def best_selector(doc: dict, L: int) -> str | None:
-    """The non-reference selector with the highest DEV accuracy averaged over K (chosen
-    on dev, so that the test numbers shown for it stay held out)."""
-    rows = [r for r in doc["summary"] if r["L"] == L and r["method"] not in ("lae", "dw", "random")]
+def best_selector(doc: dict, L: int, modules_only: bool = False) -> str | None:
+    """The non-reference method with the highest DEV accuracy averaged over K (chosen
+    on dev, so that the test numbers shown for it stay held out); with `modules_only`,
+    among those that move whole modules (not lowrank)."""
+    rows = [r for r in doc["summary"] if r["L"] == L and r["method"] not in ("lae", "dw", "random")
+            and not (modules_only and r["method"].removesuffix(EXTRAS) in UNITS)]
     if not rows:
         return None
     return max(rows, key=lambda r: r["mean_over_k"]["dev"]["accuracy"]["value"])["method"]
@@ -411,8 +413,8 @@ def headline_rows(name: str, doc: dict) -> list[list[str]]:
         b = doc["baselines"][str(L)]
         best = {x["method"]: x["held_out"] for x in doc["best_k"] if x["L"] == L}
         rand = {r["k"]: r for r in doc["rows"] if r["method"] == "random" and r["L"] == L}
-        top = best_selector(doc, L)
-        for m in ["lae", "dw"] + ([top] if top else []) + ["random"]:
+        tops = [best_selector(doc, L, modules_only=True), best_selector(doc, L)]
+        for m in dict.fromkeys(["lae", "dw"] + [t for t in tops if t] + ["random"]):
             h = best[m]
             r = rand[h["k"]]["split"]["test"]
             out.append([name, str(L), f"{b['target']['test']['value']:.3f} / {b['donor']['test']['value']:.3f}",
@@ -432,7 +434,7 @@ def summary_markdown(docs: dict[str, dict]) -> str:
     body = []
     for name, doc in docs.items():
         for s in doc["summary"]:
-            if s["method"] == "random":
+            if s["method"] == "random" or (s["method"].endswith(EXTRAS) and not doc["setting"].get("extras")):
                 continue
             t = s["mean_over_k"]["test"]
             body.append([name, str(s["L"]), f"`{s['method']}`", fmt(t["accuracy"])]
@@ -440,4 +442,5 @@ def summary_markdown(docs: dict[str, dict]) -> str:
                         + [str(s["k80"]) if s["k80"] is not None else "never"])
     lines += _table(["setting", "max new tokens", "method", "mean accuracy over K", "minus random", "minus lae",
                      "minus dw", "K for Recovery >= 80% (full set)"], body)
+    lines += ["", "`+x` rows are left out where no non-linear parameter differs (they equal their base method)."]
     return "\n".join(lines) + "\n"
