@@ -34,7 +34,7 @@ REGROUP_MAX_S = 0.1
 
 
 class QueueFull(Exception):
-    pass
+    """The bounded request queue is full (RESOURCE_EXHAUSTED)."""
 
 
 @dataclass

@@ -42,8 +42,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     @rpc
     def Generate(self, request, context):
         r = self._submit(request, context)
-        while not r.done.wait(0.05):
-            pass
+        r.done.wait()      # the scheduler always finishes a request: result, error or cancellation
         c = _result(r)
         return I.GenerateResponse(text=c.text, prompt_tokens=c.prompt_tokens, completion_tokens=c.completion_tokens,
                                   finish_reason=FINISH.get(c.finish_reason, 0), generation=r.generation)
