@@ -106,6 +106,17 @@ def test_errors_name_the_fix(tmp_path):
     assert not zoo.is_built(tmp_path)
 
 
+def test_workers_setting(monkeypatch):
+    monkeypatch.setenv("TRANSPLANT_ZOO_WORKERS", "3")
+    assert builder._workers() == 3
+    for bad in ("0", "two", "-1"):
+        monkeypatch.setenv("TRANSPLANT_ZOO_WORKERS", bad)
+        with pytest.raises(zoo.ZooError, match="TRANSPLANT_ZOO_WORKERS"):
+            builder._workers()
+    # the longest chain starts first: trunk, then v1 (v1 -> v2) before base
+    assert sorted(builder.RECIPE["stages"], key=builder._critical_path, reverse=True)[:3] == ["trunk", "v1", "base"]
+
+
 def test_zoo_root_honours_env(monkeypatch, tmp_path):
     monkeypatch.setenv("TRANSPLANT_ZOO_DIR", str(tmp_path / "z"))
     assert zoo.zoo_root() == tmp_path / "z"
@@ -275,11 +286,28 @@ def test_v2_moved_only_linear_modules_and_lora_is_plain(zoo_built):
 def test_build_is_idempotent_and_rebuilds_exactly(zoo_built, tmp_path):
     again = zoo.build(progress=False, log=None)
     assert again["built"] == [] and again["accuracy"] == zoo_built["accuracy"]
-    # a copy missing one model rebuilds just that one, bit for bit
+    # a copy missing two models rebuilds just those, in two processes at once (1 thread
+    # each, then 2 for the one left), bit for bit
     root = tmp_path / "zoo"
-    shutil.copytree(zoo.zoo_root(), root, ignore=shutil.ignore_patterns("lora", ".build.lock"))
+    shutil.copytree(zoo.zoo_root(), root, ignore=shutil.ignore_patterns("lora", "tuned", ".build.lock"))
     assert not zoo.is_built(root)
-    summary = zoo.build(root, progress=False, log=None)
-    assert summary["built"] == ["lora"] and zoo.is_built(root)
-    a = (zoo.model_dir("lora") / "model.safetensors").read_bytes()
-    assert (root / "lora" / "model.safetensors").read_bytes() == a
+    lines = []
+    summary = zoo.build(root, progress=False, log=lines.append)
+    assert sorted(summary["built"]) == ["lora", "tuned"] and zoo.is_built(root)
+    assert "2 at a time" in lines[0]
+    for name in ("lora", "tuned"):
+        a = (zoo.model_dir(name) / "model.safetensors").read_bytes()
+        assert (root / name / "model.safetensors").read_bytes() == a, name
+        assert zoo.load_card(name, root)["accuracy"] == zoo.load_card(name)["accuracy"]
+
+
+def test_serial_build_in_process_matches(zoo_built, tmp_path, monkeypatch):
+    """TRANSPLANT_ZOO_WORKERS=1 trains in this process, with the same result."""
+    monkeypatch.setenv("TRANSPLANT_ZOO_WORKERS", "1")
+    root = tmp_path / "zoo"
+    shutil.copytree(zoo.zoo_root(), root, ignore=shutil.ignore_patterns("tuned", ".build.lock"))
+    lines = []
+    assert zoo.build(root, progress=False, log=lines.append)["built"] == ["tuned"]
+    assert "1 at a time" in lines[0]
+    a = (zoo.model_dir("tuned") / "model.safetensors").read_bytes()
+    assert (root / "tuned" / "model.safetensors").read_bytes() == a

@@ -3,7 +3,7 @@ reproducibly on CPU on synthetic character tasks, that give the transplant metho
 three settings with a known large gap (see SETTINGS and each model's README.md).
 
     from transplant_core import zoo
-    zoo.build()                      # once, ~6 min on 2 cores; cached, idempotent
+    zoo.build()                      # once, ~8 min on 2 cores; cached, idempotent
     path = zoo.model_dir("v2")       # a plain HF checkpoint directory
     pairs = zoo.task_examples("add", "test")
 """

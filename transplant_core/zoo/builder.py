@@ -347,8 +347,9 @@ def _readme(card: dict) -> str:
     return "\n".join(lines)
 
 
-def _save_model(model: LlamaForCausalLM, dest: Path, card: dict | None) -> None:
-    """Write to a temp sibling, then one rename; replaces an existing dest."""
+def _save_model(model: LlamaForCausalLM, dest: Path, card: dict | None, extra: dict | None = None) -> None:
+    """Write to a temp sibling (plus `extra` {file name: text}), then one rename;
+    replaces an existing dest."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.parent / f".tmp-{dest.name}-{uuid.uuid4().hex[:8]}"
     model.save_pretrained(tmp, safe_serialization=True)
@@ -360,6 +361,8 @@ def _save_model(model: LlamaForCausalLM, dest: Path, card: dict | None) -> None:
         (tmp / "card.json").write_text(json.dumps(card, indent=2) + "\n")
     else:
         (tmp / "stage.json").write_text(json.dumps({"stage_hash": stage_hash(dest.name)}) + "\n")
+    for fname, text in (extra or {}).items():
+        (tmp / fname).write_text(text)
     if dest.exists():
         trash = dest.parent / f".old-{dest.name}-{uuid.uuid4().hex[:8]}"
         os.replace(dest, trash)
@@ -387,8 +390,163 @@ def _load_stage(root: Path, name: str) -> LlamaForCausalLM:
     return LlamaForCausalLM.from_pretrained(_stage_dir(root, name), dtype=torch.float32).eval()
 
 
+def _workers() -> int:
+    """Stages trained at once: $TRANSPLANT_ZOO_WORKERS, else 2 where there are 2+ CPUs."""
+    env = os.environ.get("TRANSPLANT_ZOO_WORKERS")
+    if env is None:
+        return 2 if (os.cpu_count() or 1) >= 2 else 1
+    try:
+        n = int(env)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise ZooError("TRANSPLANT_ZOO_WORKERS must be a positive integer")
+    return n
+
+
+# relative cost of one step (LoRA's extra matmuls make its steps slower)
+_STEP_COST = {"lora": 1.15}
+
+
+def _critical_path(stage: str) -> float:
+    """Cost from the start of `stage` to the end of its longest chain of descendants."""
+    kids = [s for s, spec in RECIPE["stages"].items() if spec["from"] == stage]
+    own = RECIPE["stages"][stage]["steps"] * _STEP_COST.get(stage, 1.0)
+    return own + max((_critical_path(k) for k in kids), default=0.0)
+
+
+def _run_stage(root: Path, s: str, on_step) -> tuple[dict, dict | None]:
+    """Train stage `s` from its parent's saved checkpoint, evaluate it if it is a model,
+    and save it atomically. Returns (training result, accuracy by split or None)."""
+    parent_name = RECIPE["stages"][s]["from"]
+    parent = _load_stage(root, parent_name) if parent_name is not None else None
+    model, res = _train_stage(s, parent, on_step)
+    if s not in MODEL_NAMES:
+        _save_model(model, _stage_dir(root, s), None, extra={"result.json": json.dumps(res) + "\n"})
+        return res, None
+    acc = _evaluate(model)
+    stage_log = {anc: _old_stage_result(root, s, anc) for anc in _lineage(s)[:-1]}
+    stage_log[s] = res
+    card = _card(s, stage_log, acc, sum(p.numel() for p in model.parameters()))
+    _save_model(model, root / s, card)
+    return res, acc
+
+
+def _stage_worker(root: str, s: str, threads, queue) -> None:
+    """Entry point of a spawned build process: one stage, reported through `queue`.
+    `threads` (a shared integer) is re-read every step: the parent hands a stage the
+    whole CPU once it runs alone."""
+    import traceback
+
+    try:
+        state = {"threads": threads.value, "reported": -1}
+        torch.set_num_threads(state["threads"])
+
+        def on_step(step: int, loss: float) -> None:
+            if threads.value != state["threads"]:
+                state["threads"] = threads.value
+                torch.set_num_threads(state["threads"])
+            if step % 5 == 4:                      # progress in small batches: less chatter
+                queue.put(("step", s, step - state["reported"], loss))
+                state["reported"] = step
+
+        with _quiet_transformers():
+            res, acc = _run_stage(Path(root), s, on_step)
+        steps = RECIPE["stages"][s]["steps"]
+        if steps - 1 > state["reported"]:
+            queue.put(("step", s, steps - 1 - state["reported"], res["final_loss"]))
+        queue.put(("done", s, res, acc))
+    except BaseException:  # reported to the parent, which stops the build
+        queue.put(("error", s, traceback.format_exc(), None))
+
+
+def _stage_line(s: str, res: dict, acc: dict | None) -> str:
+    if acc is None:
+        return f"  {s}: trained ({res['seconds']} s, final loss {res['final_loss']:.4f})"
+    return f"  {s}: " + ", ".join(f"{t} {acc['eval'][t]:.3f}" for t in TASK_NAMES) + f"  ({res['seconds']} s)"
+
+
+def _schedule(root: Path, order: list[str], workers: int, threads: int, bar, log) -> dict[str, dict]:
+    """Train `order` (parents before children). A stage starts once its parent is on
+    disk; up to `workers` stages run at once in spawned processes, sharing `threads`
+    CPU threads. The weights do not depend on the thread count (checked bit for bit),
+    so a parallel build equals a serial one."""
+    import multiprocessing as mp
+    import queue as queue_mod
+
+    stage_log: dict[str, dict] = {}
+    pending = list(order)
+
+    def ready() -> list[str]:
+        return sorted((s for s in pending if RECIPE["stages"][s]["from"] not in pending + list(running)),
+                      key=_critical_path, reverse=True)
+
+    def finish(s: str, res: dict, acc: dict | None) -> None:
+        stage_log[s] = res
+        log(_stage_line(s, res, acc))
+
+    running: dict[str, tuple] = {}            # stage -> (process, shared thread count)
+    if workers <= 1:
+        for s in order:
+            bar.set_description(f"zoo {s}")
+            pending.remove(s)
+            finish(s, *_run_stage(root, s, lambda step, loss: _tick(bar, 1, step, loss)))
+        return stage_log
+
+    ctx = mp.get_context("spawn")  # never fork a process that holds torch's thread pools
+    q = ctx.Queue()
+
+    def rebalance() -> None:
+        for _proc, share in running.values():
+            share.value = max(1, threads // len(running))
+
+    try:
+        while pending or running:
+            for s in ready():
+                if len(running) >= workers:
+                    break
+                busy = min(workers, len(running) + len(ready()))
+                share = ctx.Value("i", max(1, threads // busy), lock=False)
+                proc = ctx.Process(target=_stage_worker, args=(str(root), s, share, q), name=f"zoo-{s}",
+                                   daemon=True)
+                proc.start()
+                running[s] = (proc, share)
+                pending.remove(s)
+            rebalance()
+            bar.set_description("zoo " + "+".join(running))
+            try:
+                kind, s, a, b = q.get(timeout=1.0)
+            except queue_mod.Empty:
+                for s, (proc, _share) in running.items():
+                    if not proc.is_alive():
+                        raise ZooError(f"zoo build: the process training stage {s!r} died "
+                                       f"(exit code {proc.exitcode})")
+                continue
+            if kind == "step":
+                _tick(bar, a, None, b)
+            elif kind == "done":
+                running.pop(s)[0].join()
+                finish(s, a, b)
+            else:
+                raise ZooError(f"zoo build: stage {s!r} failed:\n{a}")
+    finally:
+        for proc, _share in running.values():
+            proc.terminate()
+            proc.join(5)
+    return stage_log
+
+
+def _tick(bar, n: int, step: int | None, loss: float) -> None:
+    bar.update(n)
+    if step is None or step % 25 == 0:
+        bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+
+
 def build(root: Path | None = None, progress: bool = True, force: bool = False, log=print) -> dict:
     """Build every zoo model that is missing (all of them if force). Idempotent.
+
+    Stages whose parents are built train in parallel processes ($TRANSPLANT_ZOO_WORKERS,
+    default 2 on 2+ CPUs); the result is bit-identical to a serial build.
 
     Returns {"root", "recipe_version", "built", "reused", "seconds", "accuracy"
     ({model: {task: acc}}), "settings" ({setting: {target, donor, task,
@@ -398,7 +556,8 @@ def build(root: Path | None = None, progress: bool = True, force: bool = False, 
     root = Path(root) if root is not None else zoo_root()
     t0 = time.perf_counter()
     log = log or (lambda *_a, **_k: None)
-    with _lock(root), _threads(_num_threads()), _quiet_transformers():
+    workers, threads = _workers(), _num_threads()
+    with _lock(root), _threads(threads), _quiet_transformers():
         for junk in [*root.glob(".tmp-*"), *root.glob(".old-*"), *root.glob(".stages/.tmp-*"),
                      *root.glob(".stages/.old-*")]:  # left by a killed build
             shutil.rmtree(junk, ignore_errors=True)
@@ -411,40 +570,12 @@ def build(root: Path | None = None, progress: bool = True, force: bool = False, 
                     need.append(s)
         order = [s for s in RECIPE["stages"] if s in need]
         if order:
-            log(f"building zoo {RECIPE_VERSION} in {root}: training {', '.join(order)}")
-        stage_log: dict[str, dict] = {}
-        models: dict[str, LlamaForCausalLM] = {}
+            log(f"building zoo {RECIPE_VERSION} in {root}: training {', '.join(order)} "
+                f"({workers} at a time, {threads} threads)")
         bar = tqdm(total=sum(RECIPE["stages"][s]["steps"] for s in order), disable=not progress or not order,
                    file=sys.stderr, unit="step", desc="zoo build", dynamic_ncols=True)
         try:
-            for s in order:
-                parent_name = RECIPE["stages"][s]["from"]
-                parent = None
-                if parent_name is not None:
-                    if parent_name not in models:
-                        models[parent_name] = _load_stage(root, parent_name)
-                    parent = models[parent_name]
-                bar.set_description(f"zoo {s}")
-
-                def on_step(step, loss, _bar=bar):
-                    _bar.update(1)
-                    if step % 25 == 0:
-                        _bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
-
-                model, res = _train_stage(s, parent, on_step)
-                stage_log[s] = res
-                models[s] = model
-                if s in MODEL_NAMES:
-                    acc = _evaluate(model)
-                    for anc in _lineage(s)[:-1]:  # keep the ancestors' numbers in the card
-                        stage_log.setdefault(anc, _old_stage_result(root, s, anc))
-                    card = _card(s, stage_log, acc, sum(p.numel() for p in model.parameters()))
-                    _save_model(model, root / s, card)
-                    log(f"  {s}: " + ", ".join(f"{t} {acc['eval'][t]:.3f}" for t in TASK_NAMES)
-                        + f"  ({res['seconds']} s)")
-                else:
-                    _save_model(model, _stage_dir(root, s), None)
-                    (_stage_dir(root, s) / "result.json").write_text(json.dumps(res) + "\n")
+            stage_log = _schedule(root, order, workers, threads, bar, log)
         finally:
             bar.close()
     summary = summarize(root)
