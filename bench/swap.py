@@ -7,7 +7,7 @@ same bytes. Targets: swap <= 1/20 of a reload and <= 3x the memory copy; same fo
     python -m bench.swap --quick          # tiny model, seconds
 
 Swap and revert are timed end to end through the Admin RPC of a real in-process
-server (validate, fork, copy, checksums, write-ahead snapshot files, fsync, journal).
+server (validate, derive, copy, checksums, write-ahead tensor store, fsync, journal).
 Reload is `from_pretrained` of the donor plus faulting in every weight page (so the
 model is as resident as the live one); the donor file is in the page cache for both
 sides, which favours reload. `--breakdown` also times each step of one swap.
@@ -90,9 +90,10 @@ def phase_timers():
     from transplant_core import transplant as tp
 
     totals: dict[str, float] = defaultdict(float)
-    targets = [(tp, "plan"), (tp, "fork"), (tp, "commit"), (tp, "checksums"), (tp, "tensor_digest"),
-               (G.Generations, "_write"), (G.Generations, "_load_overrides"), (G.Generations, "revert_plan"),
-               (G, "save_file"), (J.Journal, "append"), (os, "fsync"), (G, "fsync_dir")]
+    targets = [(tp, "plan"), (tp, "_all_finite"), (tp, "derive"), (tp, "fork"), (tp, "commit"), (tp, "checksums"),
+               (tp, "tensor_digest"), (G.Generations, "_store"), (G, "write_tensor"),
+               (G.Generations, "_load_overrides"), (G.Generations, "revert_plan"),
+               (J.Journal, "append"), (os, "fsync"), (G, "fsync_dir")]
     saved = []
     for owner, attr in targets:
         orig = getattr(owner, attr, None)
@@ -116,10 +117,19 @@ def phase_timers():
             setattr(owner, attr, orig)
 
 
+def forget(server, gen: int) -> None:
+    """Drop generation `gen`'s tensors from the store, so the next transplant of the same
+    modules writes them again, as a transplant of a donor never seen before does (the
+    store would otherwise find them already there and write nothing)."""
+    gens = server.runtime.gens
+    for digest in gens.records[gen].state.values():
+        gens._obj(digest).unlink(missing_ok=True)
+
+
 def run(args) -> C.Result:
     m = C.models(args)
     res = C.Result(PROG, C.command_line(PROG), f"{m.label}, K={args.k}")
-    swaps, reverts, reloads, floors = [], [], [], []
+    swaps, again, reverts, reloads, floors = [], [], [], [], []
     with C.serving(m) as (server, client):
         table = server.runtime.table
         names = C.pick_modules(table, args.k)
@@ -127,9 +137,13 @@ def run(args) -> C.Result:
         client.transplant("donor", names)          # warm-up: page cache, code paths
         client.revert()
         reload(m.donor)
+        forget(server, server.runtime.gens.live.id - 1)
         for _ in range(args.repeats):
-            swaps.append(C.seconds(lambda: client.transplant("donor", names)))
+            swaps.append(C.seconds(lambda: client.transplant("donor", names)))   # writes K modules to the store
             reverts.append(C.seconds(client.revert))
+            again.append(C.seconds(lambda: client.transplant("donor", names)))   # already stored: writes nothing
+            client.revert()
+            forget(server, server.runtime.gens.live.id - 1)
             reloads.append(C.in_thread(lambda: reload(m.donor)))
             floors.append(C.in_thread(lambda: copy_floor(server, names, m.donor)))
         breakdown = {}
@@ -146,11 +160,12 @@ def run(args) -> C.Result:
         gens = len(server.runtime.gens.records)
     res.add("swap / reload", "<= 0.05", [s / r for s, r in zip(swaps, reloads)])
     res.add("swap / memory copy", "<= 3", [s / f for s, f in zip(swaps, floors)])
+    res.add("swap, tensors already stored / reload", "(info)", [s / r for s, r in zip(again, reloads)])
     res.add("revert / reload", "<= 0.05", [s / r for s, r in zip(reverts, reloads)])
     res.add("revert / memory copy", "<= 3", [s / f for s, f in zip(reverts, floors)])
     ms = lambda xs: [round(x * 1e3, 2) for x in xs]   # noqa: E731
     res.details.update({
-        "modules": names, "bytes": nbytes, "swap_ms": ms(swaps), "revert_ms": ms(reverts),
+        "modules": names, "bytes": nbytes, "swap_ms": ms(swaps), "swap_again_ms": ms(again), "revert_ms": ms(reverts),
         "reload_ms": ms(reloads), "memcpy_ms": ms(floors),
         "memcpy_GBps": round(nbytes / C.median(floors) / 1e9, 2), "generations_made": gens})
     if cold is not None:

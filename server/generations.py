@@ -8,16 +8,24 @@ running keep their own generation's model until they finish.
 
 Write-ahead order of a commit (a crash at any point leaves the old or the new
 generation, never a mix):
-  1. validate (transplant_core.plan), build the new model off to the side (fork + commit)
-  2. write the new override set and the replaced tensors (safetensors), fsync, rename
-  3. append the journal record, fsync: the commit point
+  1. validate (transplant_core.plan), build the new model off to the side
+     (transplant_core.derive: copies only the plan's tensors and the modules on
+     their path)
+  2. write the tensors the content-addressed store lacks (one file per sha256,
+     fsync, rename); a revert or a repeated transplant writes nothing
+  3. append the journal record (the full override set by digest), fsync: the
+     commit point
   4. swap the live pointer
 On restart the base is reloaded, its checksums verified, and the last committed
-generation's overrides installed.
+generation's tensors read back from the store (each verified against its digest).
+The live tensors and the ones the last commit replaced stay in memory, so a revert
+to the parent neither reads nor hashes anything.
 """
 from __future__ import annotations
 
+import json
 import os
+import struct
 import threading
 import time
 from dataclasses import dataclass, field
@@ -82,13 +90,15 @@ class Generations:
         self.table = table
         self.dir = Path(state_dir)
         self.tensor_dir = self.dir / "tensors"
-        self.tensor_dir.mkdir(parents=True, exist_ok=True)
+        self.object_dir = self.tensor_dir / "objects"
+        self.object_dir.mkdir(parents=True, exist_ok=True)
         self.model_spec = model_spec
         self._crash = crash_hook or (lambda point: None)
         self.lock = threading.RLock()        # one mutation at a time
         self.journal = Journal(self.dir / "journal.jsonl")
         self.records: dict[int, Record] = {}
-        self._overrides: dict[str, torch.Tensor] = {}
+        self._overrides: dict[str, torch.Tensor] = {}      # live generation's tensors that differ from base
+        self._recent: dict[str, torch.Tensor] = {}         # digest -> tensor: live overrides + last replaced
         self.live = Live(0, base)
         self._recover()
 
@@ -123,28 +133,84 @@ class Generations:
                 self.records[e["generation"]].quality.append(e["quality"])
         last = max(self.records)
         if last:
-            self._overrides, self.live = self._load_overrides(last), Live(last, self.materialize(last))
+            self._overrides = self._load_overrides(last)
+            self._recent = {self.records[last].state[k]: t for k, t in self._overrides.items()}
+            self.live = Live(last, self.materialize(last))
 
-    # ---- reading generations -----------------------------------------------------
+    # ---- the tensor store ------------------------------------------------------------
+    # Content-addressed: tensors/objects/<sha256>.safetensors, one tensor each, written
+    # once (tmp + fsync + rename) and never rewritten. A generation's record names its
+    # tensors by digest (`state`), so a revert or a repeated transplant writes nothing,
+    # and the store grows only by tensors it has never seen.
 
-    def _file(self, gen: int, what: str = "state") -> Path:
-        return self.tensor_dir / f"{what}-{gen:06d}.safetensors"
+    def _obj(self, digest: str) -> Path:
+        return self.object_dir / f"{digest}.safetensors"
+
+    def _legacy_file(self, gen: int) -> Path:
+        """Per-generation override file of state directories written before the store."""
+        return self.tensor_dir / f"state-{gen:06d}.safetensors"
+
+    def _store(self, tensors: dict[str, torch.Tensor]) -> int:
+        """Write every {digest: tensor} the store lacks; returns bytes written."""
+        written = 0
+        for digest, t in tensors.items():
+            path = self._obj(digest)
+            if path.exists():
+                continue
+            tmp = path.with_name(f".{digest}.{os.getpid()}.tmp")
+            write_tensor(tmp, t)
+            tmp.rename(path)
+            written += t.numel() * t.element_size()
+        if written:
+            fsync_dir(self.object_dir)
+        return written
+
+    def _read_object(self, digest: str) -> torch.Tensor | None:
+        path = self._obj(digest)
+        if not path.is_file():
+            return None
+        with safe_open(str(path), framework="pt") as f:
+            t = f.get_tensor("tensor").clone()          # our own memory, not a map of the file
+        if tp.tensor_digest(t) != digest:
+            raise PreconditionFailed(f"tensor store object {path} does not match its digest")
+        return t
 
     def _load_overrides(self, gen: int) -> dict[str, torch.Tensor]:
-        if gen == 0 or not self.records[gen].state:
-            return {}
-        with safe_open(str(self._file(gen)), framework="pt") as f:
-            out = {k: f.get_tensor(k) for k in f.keys()}
-        sums = {k: tp.tensor_digest(v) for k, v in out.items()}
-        if sums != self.records[gen].state:
-            raise PreconditionFailed(f"tensor file of generation {gen} does not match its journal checksums")
+        """Generation `gen`'s tensors that differ from the base: from memory when they are
+        recent, else from the store (verified against their digests)."""
+        state = self.get(gen).state
+        out: dict[str, torch.Tensor] = {}
+        legacy: dict[str, torch.Tensor] | None = None
+        for k, digest in state.items():
+            t = self._recent.get(digest)
+            if t is None:
+                t = self._read_object(digest)
+            if t is None:
+                if legacy is None:
+                    legacy = self._read_legacy(gen)
+                t = legacy.get(k)
+                if t is None or tp.tensor_digest(t) != digest:
+                    raise PreconditionFailed(f"tensor {k} of generation {gen} ({digest[:12]}) is missing from "
+                                             f"the tensor store in {self.object_dir}")
+            out[k] = t
         return out
+
+    def _read_legacy(self, gen: int) -> dict[str, torch.Tensor]:
+        path = self._legacy_file(gen)
+        if not path.is_file():
+            return {}
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k).clone() for k in f.keys()}
+
+    # ---- reading generations -----------------------------------------------------
 
     def materialize(self, gen: int) -> nn.Module:
         """A model object with generation `gen`'s weights (shares everything else with the base)."""
         overrides = self._load_overrides(self.get(gen).id)
-        model = tp.fork(self.base, list(overrides))
-        self._install(model, overrides)
+        refs = sorted({m.ref for m in self.table.modules.values() if any(k in overrides for k in m.keys)})
+        if not refs:
+            return self.base
+        model, _ = tp.derive(self.base, tp.plan(self.table, _Overlay(overrides, self.base), refs), share=True)
         return model
 
     def get(self, gen: int) -> Record:
@@ -157,19 +223,14 @@ class Generations:
 
     # ---- mutation ----------------------------------------------------------------
 
-    def _install(self, model: nn.Module, overrides: dict[str, torch.Tensor]) -> None:
-        refs = sorted({m.ref for m in self.table.modules.values() if any(k in overrides for k in m.keys)})
-        if refs:
-            tp.commit(model, tp.plan(self.table, _Overlay(overrides, self.base), refs))
-
-    def prepare(self, p: tp.Plan) -> "Candidate":
+    def prepare(self, p: tp.Plan, share: bool = False) -> "Candidate":
         """Build the next generation's model off to the side (the live one is untouched):
-        a fork of the live model sharing all but the plan's tensors, committed through the
-        core path. Shadow evaluation runs on it before it may go live."""
+        it shares every tensor but the plan's with the live model (tp.derive). `share`
+        only for plans whose values are immutable tensors (revert_plan's). Shadow
+        evaluation runs on it before it may go live."""
         parent = self.live
-        model = tp.fork(parent.model, p.keys)
-        replaced = tp.commit(model, p)
-        return Candidate(p, parent.id, model, replaced.tensors)
+        model, replaced = tp.derive(parent.model, p, share=share)
+        return Candidate(p, parent.id, model, replaced)
 
     def commit(self, c: "Candidate", kind: str, requested_by: str = "", reason: str = "",
                selection: dict | None = None, reverted_to: int | None = None) -> Record:
@@ -179,36 +240,38 @@ class Generations:
                 raise PreconditionFailed(f"generation {self.live.id} went live while this change was prepared "
                                          f"on {c.parent}; plan again")
             p, params = c.plan, dict(c.model.named_parameters())
-            base_params = dict(self.base.named_parameters())
-            overrides = dict(self._overrides)
+            if reverted_to is not None:      # the values are that generation's: digests known
+                known = self.state_checksums(reverted_to)
+                digests = {k: known[k] for k in p.keys}
+            else:
+                digests = {k: tp.tensor_digest(params[k]) for k in p.keys}
+            base_sums, parent_state = self.records[0].checksums, self.records[c.parent].state
+            state, overrides, new = dict(parent_state), dict(self._overrides), {}
             for k in p.keys:
-                new = params[k].detach()
-                if torch.equal(new, base_params[k]):
-                    overrides.pop(k, None)                        # back to the loaded value
+                if digests[k] == base_sums.get(k):
+                    state.pop(k, None)                           # back to the loaded value
+                    overrides.pop(k, None)
                 else:
-                    overrides[k] = new
+                    state[k] = digests[k]
+                    overrides[k] = params[k].detach()
+                    new[digests[k]] = overrides[k]
             gen = max(self.records) + 1
             rec = Record(gen, c.parent, kind, p.donor, [str(r) for r in p.refs], p.alpha, selection or {},
-                         tp.checksums(c.model, p.keys), {k: tp.tensor_digest(v) for k, v in overrides.items()},
-                         requested_by=requested_by, reason=reason, created=time.time(),
+                         digests, state, requested_by=requested_by, reason=reason, created=time.time(),
                          reverted_to=reverted_to, bytes=p.nbytes)
-            self._write(self._file(gen), overrides)
-            self._write(self._file(gen, "replaced"), c.replaced)
+            self._store(new)
             self._crash("after_tensors")
             self.journal.append(rec.to_journal())                # commit point
             self._crash("after_journal")
             self.records[gen] = rec
+            # keep the live tensors and the ones just replaced in memory: reverting to
+            # the parent then reads and hashes nothing
+            recent = {state[k]: t for k, t in overrides.items()}
+            recent.update({parent_state[k]: c.replaced[k] for k in p.keys if k in parent_state})
+            self._recent = recent
             self._overrides, self.live = overrides, Live(gen, c.model)
             self._crash("after_swap")
             return rec
-
-    def _write(self, path: Path, tensors: dict[str, torch.Tensor]) -> None:
-        tmp = path.with_suffix(".tmp")
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        tmp.rename(path)
-        fsync_dir(path.parent)
 
     def revert_plan(self, to: int | None) -> tuple[tp.Plan, int]:
         """The plan that makes generation `to` (default: the live one's parent) live again:
@@ -239,6 +302,37 @@ class Generations:
 
     def append_event(self, event: dict) -> None:
         self.journal.append({"type": "event", "time": time.time(), **event})
+
+
+_ST_CODES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+             torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+             torch.bool: "BOOL"}
+
+
+def write_tensor(path: Path, t: torch.Tensor) -> None:
+    """One tensor as a safetensors file (key "tensor"), written from the tensor's own
+    memory (no serialised copy), flushed and fsync'd."""
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    t = t.contiguous()
+    code = _ST_CODES.get(t.dtype)
+    if code is None:                      # rare dtypes: the library writer
+        save_file({"tensor": t}, str(path))
+        with open(path, "rb+") as f:
+            os.fsync(f.fileno())
+        return
+    nbytes = t.numel() * t.element_size()
+    header = json.dumps({"tensor": {"dtype": code, "shape": list(t.shape), "data_offsets": [0, nbytes]}},
+                        separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(header)))
+        f.write(header)
+        if nbytes:
+            f.write(t.reshape(-1).view(torch.uint8).numpy().data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 class _Overlay(DictTensors):

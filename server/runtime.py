@@ -267,7 +267,7 @@ class Runtime:
         before = [self.evaluate_on(parent.model, parent.id, t, n) for t in tasks]
         t0 = time.perf_counter()
         try:
-            cand = self.gens.prepare(p)
+            cand = self.gens.prepare(p, share=kind == "revert")   # a revert's values are stored, immutable
         except Exception:
             self.metrics.swaps.labels(kind, "error", why).inc()
             raise

@@ -330,6 +330,75 @@ def test_restart_keeps_history_and_rollback(models, tmp_path):
         s.stop(1)
 
 
+def test_tensor_store_writes_each_tensor_once(models, tmp_path):
+    """Generations name their tensors by sha256 in one store: a transplant writes only
+    tensors the store lacks, a revert writes nothing, a restart reads them back
+    verified, and a corrupted object stops the start with a clear error."""
+    cfg = config(tmp_path, models / "target", [models / "donors"], watch_donor_roots=False)
+    objects = tmp_path / "state" / "tensors" / "objects"
+    s = start(cfg)
+    c = Clients(s.grpc_port, s.token)
+    try:
+        c.admin("RegisterDonor", A.RegisterDonorRequest(name="other", path=str(models / "donors" / "other")))
+        c.admin("Transplant", A.TransplantRequest(donor="other", modules=["layers.0.mlp.*"]))
+        first = sorted(p.name for p in objects.iterdir())
+        keys = [k for k in s.runtime.gens.records[1].state]
+        assert len(first) == len(keys) == 3                      # gate, up, down weights
+        assert first == sorted(f"{d}.safetensors" for d in s.runtime.gens.records[1].state.values())
+        c.admin("Revert", A.RevertRequest())                     # back to 0: nothing written
+        assert sorted(p.name for p in objects.iterdir()) == first
+        c.admin("Transplant", A.TransplantRequest(donor="other", modules=["layers.0.mlp.*"]))   # seen before
+        assert sorted(p.name for p in objects.iterdir()) == first
+        assert s.runtime.gens.records[3].state == s.runtime.gens.records[1].state
+        c.admin("Transplant", A.TransplantRequest(donor="other", modules=["layers.1.attn.o"], alpha=0.5))
+        assert len(list(objects.iterdir())) == 4
+        want = live_sums(s)
+        c.admin("Revert", A.RevertRequest(to_generation=1))      # an older generation, from the store
+        assert live_sums(s) == s.runtime.gens.state_checksums(1)
+        c.admin("Revert", A.RevertRequest(to_generation=4))
+        assert live_sums(s) == want
+    finally:
+        c.close()
+        s.stop(1)
+    assert not [p for p in objects.iterdir() if p.suffix != ".safetensors"]   # no temp files left
+    s = start(cfg)                                              # restart: read back and verified
+    try:
+        assert s.runtime.gens.live.id == 6 and live_sums(s) == want
+    finally:
+        s.stop(1)
+    victim = objects / f"{s.runtime.gens.records[6].state[next(iter(s.runtime.gens.records[6].state))]}.safetensors"
+    data = bytearray(victim.read_bytes())
+    data[-1] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    with pytest.raises(Exception, match="does not match its digest"):
+        start(cfg)
+
+
+def test_state_directories_from_before_the_store_still_load(models, tmp_path):
+    """Older state directories kept each generation's overrides in state-NNNNNN files."""
+    from safetensors.torch import load_file
+
+    cfg = config(tmp_path, models / "target", [models / "donors"], watch_donor_roots=False)
+    s = start(cfg)
+    c = Clients(s.grpc_port, s.token)
+    c.admin("RegisterDonor", A.RegisterDonorRequest(name="other", path=str(models / "donors" / "other")))
+    c.admin("Transplant", A.TransplantRequest(donor="other", modules=["layers.1.*"]))
+    want, state = live_sums(s), dict(s.runtime.gens.records[1].state)
+    c.close()
+    s.stop(1)
+    tensors = tmp_path / "state" / "tensors"
+    save_file({k: load_file(tensors / "objects" / f"{d}.safetensors")["tensor"] for k, d in state.items()},
+              str(tensors / "state-000001.safetensors"))
+    shutil.rmtree(tensors / "objects")
+    s = start(cfg)
+    try:
+        assert s.runtime.gens.live.id == 1 and live_sums(s) == want
+        s.runtime.revert(0)
+        assert live_sums(s) == s.runtime.gens.state_checksums(0)
+    finally:
+        s.stop(1)
+
+
 @pytest.mark.parametrize("point,survivor", [("after_tensors", 0), ("after_journal", 1), ("after_swap", 1)])
 def test_kill_9_during_transplant(models, tmp_path, point, survivor):
     cfg = config(tmp_path, models / "target", [models / "donors"], watch_donor_roots=False, test_crash_at=point)

@@ -127,6 +127,83 @@ def test_fork_shares_all_but_the_swapped_tensors():
     assert not torch.equal(child(ids).logits, target(ids).logits)
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_derive_equals_commit_and_leaves_the_parent_alone(arch):
+    """derive = fork + commit without touching the parent: same outputs as an in-place
+    commit, the parent bitwise unchanged, every other tensor and module shared."""
+    target, donor = make_model(arch, 0), make_model(arch, 1)
+    table = build_table(target)
+    refs = [table.refs()[0], table.refs()[-1]]
+    p = tp.plan(table, ModelTensors(donor), refs)
+    sums = tp.checksums(target)
+    child, replaced = tp.derive(target, p)
+    assert tp.checksums(target) == sums                                  # parent untouched
+    reference = make_model(arch, 0)
+    tp.commit(reference, tp.plan(table, ModelTensors(donor), refs))
+    assert tp.checksums(child) == tp.checksums(reference)
+    ids = torch.tensor([[4, 5, 6, 7]])
+    assert torch.equal(child(ids).logits, reference(ids).logits)
+    assert not torch.equal(child(ids).logits, target(ids).logits)
+    tparams, cparams = dict(target.named_parameters()), dict(child.named_parameters())
+    for k in tparams:
+        assert (tparams[k].data_ptr() == cparams[k].data_ptr()) == (k not in p.keys), k
+    for k in p.keys:                          # the undo is the parent's own tensors
+        assert replaced[k].data_ptr() == tparams[k].data_ptr()
+        assert cparams[k].data_ptr() != p.values[k].data_ptr()          # copied, not aliased
+    # modules off the swapped paths are the very same objects; those on it are copies
+    swapped = {k.rpartition(".")[0] for k in p.keys}
+    for name, mod in child.named_modules():
+        on_path = any(s == name or s.startswith(name + ".") or name == "" for s in swapped)
+        assert (mod is target.get_submodule(name)) == (not on_path), name
+    # a revert is a derive whose donor is the replaced tensors: bitwise the parent again
+    back, _ = tp.derive(child, tp.plan(table, DictTensors(replaced), refs), share=True)
+    assert tp.checksums(back) == sums
+    assert torch.equal(back(ids).logits, target(ids).logits)
+
+
+def test_derive_share_and_alpha():
+    target, donor = make_model("llama", 0), make_model("llama", 1)
+    table = build_table(target)
+    refs = [ModuleRef(1, "attn.o")]
+    values = {k: v.clone() for k, v in dict(donor.named_parameters()).items()}
+    p = tp.plan(table, DictTensors(values), refs)
+    shared, _ = tp.derive(target, p, share=True)
+    k = p.keys[0]
+    assert dict(shared.named_parameters())[k].data_ptr() == values[k].data_ptr()
+    half, _ = tp.derive(target, tp.plan(table, DictTensors(values), refs, alpha=0.5))
+    want = torch.lerp(dict(target.named_parameters())[k].detach(), values[k], 0.5)
+    assert torch.equal(dict(half.named_parameters())[k].detach(), want)
+    with pytest.raises(InvalidArgument, match="no parameter"):
+        tp.derive(make_model("gpt2", 0), p)
+
+
+def test_non_finite_check_catches_what_a_sum_alone_would_miss():
+    target = make_model("llama", 0)
+    table = build_table(target)
+    ref = ModuleRef(0, "mlp.up")
+    key = table[ref].weight_key
+    base = dict(target.named_parameters())
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        t = base[key].detach().clone()
+        t[3, 2] = bad
+        with pytest.raises(NonFiniteWeights):
+            tp.plan(table, DictTensors({key: t}), [ref])
+    # huge but finite values whose float32 sum overflows are accepted
+    big = torch.full_like(base[key], 3e38)
+    assert tp.plan(table, DictTensors({key: big}), [ref]).values[key].data_ptr() == big.data_ptr()
+
+
+def test_tensor_digest_hashes_the_bytes():
+    import hashlib
+
+    t = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    assert tp.tensor_digest(t) == hashlib.sha256(t.numpy().tobytes()).hexdigest()
+    assert tp.tensor_digest(t.t()) == hashlib.sha256(t.t().contiguous().numpy().tobytes()).hexdigest()
+    b = t.to(torch.bfloat16)
+    assert tp.tensor_digest(b) == hashlib.sha256(b.view(torch.int16).numpy().tobytes()).hexdigest()
+    assert tp.tensor_digest(torch.empty(0)) == hashlib.sha256(b"").hexdigest()
+
+
 def test_checkpoint_is_read_lazily_and_compat_lists_everything(tmp_path, tiny_dirs):
     ck = Checkpoint.open(str(tiny_dirs["donor"]))
     model, tok, path = load_model(str(tiny_dirs["target"]))

@@ -83,10 +83,21 @@ def plan(table: ModuleTable, donor: TensorSource, refs: list[ModuleRef], alpha: 
             problems.append(f"{m.ref}: donor has a bias, target has none")
     if problems:
         raise Incompatible(f"cannot transplant from {donor.name}", problems)
-    bad = [k for k, v in values.items() if not torch.isfinite(v).all()]
+    bad = [k for k, v in values.items() if not _all_finite(v)]
     if bad:
         raise NonFiniteWeights(f"donor {donor.name} has NaN or infinite values in {', '.join(bad)}; refusing to install them")
     return Plan(donor.name, float(alpha), tuple(modules), values)
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    """True if no element is NaN or infinite. One reduction: a finite sum proves every
+    element finite (NaN and inf propagate); only a non-finite sum (which overflow can
+    also cause) pays for the exact elementwise check."""
+    if not t.is_floating_point() or t.numel() == 0:
+        return True
+    if bool(torch.isfinite(t.sum(dtype=torch.float32 if t.element_size() < 4 else t.dtype))):
+        return True
+    return bool(torch.isfinite(t).all())
 
 
 def commit(model: nn.Module, p: Plan) -> Snapshot:
@@ -132,9 +143,75 @@ def fork(model: nn.Module, keys: list[str]) -> nn.Module:
     return copy.deepcopy(model, memo)
 
 
+def derive(model: nn.Module, p: Plan, share: bool = False) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """A new model with the plan installed, built without touching `model`.
+
+    The result shares every tensor and every module off the path to the plan's
+    parameters with `model`; only the modules on that path are shallow-copied, and
+    the plan's parameters are new tensors, copied once from the plan's values. With
+    `share`, values that need no blend or device move are used as they are: only for
+    values nothing will ever write to (a checkpoint's tensors may be memory maps of
+    a file that can change on disk; another live model's parameters may be mutated).
+    Returns the new model and the tensors it replaced: `model`'s own, unchanged,
+    which is all an undo needs when models are treated as immutable, as the
+    server's generations are.
+
+    Forward hooks registered later on a shared module would fire in both models; to
+    attach hooks, use `fork(model, [])`, which copies the whole tree."""
+    params = dict(model.named_parameters())
+    missing = [k for k in p.keys if k not in params]
+    if missing:
+        raise InvalidArgument(f"model has no parameter(s) {', '.join(missing)}; was the plan made for another model?")
+    new: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for k in p.keys:
+            old = params[k]
+            v = p.values[k].to(device=old.device, dtype=old.dtype)
+            if p.alpha < 1.0:
+                v = torch.lerp(old.detach(), v, p.alpha)
+            elif not share and v.data_ptr() == p.values[k].data_ptr():   # .to() did not copy
+                v = v.clone(memory_format=torch.contiguous_format)
+            new[k] = v
+    root = _shallow(model)
+    copies: dict[str, nn.Module] = {"": root}
+    for k in p.keys:
+        path, _, leaf = k.rpartition(".")
+        mod = _path_copy(copies, path)
+        old = mod._parameters[leaf]
+        mod._parameters[leaf] = nn.Parameter(new[k], requires_grad=old.requires_grad)
+    return root, {k: params[k].detach() for k in p.keys}
+
+
+def _shallow(m: nn.Module) -> nn.Module:
+    """A copy of one module object: own child, parameter, buffer and hook tables;
+    the same children, tensors and hooks."""
+    c = copy.copy(m)
+    for attr, val in m.__dict__.items():
+        if isinstance(val, dict):          # _modules, _parameters, _buffers, hook tables
+            c.__dict__[attr] = val.copy()
+    return c
+
+
+def _path_copy(copies: dict[str, nn.Module], path: str) -> nn.Module:
+    if path in copies:
+        return copies[path]
+    parent_path, _, name = path.rpartition(".")
+    parent = _path_copy(copies, parent_path)
+    child = _shallow(parent._modules[name])
+    parent._modules[name] = child
+    copies[path] = child
+    return child
+
+
 def tensor_digest(t: torch.Tensor) -> str:
-    t = t.detach().contiguous().cpu()
-    return hashlib.sha256(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"").hexdigest()
+    """sha256 of a tensor's bytes, hashed in place (no copy for a contiguous CPU tensor)."""
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    t = t.contiguous()
+    if not t.numel():
+        return hashlib.sha256(b"").hexdigest()
+    return hashlib.sha256(t.reshape(-1).view(torch.uint8).numpy()).hexdigest()
 
 
 def checksums(model: nn.Module, keys: list[str] | None = None) -> dict[str, str]:
