@@ -28,6 +28,7 @@ import os
 import struct
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -95,6 +96,8 @@ class Generations:
         self.model_spec = model_spec
         self._crash = crash_hook or (lambda point: None)
         self.lock = threading.RLock()        # one mutation at a time
+        self._pool = ThreadPoolExecutor(max_workers=max(2, min(8, os.cpu_count() or 2)),
+                                        thread_name_prefix="tensor-store")
         self.journal = Journal(self.dir / "journal.jsonl")
         self.records: dict[int, Record] = {}
         self._overrides: dict[str, torch.Tensor] = {}      # live generation's tensors that differ from base
@@ -150,20 +153,31 @@ class Generations:
         """Per-generation override file of state directories written before the store."""
         return self.tensor_dir / f"state-{gen:06d}.safetensors"
 
-    def _store(self, tensors: dict[str, torch.Tensor]) -> int:
-        """Write every {digest: tensor} the store lacks; returns bytes written."""
-        written = 0
-        for digest, t in tensors.items():
+    def _store(self, tensors: dict[str, torch.Tensor], skip: dict[str, str] | None = None) -> dict[str, str]:
+        """Hash each {key: tensor} and write those the store lacks (and whose digest is
+        not `skip[key]`, the base's), in parallel: sha256 and write release the GIL, so
+        hashing one tensor overlaps writing and fsyncing another. Returns {key: digest}."""
+        skip = skip or {}
+
+        def one(item: tuple[str, torch.Tensor]) -> tuple[str, str, bool]:
+            k, t = item
+            digest = tp.tensor_digest(t)
             path = self._obj(digest)
-            if path.exists():
-                continue
-            tmp = path.with_name(f".{digest}.{os.getpid()}.tmp")
-            write_tensor(tmp, t)
-            tmp.rename(path)
-            written += t.numel() * t.element_size()
-        if written:
+            if digest == skip.get(k) or path.exists():
+                return k, digest, False
+            tmp = path.with_name(f".{digest}.{os.getpid()}.{threading.get_ident()}.tmp")
+            try:
+                write_tensor(tmp, t)
+                tmp.rename(path)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+            return k, digest, True
+
+        results = list(self._pool.map(one, tensors.items())) if len(tensors) > 1 else [one(i) for i in tensors.items()]
+        if any(w for _, _, w in results):
             fsync_dir(self.object_dir)
-        return written
+        return {k: d for k, d, _ in results}
 
     def _read_object(self, digest: str) -> torch.Tensor | None:
         path = self._obj(digest)
@@ -240,13 +254,13 @@ class Generations:
                 raise PreconditionFailed(f"generation {self.live.id} went live while this change was prepared "
                                          f"on {c.parent}; plan again")
             p, params = c.plan, dict(c.model.named_parameters())
-            if reverted_to is not None:      # the values are that generation's: digests known
+            base_sums, parent_state = self.records[0].checksums, self.records[c.parent].state
+            if reverted_to is not None:      # the values are that generation's: stored, digests known
                 known = self.state_checksums(reverted_to)
                 digests = {k: known[k] for k in p.keys}
-            else:
-                digests = {k: tp.tensor_digest(params[k]) for k in p.keys}
-            base_sums, parent_state = self.records[0].checksums, self.records[c.parent].state
-            state, overrides, new = dict(parent_state), dict(self._overrides), {}
+            else:                            # hash and store in one pass (write-ahead)
+                digests = self._store({k: params[k].detach() for k in p.keys}, skip=base_sums)
+            state, overrides = dict(parent_state), dict(self._overrides)
             for k in p.keys:
                 if digests[k] == base_sums.get(k):
                     state.pop(k, None)                           # back to the loaded value
@@ -254,12 +268,10 @@ class Generations:
                 else:
                     state[k] = digests[k]
                     overrides[k] = params[k].detach()
-                    new[digests[k]] = overrides[k]
             gen = max(self.records) + 1
             rec = Record(gen, c.parent, kind, p.donor, [str(r) for r in p.refs], p.alpha, selection or {},
                          digests, state, requested_by=requested_by, reason=reason, created=time.time(),
                          reverted_to=reverted_to, bytes=p.nbytes)
-            self._store(new)
             self._crash("after_tensors")
             self.journal.append(rec.to_journal())                # commit point
             self._crash("after_journal")
@@ -295,6 +307,10 @@ class Generations:
     def state_checksums(self, gen: int) -> dict[str, str]:
         """sha256 of every transplantable tensor of generation `gen` (base + overrides)."""
         return {**self.records[0].checksums, **self.get(gen).state}
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        self.journal.close()
 
     def add_quality(self, gen: int, quality: dict) -> None:
         self.journal.append({"type": "quality", "generation": gen, "quality": quality, "time": time.time()})

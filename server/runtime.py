@@ -128,7 +128,7 @@ class Runtime:
         if hasattr(self, "donors"):
             self.donors.close()
         if hasattr(self, "gens"):
-            self.gens.journal.close()
+            self.gens.close()
 
     def drain(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
