@@ -114,7 +114,7 @@ def main(argv=None) -> C.Result:
     ap.add_argument("--max-new-tokens", type=int, default=8)
     ap.add_argument("--clients", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4, 16],
                     help="concurrency levels, comma separated (default 1,4,16)")
-    ap.add_argument("--batch-wait-ms", type=float, default=2.0, help="server batch_wait_ms (its default: 2)")
+    ap.add_argument("--batch-wait-ms", type=float, default=10.0, help="server batch_wait_ms (its default: 10)")
     ap.add_argument("--regroup-max-ms", type=float, help="override server.scheduler.REGROUP_MAX_S (0: regrouping off, "
                                                         "the scheduler before the fix)")
     args = ap.parse_args(argv)

@@ -58,7 +58,7 @@ class ServeConfig(BaseModel):
     test_crash_at: str | None = None      # test hook: SIGKILL self at a commit step (after_tensors, ...)
 
     max_batch_size: int = Field(16, ge=1, le=1024)
-    batch_wait_ms: float = Field(2.0, ge=0, le=1000)
+    batch_wait_ms: float = Field(10.0, ge=0, le=1000)   # most a new batch waits for company (<= 5% of a decode)
     max_queue: int = Field(256, ge=1)
     max_prompt_chars: int = Field(4096, ge=1)
     max_new_tokens_limit: int = Field(256, ge=1)

@@ -15,6 +15,12 @@ good (measured: mean batch 8 with 16 closed-loop clients, 2.4 with 4). So the ne
 batch waits a little longer while it is smaller than the demand just seen, the last
 batch plus what queued up while it ran: at most REGROUP_FRACTION of the last batch's
 decode time, never over REGROUP_MAX_S (batch_wait_ms = 0 turns waiting off).
+
+Batch wait: a new batch waits up to batch_wait_ms (default 10) for more requests, but
+never more than REGROUP_FRACTION of the last batch's decode time, so a lone client of
+a small, fast model is not slowed down by the wait a large model's batches profit
+from (measured on a 308M model, 16 closed-loop clients: 3.85x serial throughput at a
+2 ms wait, 4.81x at 10 ms; one client unchanged).
 """
 from __future__ import annotations
 
@@ -99,7 +105,10 @@ class Scheduler:
             return []
         batch = [first]
         now = time.monotonic()
-        until = now + self.batch_wait
+        wait = self.batch_wait
+        if self._last_seconds:                          # at most a small share of a batch's decode time
+            wait = min(wait, REGROUP_FRACTION * self._last_seconds)
+        until = now + wait
         regroup = now + min(REGROUP_MAX_S, REGROUP_FRACTION * self._last_seconds)
         want = min(self._demand, self.max_batch_size) if self.batch_wait else 0   # 0 ms: never wait
         while len(batch) < self.max_batch_size:
