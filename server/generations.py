@@ -224,7 +224,8 @@ class Generations:
         refs = sorted({m.ref for m in self.table.modules.values() if any(k in overrides for k in m.keys)})
         if not refs:
             return self.base
-        model, _ = tp.derive(self.base, tp.plan(self.table, _Overlay(overrides, self.base), refs), share=True)
+        p = tp.plan(self.table, _Overlay(overrides, self.base), refs, known_finite=True)
+        model, _ = tp.derive(self.base, p, share=True)
         return model
 
     def get(self, gen: int) -> Record:
@@ -302,7 +303,9 @@ class Generations:
         if not refs:   # same weights under another id: still a new generation, nothing copied
             refs = [self.table.refs()[0]]
         source = _Overlay(want, self.base, name=f"generation {to}")
-        return tp.plan(self.table, source, refs, 1.0), to
+        # the values are generation `to`'s: each was scanned for NaN/inf when first installed
+        # (or is the model as loaded), so the revert skips only that scan of the same path
+        return tp.plan(self.table, source, refs, 1.0, known_finite=True), to
 
     def state_checksums(self, gen: int) -> dict[str, str]:
         """sha256 of every transplantable tensor of generation `gen` (base + overrides)."""

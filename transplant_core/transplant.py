@@ -53,11 +53,13 @@ class Snapshot:
         return DictTensors(self.tensors, name="snapshot")
 
 
-def plan(table: ModuleTable, donor: TensorSource, refs: list[ModuleRef], alpha: float = 1.0) -> Plan:
+def plan(table: ModuleTable, donor: TensorSource, refs: list[ModuleRef], alpha: float = 1.0,
+         known_finite: bool = False) -> Plan:
     """Validate a transplant of `refs` from `donor` into the model `table` describes.
 
     Every problem is collected before raising, so one error lists them all. Reads
-    only the selected modules' tensors from the donor."""
+    only the selected modules' tensors from the donor. `known_finite` skips the NaN/inf
+    scan, only for values that passed it before (a generation's own stored tensors)."""
     if not isinstance(alpha, (int, float)) or not 0.0 <= float(alpha) <= 1.0 or alpha != alpha:
         raise InvalidArgument(f"alpha must be a number in [0, 1] (1 = full copy), got {alpha!r}")
     if not refs:
@@ -83,7 +85,7 @@ def plan(table: ModuleTable, donor: TensorSource, refs: list[ModuleRef], alpha: 
             problems.append(f"{m.ref}: donor has a bias, target has none")
     if problems:
         raise Incompatible(f"cannot transplant from {donor.name}", problems)
-    bad = [k for k, v in values.items() if not _all_finite(v)]
+    bad = [] if known_finite else [k for k, v in values.items() if not _all_finite(v)]
     if bad:
         raise NonFiniteWeights(f"donor {donor.name} has NaN or infinite values in {', '.join(bad)}; refusing to install them")
     return Plan(donor.name, float(alpha), tuple(modules), values)
