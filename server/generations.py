@@ -93,17 +93,23 @@ class Generations:
         self.tensor_dir = self.dir / "tensors"
         self.object_dir = self.tensor_dir / "objects"
         self.object_dir.mkdir(parents=True, exist_ok=True)
-        self.model_spec = model_spec
-        self._crash = crash_hook or (lambda point: None)
-        self.lock = threading.RLock()        # one mutation at a time
-        self._pool = ThreadPoolExecutor(max_workers=max(2, min(8, os.cpu_count() or 2)),
-                                        thread_name_prefix="tensor-store")
-        self.journal = Journal(self.dir / "journal.jsonl")
-        self.records: dict[int, Record] = {}
-        self._overrides: dict[str, torch.Tensor] = {}      # live generation's tensors that differ from base
-        self._recent: dict[str, torch.Tensor] = {}         # digest -> tensor: live overrides + last replaced
-        self.live = Live(0, base)
-        self._recover()
+        self._owner = _claim(self.dir)       # one server per state directory
+        try:
+            self.model_spec = model_spec
+            self._crash = crash_hook or (lambda point: None)
+            self.lock = threading.RLock()        # one mutation at a time
+            self._pool = ThreadPoolExecutor(max_workers=max(2, min(8, os.cpu_count() or 2)),
+                                            thread_name_prefix="tensor-store")
+            self.journal = Journal(self.dir / "journal.jsonl")
+            self.records: dict[int, Record] = {}
+            self._overrides: dict[str, torch.Tensor] = {}   # live generation's tensors that differ from base
+            self._recent: dict[str, torch.Tensor] = {}      # digest -> tensor: live overrides + last replaced
+            self.live = Live(0, base)
+            self._recover()
+            self._sweep()
+        except BaseException:
+            self._owner.close()
+            raise
 
     # ---- recovery ----------------------------------------------------------------
 
@@ -314,6 +320,15 @@ class Generations:
     def close(self) -> None:
         self._pool.shutdown(wait=True)
         self.journal.close()
+        self._owner.close()                  # releases the state directory
+
+    def _sweep(self) -> None:
+        """Remove what a crash mid-commit can leave in the store: temp files, and objects
+        no generation names (written before a journal record that never landed)."""
+        named = {d for r in self.records.values() for d in r.state.values()}
+        for f in self.object_dir.iterdir():
+            if f.name.endswith(".tmp") or (f.suffix == ".safetensors" and f.stem not in named):
+                f.unlink(missing_ok=True)
 
     def add_quality(self, gen: int, quality: dict) -> None:
         self.journal.append({"type": "quality", "generation": gen, "quality": quality, "time": time.time()})
@@ -321,6 +336,28 @@ class Generations:
 
     def append_event(self, event: dict) -> None:
         self.journal.append({"type": "event", "time": time.time(), **event})
+
+
+def _claim(state_dir: Path):
+    """An exclusive lock on <state_dir>/server.lock for this process's lifetime (the
+    kernel drops it if the process dies): two servers on one journal would interleave
+    generations."""
+    import fcntl
+
+    f = open(state_dir / "server.lock", "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "unknown"
+        f.close()
+        raise PreconditionFailed(f"state directory {state_dir} is in use by another transplant server "
+                                 f"(pid {holder}); stop it, or give this one another --state-dir") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f
 
 
 _ST_CODES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",

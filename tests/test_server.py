@@ -374,6 +374,19 @@ def test_tensor_store_writes_each_tensor_once(models, tmp_path):
         start(cfg)
 
 
+def test_one_server_per_state_directory(models, tmp_path):
+    cfg = config(tmp_path, models / "target", [models / "donors"], watch_donor_roots=False)
+    s = start(cfg)
+    try:
+        with pytest.raises(Exception, match=r"in use by another transplant server \(pid \d+\)"):
+            start(cfg)
+        assert s.runtime.gens.live.id == 0 and s.runtime.gens.journal.records   # the first one is unharmed
+    finally:
+        s.stop(1)
+    s = start(cfg)                                        # released on stop
+    s.stop(1)
+
+
 def test_state_directories_from_before_the_store_still_load(models, tmp_path):
     """Older state directories kept each generation's overrides in state-NNNNNN files."""
     from safetensors.torch import load_file
@@ -419,6 +432,9 @@ def test_kill_9_during_transplant(models, tmp_path, point, survivor):
         assert gens.live.id == survivor
         assert live_sums(s) == gens.state_checksums(survivor)
         assert sorted(gens.records) == list(range(survivor + 1))
+        # the store holds exactly what the surviving generations name (orphans swept)
+        named = {f"{d}.safetensors" for r in gens.records.values() for d in r.state.values()}
+        assert {f.name for f in gens.object_dir.iterdir()} == named and bool(named) == bool(survivor)
         if survivor:
             s.runtime.revert(0)
             assert live_sums(s) == gens.state_checksums(0)
