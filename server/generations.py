@@ -86,14 +86,14 @@ class Record:
 
 class Generations:
     def __init__(self, base: nn.Module, table: ModuleTable, state_dir: Path, model_spec: str,
-                 crash_hook: Callable[[str], None] | None = None):
+                 crash_hook: Callable[[str], None] | None = None, owner=None):
         self.base = base
         self.table = table
         self.dir = Path(state_dir)
         self.tensor_dir = self.dir / "tensors"
         self.object_dir = self.tensor_dir / "objects"
         self.object_dir.mkdir(parents=True, exist_ok=True)
-        self._owner = _claim(self.dir)       # one server per state directory
+        self._owner = owner or claim(self.dir)   # one server per state directory (owner: claim() done earlier)
         try:
             self.model_spec = model_spec
             self._crash = crash_hook or (lambda point: None)
@@ -338,13 +338,14 @@ class Generations:
         self.journal.append({"type": "event", "time": time.time(), **event})
 
 
-def _claim(state_dir: Path):
+def claim(state_dir: Path):
     """An exclusive lock on <state_dir>/server.lock for this process's lifetime (the
     kernel drops it if the process dies): two servers on one journal would interleave
     generations."""
     import fcntl
 
-    f = open(state_dir / "server.lock", "a+")
+    Path(state_dir).mkdir(parents=True, exist_ok=True)
+    f = open(Path(state_dir) / "server.lock", "a+")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:

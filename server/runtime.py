@@ -21,7 +21,7 @@ from transplant_core.workflow import analyse, explicit_modules, open_model, sele
 
 from .config import ServeConfig
 from .donors import Donor, DonorRegistry
-from .generations import Generations, Record
+from .generations import Generations, Record, claim
 from .metrics import Metrics, QualityMetrics
 from .quality import QualityMonitor
 from .scheduler import Request, Scheduler
@@ -75,9 +75,15 @@ class Runtime:
 
     def load(self) -> None:
         cfg = self.cfg
-        self.loaded = open_model(cfg.model, cfg.allow_pickle)
-        self.tokenizer, self.table = self.loaded.tokenizer, self.loaded.table
-        self.gens = Generations(self.loaded.model, self.table, cfg.state_dir, cfg.model, self._crash_hook)
+        owner = claim(cfg.state_dir)      # before the (long) model load: a second server fails at once
+        try:
+            self.loaded = open_model(cfg.model, cfg.allow_pickle)
+            self.tokenizer, self.table = self.loaded.tokenizer, self.loaded.table
+            self.gens = Generations(self.loaded.model, self.table, cfg.state_dir, cfg.model, self._crash_hook,
+                                    owner=owner)
+        except BaseException:
+            owner.close()
+            raise
         self.metrics.live_generation.set(self.gens.live.id)
         roots = list(cfg.donor_roots) or [cfg.state_dir / "donors"]   # a drop-in folder by default
         for r in roots:
