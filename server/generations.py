@@ -105,9 +105,15 @@ class Generations:
             self._overrides: dict[str, torch.Tensor] = {}   # live generation's tensors that differ from base
             self._recent: dict[str, torch.Tensor] = {}      # digest -> tensor: live overrides + last replaced
             self.live = Live(0, base)
+            self._base_params = {k: p.detach() for k, p in base.named_parameters()}
             self._recover()
+            self._migrate_legacy()
             self._sweep()
         except BaseException:
+            if hasattr(self, "journal"):
+                self.journal.close()
+            if hasattr(self, "_pool"):
+                self._pool.shutdown(wait=False)
             self._owner.close()
             raise
 
@@ -212,8 +218,17 @@ class Generations:
                 if t is None or tp.tensor_digest(t) != digest:
                     raise PreconditionFailed(f"tensor {k} of generation {gen} ({digest[:12]}) is missing from "
                                              f"the tensor store in {self.object_dir}")
-            out[k] = t
+            out[k] = self._typed(k, t)
         return out
+
+    def _typed(self, k: str, t: torch.Tensor) -> torch.Tensor:
+        """The store is addressed by bytes alone, so two tensors with equal bytes but another
+        shape or dtype (zeroed up and down projections) share one object: give the bytes
+        the shape and dtype of the parameter they are read for."""
+        want = self._base_params[k]
+        if t.dtype == want.dtype and t.shape == want.shape:
+            return t
+        return t.reshape(-1).view(torch.uint8).view(want.dtype).reshape(want.shape)
 
     def _read_legacy(self, gen: int) -> dict[str, torch.Tensor]:
         path = self._legacy_file(gen)
@@ -279,6 +294,8 @@ class Generations:
             rec = Record(gen, c.parent, kind, p.donor, [str(r) for r in p.refs], p.alpha, selection or {},
                          digests, state, requested_by=requested_by, reason=reason, created=time.time(),
                          reverted_to=reverted_to, bytes=p.nbytes)
+            if state:            # every object the record names is durable, even one an
+                fsync_dir(self.object_dir)      # earlier failed commit renamed in
             self._crash("after_tensors")
             self.journal.append(rec.to_journal())                # commit point
             self._crash("after_journal")
@@ -323,12 +340,35 @@ class Generations:
         self._owner.close()                  # releases the state directory
 
     def _sweep(self) -> None:
-        """Remove what a crash mid-commit can leave in the store: temp files, and objects
-        no generation names (written before a journal record that never landed)."""
+        """Tidy what a crash mid-commit can leave in the store: temp files are removed;
+        objects no generation names (written before a journal record that never landed,
+        or named by records a journal repair dropped) move to tensors/orphans/, out of
+        the way but recoverable by hand."""
         named = {d for r in self.records.values() for d in r.state.values()}
         for f in self.object_dir.iterdir():
-            if f.name.endswith(".tmp") or (f.suffix == ".safetensors" and f.stem not in named):
+            if f.name.endswith(".tmp"):
                 f.unlink(missing_ok=True)
+            elif f.suffix == ".safetensors" and f.stem not in named:
+                orphans = self.tensor_dir / "orphans"
+                orphans.mkdir(exist_ok=True)
+                os.replace(f, orphans / f.name)
+
+    def _migrate_legacy(self) -> None:
+        """State directories from before the store kept each generation's tensors in
+        tensors/state-NNNNNN.safetensors. Copy them into the store (verified), so that
+        newer generations, which name tensors by digest only, find them after a restart.
+        The old files stay where they are."""
+        for gen, rec in self.records.items():
+            missing = {k: d for k, d in rec.state.items() if not self._obj(d).exists()}
+            if not missing or not self._legacy_file(gen).is_file():
+                continue
+            legacy = self._read_legacy(gen)
+            tensors = {k: legacy[k] for k in missing if k in legacy}
+            got = self._store(tensors)
+            bad = [k for k in tensors if got[k] != missing[k]]
+            if bad:
+                raise PreconditionFailed(f"tensor file {self._legacy_file(gen)} does not match the journal "
+                                         f"checksums of generation {gen} ({', '.join(bad)})")
 
     def add_quality(self, gen: int, quality: dict) -> None:
         self.journal.append({"type": "quality", "generation": gen, "quality": quality, "time": time.time()})

@@ -15,6 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from safetensors.torch import save_file
 
 from serverkit import A, I, Clients, config, spawn, start
+from server.runtime import TransplantArgs
 from tiny import make_model, save
 from transplant_core import transplant as tp
 from transplant_core.generation import greedy
@@ -406,8 +407,42 @@ def test_state_directories_from_before_the_store_still_load(models, tmp_path):
     s = start(cfg)
     try:
         assert s.runtime.gens.live.id == 1 and live_sums(s) == want
+        assert {f.stem for f in (tensors / "objects").iterdir()} == set(state.values())   # migrated
         s.runtime.revert(0)
         assert live_sums(s) == s.runtime.gens.state_checksums(0)
+        s.runtime.revert(1)                                  # a new generation naming legacy tensors
+    finally:
+        s.stop(1)
+    s = start(cfg)                                           # ... survives a restart
+    try:
+        assert s.runtime.gens.live.id == 3 and live_sums(s) == want
+    finally:
+        s.stop(1)
+
+
+def test_equal_bytes_in_another_shape_share_an_object(models, tmp_path):
+    """Zeroed up [I, H] and down [H, I] projections have the same bytes, so one object:
+    each is read back in its own shape."""
+    donor = make_model("llama", 6)
+    with torch.no_grad():
+        donor.model.layers[0].mlp.up_proj.weight.zero_()
+        donor.model.layers[0].mlp.down_proj.weight.zero_()
+    save(donor, tmp_path / "donors" / "zeros")
+    cfg = config(tmp_path, models / "target", [tmp_path / "donors"], watch_donor_roots=False)
+    s = start(cfg)
+    try:
+        s.runtime.donors.register("zeros", str(tmp_path / "donors" / "zeros"))
+        s.runtime.transplant(TransplantArgs(donor="zeros", modules=["layers.0.mlp.up", "layers.0.mlp.down"]))
+        want = live_sums(s)
+        assert len(set(s.runtime.gens.records[1].state.values())) == 1
+        s.runtime.revert(0)
+        s.runtime.revert(1)                                  # read back from the store
+        assert live_sums(s) == want
+    finally:
+        s.stop(1)
+    s = start(cfg)
+    try:
+        assert s.runtime.gens.live.id == 3 and live_sums(s) == want
     finally:
         s.stop(1)
 
@@ -432,9 +467,12 @@ def test_kill_9_during_transplant(models, tmp_path, point, survivor):
         assert gens.live.id == survivor
         assert live_sums(s) == gens.state_checksums(survivor)
         assert sorted(gens.records) == list(range(survivor + 1))
-        # the store holds exactly what the surviving generations name (orphans swept)
+        # the store holds exactly what the surviving generations name; what a lost commit
+        # wrote is moved aside, not deleted
         named = {f"{d}.safetensors" for r in gens.records.values() for d in r.state.values()}
         assert {f.name for f in gens.object_dir.iterdir()} == named and bool(named) == bool(survivor)
+        orphans = gens.tensor_dir / "orphans"
+        assert (len(list(orphans.iterdir())) if orphans.exists() else 0) == (6 if point == "after_tensors" else 0)
         if survivor:
             s.runtime.revert(0)
             assert live_sums(s) == gens.state_checksums(0)

@@ -189,8 +189,8 @@ def _shallow(m: nn.Module) -> nn.Module:
     the same children, tensors and hooks."""
     c = copy.copy(m)
     for attr, val in m.__dict__.items():
-        if isinstance(val, dict):          # _modules, _parameters, _buffers, hook tables
-            c.__dict__[attr] = val.copy()
+        if isinstance(val, (dict, set)):   # _modules, _parameters, _buffers, hook tables,
+            c.__dict__[attr] = val.copy()  # _non_persistent_buffers_set
     return c
 
 
