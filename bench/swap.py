@@ -67,17 +67,21 @@ def evict(path: str) -> None:
             os.close(fd)
 
 
-def copy_floor(server, names: list[str], donor_path: str, reps: int = 5) -> float:
-    """Median seconds of a plain tensor copy of the K modules' bytes (in memory to in memory)."""
-    import torch
-
+def module_tensors(server, names: list[str], donor_path: str) -> list:
+    """The K modules' donor tensors, read into memory (the floors' source bytes)."""
     from transplant_core.checkpoint import CheckpointTensors
     from transplant_core.refs import ModuleRef
 
     table = server.runtime.table
-    keys = [k for n in names for k in table[ModuleRef.parse(n)].keys]
-    src_ck = CheckpointTensors(Path(donor_path))
-    src = [src_ck.get(k).clone() for k in keys]
+    ck = CheckpointTensors(Path(donor_path))
+    return [ck.get(k).clone() for n in names for k in table[ModuleRef.parse(n)].keys]
+
+
+def copy_floor(server, names: list[str], donor_path: str, reps: int = 5) -> float:
+    """Median seconds of a plain tensor copy of the K modules' bytes (in memory to in memory)."""
+    import torch
+
+    src = module_tensors(server, names, donor_path)
     dst = [torch.empty_like(s) for s in src]
     times = []
     for _ in range(reps + 1):
@@ -93,13 +97,7 @@ def durable_floor(server, names: list[str], donor_path: str, reps: int = 3) -> f
     it: the floor of any swap that is durable before it goes live (write-ahead)."""
     import torch
 
-    from transplant_core.checkpoint import CheckpointTensors
-    from transplant_core.refs import ModuleRef
-
-    table = server.runtime.table
-    keys = [k for n in names for k in table[ModuleRef.parse(n)].keys]
-    src_ck = CheckpointTensors(Path(donor_path))
-    src = [src_ck.get(k).clone() for k in keys]
+    src = module_tensors(server, names, donor_path)
     path = Path(server.runtime.gens.dir) / ".bench-floor"
     times = []
     try:

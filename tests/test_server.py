@@ -60,6 +60,14 @@ def live_sums(s):
     return tp.checksums(gens.live.model, sorted(gens.records[0].checksums))
 
 
+def start_with_other(models, cfg):
+    """A server on `cfg` with the donor "other" registered through the Admin RPC."""
+    s = start(cfg)
+    c = Clients(s.grpc_port, s.token)
+    c.admin("RegisterDonor", A.RegisterDonorRequest(name="other", path=str(models / "donors" / "other")))
+    return s, c
+
+
 def code_of(fn):
     with pytest.raises(grpc.RpcError) as e:
         fn()
@@ -308,9 +316,7 @@ def test_watchdog_registers_dropped_in_checkpoints(models, tmp_path):
 
 def test_restart_keeps_history_and_rollback(models, tmp_path):
     cfg = config(tmp_path, models / "target", [models / "donors"], watch_donor_roots=False)
-    s = start(cfg)
-    c = Clients(s.grpc_port, s.token)
-    c.admin("RegisterDonor", A.RegisterDonorRequest(name="other", path=str(models / "donors" / "other")))
+    s, c = start_with_other(models, cfg)
     c.admin("Transplant", A.TransplantRequest(donor="other", modules=["layers.0.*"]))
     c.admin("Transplant", A.TransplantRequest(donor="other", modules=["layers.1.mlp.*"], alpha=0.5))
     want = live_sums(s)
@@ -337,10 +343,8 @@ def test_tensor_store_writes_each_tensor_once(models, tmp_path):
     verified, and a corrupted object stops the start with a clear error."""
     cfg = config(tmp_path, models / "target", [models / "donors"], watch_donor_roots=False)
     objects = tmp_path / "state" / "tensors" / "objects"
-    s = start(cfg)
-    c = Clients(s.grpc_port, s.token)
+    s, c = start_with_other(models, cfg)
     try:
-        c.admin("RegisterDonor", A.RegisterDonorRequest(name="other", path=str(models / "donors" / "other")))
         c.admin("Transplant", A.TransplantRequest(donor="other", modules=["layers.0.mlp.*"]))
         first = sorted(p.name for p in objects.iterdir())
         keys = [k for k in s.runtime.gens.records[1].state]
@@ -393,9 +397,7 @@ def test_state_directories_from_before_the_store_still_load(models, tmp_path):
     from safetensors.torch import load_file
 
     cfg = config(tmp_path, models / "target", [models / "donors"], watch_donor_roots=False)
-    s = start(cfg)
-    c = Clients(s.grpc_port, s.token)
-    c.admin("RegisterDonor", A.RegisterDonorRequest(name="other", path=str(models / "donors" / "other")))
+    s, c = start_with_other(models, cfg)
     c.admin("Transplant", A.TransplantRequest(donor="other", modules=["layers.1.*"]))
     want, state = live_sums(s), dict(s.runtime.gens.records[1].state)
     c.close()
