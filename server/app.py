@@ -10,9 +10,12 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from .auth import AdminAuthInterceptor, load_or_create_token
+from transplant_core.errors import PreconditionFailed
+
+from .auth import AdminAuthInterceptor, load_key, load_or_create_token
 from .config import ServeConfig
 from .http import HttpServer
+from .openai_api import OpenAIApi
 from .errors import MalformedRequest
 from .rpc import ADMIN_SERVICE, INFERENCE_SERVICE, admin_pb2, inference_pb2
 from .runtime import Runtime
@@ -49,36 +52,57 @@ class Server:
     def __init__(self, cfg: ServeConfig):
         self.cfg = cfg
         self.token, self.token_created = load_or_create_token(cfg.token_file)
+        self.inference_key = load_key(cfg.inference_key_file)
         self.runtime = Runtime(cfg)
         self.health = health.HealthServicer(experimental_non_blocking=True)
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         self.grpc = grpc.server(
             futures.ThreadPoolExecutor(max_workers=cfg.grpc_workers, thread_name_prefix="grpc"),
-            interceptors=[AdminAuthInterceptor(self.token, (ADMIN_SERVICE,))],
+            interceptors=[AdminAuthInterceptor(self.token, (ADMIN_SERVICE,))] + (
+                [AdminAuthInterceptor(self.inference_key, (INFERENCE_SERVICE,), "inference key")]
+                if self.inference_key else []),
             maximum_concurrent_rpcs=cfg.grpc_workers + cfg.max_queue,
-            options=[("grpc.max_receive_message_length", 4 * 1024 * 1024)],
+            # gRPC turns SO_REUSEPORT on by default: a second server on a taken port would bind
+            # too and the kernel would split connections between the two. Off: a clear error.
+            options=[("grpc.max_receive_message_length", 4 * 1024 * 1024), ("grpc.so_reuseport", 0)],
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         names = (inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name,
                  admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name,
                  health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
         reflection.enable_server_reflection(names, self.grpc)
-        if cfg.tls_cert:
-            creds = grpc.ssl_server_credentials([(cfg.tls_key.read_bytes(), cfg.tls_cert.read_bytes())])
-            self.grpc_port = self.grpc.add_secure_port(cfg.grpc_listen, creds)
-        else:
-            self.grpc_port = self.grpc.add_insecure_port(cfg.grpc_listen)
-        if not self.grpc_port:
-            raise OSError(f"cannot listen on {cfg.grpc_listen}")
+        self.grpc_port = self._bind_grpc(cfg)
         self.grpc.add_generic_rpc_handlers((
             tolerant_handler(inference_pb2.DESCRIPTOR.services_by_name["Inference"], InferenceServicer(self.runtime)),
             tolerant_handler(admin_pb2.DESCRIPTOR.services_by_name["Admin"], AdminServicer(self.runtime)),
         ))
-        self.http = HttpServer(cfg.http_listen, self.runtime.metrics.registry, self.token, self._on_alert)
+        try:
+            self.http = HttpServer(cfg.http_listen, self.runtime.metrics.registry, self.token, self._on_alert,
+                                   api=OpenAIApi(self.runtime, cfg.http_timeout_s), inference_key=self.inference_key,
+                                   count=self.runtime.metrics.count_http)
+        except OSError as e:
+            self.grpc.stop(0)
+            raise PreconditionFailed(f"cannot listen on {cfg.http_listen} (HTTP: /metrics, /alerts): {_why(e)}; "
+                                     "stop whatever holds it or give --http-listen HOST:PORT") from None
         self.http_port = self.http.port
         self._stopped = threading.Event()
         self._finished = threading.Event()
         self._listening = False
+
+    def _bind_grpc(self, cfg: ServeConfig) -> int:
+        try:
+            if cfg.tls_cert:
+                creds = grpc.ssl_server_credentials([(cfg.tls_key.read_bytes(), cfg.tls_cert.read_bytes())])
+                port = self.grpc.add_secure_port(cfg.grpc_listen, creds)
+            else:
+                port = self.grpc.add_insecure_port(cfg.grpc_listen)
+        except RuntimeError:          # grpcio >= 1.5x raises where older ones returned 0
+            port = 0
+        if not port:
+            raise PreconditionFailed(f"cannot listen on {cfg.grpc_listen} (gRPC): the address is in use or not "
+                                     "available here (another `transplant serve`?); stop whatever holds it or "
+                                     "give --grpc-listen HOST:PORT")
+        return port
 
     def _on_alert(self, doc: dict) -> tuple[int, dict]:
         if not self.runtime.ready.is_set():
@@ -132,6 +156,14 @@ class Server:
     def wait(self) -> None:
         """Block until stop() has drained and closed everything."""
         self._finished.wait()
+
+
+def _why(e: OSError) -> str:
+    import errno
+
+    if e.errno == errno.EADDRINUSE:
+        return "the address is in use (another `transplant serve`?)"
+    return e.strerror or str(e)
 
 
 def create_server(cfg: ServeConfig) -> Server:

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import grpc
 
+from transplant_core.errors import InvalidArgument
+
 
 def load_or_create_token(path: Path) -> tuple[str, bool]:
     """(token, created)."""
@@ -39,11 +41,13 @@ def check_bearer(header: str | None, token: str) -> str | None:
 
 
 class AdminAuthInterceptor(grpc.ServerInterceptor):
-    """Guards every method of the given services; others pass through."""
+    """Guards every method of the given services; others pass through. `what` names
+    the credential in the refusal (admin token, inference key)."""
 
-    def __init__(self, token: str, services: tuple[str, ...]):
+    def __init__(self, token: str, services: tuple[str, ...], what: str = "admin token"):
         self._token = token
         self._prefixes = tuple(f"/{s}/" for s in services)
+        self._what = what
 
     def intercept_service(self, continuation, details):
         if not details.method.startswith(self._prefixes):
@@ -52,9 +56,9 @@ class AdminAuthInterceptor(grpc.ServerInterceptor):
         verdict = check_bearer(md.get("authorization"), self._token)
         if verdict is None:
             return continuation(details)
-        code, msg = ((grpc.StatusCode.UNAUTHENTICATED, "admin calls need 'authorization: Bearer <token>' metadata")
-                     if verdict == "missing" else
-                     (grpc.StatusCode.PERMISSION_DENIED, "the admin token is wrong"))
+        code, msg = ((grpc.StatusCode.UNAUTHENTICATED, f"these calls need 'authorization: Bearer <{self._what}>' "
+                      "metadata") if verdict == "missing" else
+                     (grpc.StatusCode.PERMISSION_DENIED, f"the {self._what} is wrong"))
 
         def deny(request, context):
             context.abort(code, msg)
@@ -63,3 +67,16 @@ class AdminAuthInterceptor(grpc.ServerInterceptor):
         if handler is not None and handler.response_streaming:
             return grpc.unary_stream_rpc_method_handler(deny)
         return grpc.unary_unary_rpc_method_handler(deny)
+
+
+def load_key(path: Path | None) -> str | None:
+    """The optional inference API key (None: inference is open)."""
+    if path is None:
+        return None
+    path = Path(path)
+    if not path.is_file():
+        raise InvalidArgument(f"inference key file {path} does not exist")
+    key = path.read_text().strip()
+    if len(key) < 16:
+        raise InvalidArgument(f"the inference key in {path} is shorter than 16 characters")
+    return key

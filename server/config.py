@@ -39,6 +39,16 @@ class GuardSpec(BaseModel):
     mode: Literal["refuse", "revert"] = "refuse"
 
 
+# Default probes for a zoo model: the cross-generation setting's task (add), the base vs
+# tuned setting's (rev), and copy, which every model of the family does well, guarded.
+# 64 eval-split examples each take about a second on the family's models.
+ZOO_PROBES = (
+    {"task": "zoo:add", "examples": 64, "interval_s": 60},
+    {"task": "zoo:rev", "examples": 64, "interval_s": 60},
+    {"task": "zoo:copy", "examples": 64, "interval_s": 60, "guard": True},
+)
+
+
 class ServeConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -57,6 +67,10 @@ class ServeConfig(BaseModel):
     task_roots: tuple[Path, ...] = ()     # JSONL task files named in RPCs must lie here (zoo: tasks always work)
     test_crash_at: str | None = None      # test hook: SIGKILL self at a commit step (after_tensors, ...)
 
+    served_model_name: str | None = Field(None, pattern=r"^[^@\s]{1,128}$")   # `model` in requests (default: zoo:NAME or the folder name)
+    inference_key_file: Path | None = None  # set: Inference (gRPC) and /v1 need 'Bearer <key>'; unset: open
+    batching: Literal["continuous", "static"] = "continuous"
+    servable_generations: int = Field(3, ge=0, le=64)   # past generations requests may still pin
     max_batch_size: int = Field(16, ge=1, le=1024)
     batch_wait_ms: float = Field(10.0, ge=0, le=1000)   # most a new batch waits for company (<= 5% of a decode)
     max_queue: int = Field(256, ge=1)
@@ -65,6 +79,7 @@ class ServeConfig(BaseModel):
     default_max_new_tokens: int = Field(32, ge=1)
     grpc_workers: int = Field(64, ge=4)
     drain_timeout_s: float = Field(30.0, ge=0)
+    http_timeout_s: float = Field(600.0, gt=0)     # a /v1 call's deadline (header x-request-timeout: less)
 
     probe_prompts: int = Field(64, ge=1)        # activation analysis defaults
     probe_max_new_tokens: int = Field(16, ge=1)
@@ -74,6 +89,15 @@ class ServeConfig(BaseModel):
     probes: tuple[ProbeSpec, ...] = ()
     guard: GuardSpec = GuardSpec()
     rollback_alerts: tuple[str, ...] = ("TransplantQualityRegression",)   # alertnames that revert
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_probes(cls, data):
+        """The embedded family gets probes unless the config names its own (an empty list
+        turns them off): plain `transplant serve` exports task quality from the start."""
+        if isinstance(data, dict) and "probes" not in data and str(data.get("model", "zoo:v2")).startswith("zoo:"):
+            data = dict(data, probes=ZOO_PROBES)
+        return data
 
     @field_validator("grpc_listen", "http_listen")
     @classmethod
@@ -93,6 +117,12 @@ class ServeConfig(BaseModel):
         if len(names) != len(set(names)):
             raise ValueError(f"donor names repeat: {names}")
         return self
+
+    @property
+    def model_name(self) -> str:
+        if self.served_model_name:
+            return self.served_model_name
+        return self.model if self.model.startswith("zoo:") else (Path(self.model).name or self.model)
 
     @property
     def token_file(self) -> Path:

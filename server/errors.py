@@ -9,7 +9,7 @@ import grpc
 
 from transplant_core import errors as E
 
-from .scheduler import QueueFull
+from .engines.base import QueueFull
 
 log = logging.getLogger("transplant.server")
 
@@ -94,3 +94,26 @@ def rpc_stream(method):
             _fail(self, method.__name__, t0, e, context)
         _ok(self, method.__name__, t0)
     return wrapper
+
+
+# The same errors over HTTP (the OpenAI-compatible API): one map, from the gRPC code.
+HTTP_STATUS = {
+    grpc.StatusCode.INVALID_ARGUMENT: 400, grpc.StatusCode.FAILED_PRECONDITION: 400,
+    grpc.StatusCode.NOT_FOUND: 404, grpc.StatusCode.ALREADY_EXISTS: 409,
+    grpc.StatusCode.UNAUTHENTICATED: 401, grpc.StatusCode.PERMISSION_DENIED: 401,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429, grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504, grpc.StatusCode.INTERNAL: 500,
+}
+ERROR_TYPE = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+              409: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
+              500: "server_error", 503: "service_unavailable", 504: "timeout_error"}
+
+
+def http_status_of(exc: BaseException) -> int:
+    return HTTP_STATUS.get(status_of(exc), 500)
+
+
+def openai_error(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
+    """OpenAI's error body."""
+    return {"error": {"message": message, "type": ERROR_TYPE.get(status, "server_error"), "param": param,
+                      "code": code}}

@@ -86,8 +86,9 @@ class Record:
 
 class Generations:
     def __init__(self, base: nn.Module, table: ModuleTable, state_dir: Path, model_spec: str,
-                 crash_hook: Callable[[str], None] | None = None, owner=None):
+                 crash_hook: Callable[[str], None] | None = None, owner=None, keep_servable: int = 3):
         self.base = base
+        self.keep_servable = keep_servable
         self.table = table
         self.dir = Path(state_dir)
         self.tensor_dir = self.dir / "tensors"
@@ -107,6 +108,7 @@ class Generations:
             self.live = Live(0, base)
             self._base_params = {k: p.detach() for k, p in base.named_parameters()}
             self._recover()
+            self._servable: dict[int, Live] = {self.live.id: self.live}   # in memory, oldest first
             self._migrate_legacy()
             self._sweep()
         except BaseException:
@@ -249,6 +251,29 @@ class Generations:
         model, _ = tp.derive(self.base, p, share=True)
         return model
 
+    def _keep(self, live: Live) -> None:
+        """Past generations stay servable (requests may pin them) while they are among the
+        `keep_servable` most recent before the live one; each holds only the tensors it
+        does not share with the others (its swapped modules)."""
+        servable = dict(self._servable)
+        servable[live.id] = live
+        while len(servable) > self.keep_servable + 1:
+            servable.pop(next(iter(servable)))
+        self._servable = servable                # one assignment: readers see old or new
+
+    def servable(self, gen: int) -> Live:
+        """The model of generation `gen`, for a request pinned to it."""
+        live = self._servable.get(gen)
+        if live is None:
+            self.get(gen)                                   # NotFound if it never existed
+            raise NotFound(f"generation {gen} is no longer servable: requests may pin the live generation and the "
+                           f"{self.keep_servable} before it that went live in this process "
+                           f"({', '.join(map(str, self.servable_ids()))}); make it live again with a revert")
+        return live
+
+    def servable_ids(self) -> list[int]:
+        return sorted(self._servable)
+
     def get(self, gen: int) -> Record:
         if gen not in self.records:
             raise NotFound(f"generation {gen} does not exist; generations are 0..{max(self.records)}")
@@ -306,6 +331,7 @@ class Generations:
             recent.update({parent_state[k]: c.replaced[k] for k in p.keys if k in parent_state})
             self._recent = recent
             self._overrides, self.live = overrides, Live(gen, c.model)
+            self._keep(self.live)
             self._crash("after_swap")
             return rec
 

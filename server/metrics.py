@@ -22,7 +22,11 @@ class Metrics:
                                          ["rpc"], buckets=LATENCY_BUCKETS, registry=r)
         self.tokens = Counter("transplant_generated_tokens_total", "Tokens generated", registry=r)
         self.prompt_tokens = Counter("transplant_prompt_tokens_total", "Prompt tokens processed", registry=r)
-        self.batch_size = Histogram("transplant_batch_size", "Requests per decoding batch",
+        self.http_requests = Counter("transplant_http_requests_total", "OpenAI-compatible API calls, by route and "
+                                     "HTTP status", ["route", "status"], registry=r)
+        self.http_seconds = Histogram("transplant_http_request_seconds", "Time of an API call (a stream: until its "
+                                      "last event)", ["route"], buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_size = Histogram("transplant_batch_size", "Rows per decode step (static batching: per batch)",
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
         self.queue_depth = Gauge("transplant_queue_depth", "Requests waiting for a batch", registry=r)
         self.live_generation = Gauge("transplant_live_generation", "Id of the live generation", registry=r)
@@ -35,6 +39,11 @@ class Metrics:
         self.bytes_swapped = Counter("transplant_bytes_swapped_total", "Bytes installed by swaps", registry=r)
         self.donors = Gauge("transplant_donors_registered", "Donor checkpoints registered", registry=r)
         self.healthy = Gauge("transplant_serving", "1 when the server is SERVING", registry=r)
+
+    def count_http(self, route: str, status: int, seconds: float) -> None:
+        route = route if route in ("/v1/completions", "/v1/chat/completions") else "/v1/models"
+        self.http_requests.labels(route, str(status)).inc()
+        self.http_seconds.labels(route).observe(seconds)
 
 
 class QualityMetrics:

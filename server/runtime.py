@@ -13,22 +13,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from transplant_core import transplant as tp
-from transplant_core.errors import Incompatible, InvalidArgument, PreconditionFailed
+from transplant_core.errors import Incompatible, InvalidArgument, NotFound, PreconditionFailed
 from transplant_core.evaluate import evaluate
-from transplant_core.generation import SamplingParams
+from transplant_core.generation import DecodeBatch, SamplingParams, SpliceUnsupported
 from transplant_core.tasks import Task, load_task
 from transplant_core.workflow import analyse, explicit_modules, open_model, select
 
 from .config import ServeConfig
 from .donors import Donor, DonorRegistry
+from .engines import Request, make_engine
 from .generations import Generations, Record, claim
 from .metrics import Metrics, QualityMetrics
 from .quality import QualityMonitor
-from .scheduler import Request, Scheduler
 
 log = logging.getLogger("transplant.runtime")
 
 MAX_STOP_SEQUENCES, MAX_STOP_CHARS = 8, 64
+CHAT_ROLES = ("system", "user", "assistant")
 
 
 @dataclass
@@ -80,7 +81,7 @@ class Runtime:
             self.loaded = open_model(cfg.model, cfg.allow_pickle)
             self.tokenizer, self.table = self.loaded.tokenizer, self.loaded.table
             self.gens = Generations(self.loaded.model, self.table, cfg.state_dir, cfg.model, self._crash_hook,
-                                    owner=owner)
+                                    owner=owner, keep_servable=cfg.servable_generations)
         except BaseException:
             owner.close()
             raise
@@ -97,13 +98,25 @@ class Runtime:
             self.donors.register(name, str(path), origin="config", trusted=True)
         if cfg.watch_donor_roots and roots:
             self.donors.watch()
-        self.scheduler = Scheduler(self.gens, self.tokenizer, cfg.max_batch_size, cfg.max_queue,
-                                   cfg.batch_wait_ms, on_batch=self._on_batch)
+        self.scheduler = make_engine(self._batching(), self.gens, self.tokenizer, cfg, self._on_finish,
+                                     self.metrics.batch_size.observe)
         self.scheduler.start()
         self.quality = QualityMonitor(cfg, self.tokenizer, self.task, QualityMetrics(self.metrics.registry))
         self._probe_generation(self.gens.live, "post_swap")
         self.quality.start(lambda: self.gens.live, self._record_probe)
         self.ready.set()
+
+    def _batching(self) -> str:
+        """Continuous batching where the model's KV cache can be spliced (tried on one
+        token), else static batching, said in the log."""
+        if self.cfg.batching == "static":
+            return "static"
+        try:
+            DecodeBatch(self.gens.live.model, self.tokenizer).add([(0, [0], SamplingParams(max_new_tokens=1))])
+        except SpliceUnsupported as e:
+            log.warning("continuous batching is off: %s; batching whole requests instead", e)
+            return "static"
+        return "continuous"
 
     def _crash_hook(self, point: str) -> None:
         if self.cfg.test_crash_at == point:
@@ -147,9 +160,18 @@ class Runtime:
     # ---- inference ----------------------------------------------------------------
 
     def request(self, prompt: str, max_new_tokens: int, temperature: float, top_p: float, seed: int | None,
-                stop: list[str], deadline: float | None = None, alive=lambda: True, stream=None) -> Request:
-        """Validate a generate request and queue it."""
+                stop: list[str], deadline: float | None = None, alive=lambda: True, stream=None,
+                messages: list[dict] | None = None, model: str = "", generation: int | None = None,
+                pinned=None) -> Request:
+        """Validate a generate request (a prompt, or chat messages rendered with the model's
+        chat template; pinned by `model` "NAME@N" or `generation`, or to `pinned`, a
+        generations.Live) and queue it."""
         cfg = self.cfg
+        pinned = pinned or self.pin(model, generation)
+        if messages:
+            if prompt:
+                raise InvalidArgument("give a prompt or chat messages, not both")
+            prompt = self.render_chat(messages)
         if not prompt:
             raise InvalidArgument("prompt is empty")
         if len(prompt) > cfg.max_prompt_chars:
@@ -167,22 +189,55 @@ class Runtime:
         if not ids:
             raise InvalidArgument("prompt has no tokens")
         params = SamplingParams(n, float(temperature), float(top_p) if top_p > 0 else 1.0, seed, tuple(stop))
-        req = Request(prompt, ids, params, deadline, alive, stream)
+        req = Request(prompt, ids, params, deadline, alive, stream, pinned=pinned)
         self.scheduler.submit(req)
         self.metrics.queue_depth.set(self.scheduler.depth)
         return req
 
-    def _on_batch(self, gen: int, reqs: list[Request]) -> None:
+    def pin(self, model: str = "", generation: int | None = None):
+        """The generation a request names: `model` is "" or the served name (the live
+        generation) or "NAME@N"; `generation` pins by number. None: the live one."""
+        name, at, num = (model or "").rpartition("@") if "@" in (model or "") else (model or "", "", "")
+        if name and name != self.cfg.model_name:
+            raise NotFound(f"model {name!r} is not served here; this server serves {self.cfg.model_name!r} "
+                           f"(pin a generation with {self.cfg.model_name}@N)")
+        if at:
+            if not num.isdigit():
+                raise InvalidArgument(f"model {model!r}: expected NAME@N with N a generation number")
+            if generation is not None and generation != int(num):
+                raise InvalidArgument(f"model {model!r} and generation {generation} disagree")
+            generation = int(num)
+        return None if generation is None else self.gens.servable(generation)
+
+    def render_chat(self, messages: list[dict]) -> str:
+        """Chat messages as the model's own chat template renders them for a reply."""
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise InvalidArgument(f"model {self.cfg.model_name!r} has no chat template (chat_template in its "
+                                  "tokenizer_config.json); send a plain prompt (/v1/completions) instead")
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or m.get("role") not in CHAT_ROLES:
+                role = m.get("role") if isinstance(m, dict) else m
+                raise InvalidArgument(f"messages[{i}]: role {role!r} is not one of {', '.join(CHAT_ROLES)}")
+            if not isinstance(m.get("content"), str):
+                raise InvalidArgument(f"messages[{i}]: content must be text")
+        if not any(m["content"] for m in messages):
+            raise InvalidArgument("messages are all empty")
+        try:
+            return self.tokenizer.apply_chat_template([{"role": m["role"], "content": m["content"]} for m in messages],
+                                                      tokenize=False, add_generation_prompt=True)
+        except Exception as e:        # noqa: BLE001 - a template may raise on input it does not accept
+            raise InvalidArgument(f"the model's chat template refused these messages: {e}") from None
+
+    def _on_finish(self, r: Request) -> None:
         m = self.metrics
-        m.batch_size.observe(len(reqs))
         m.queue_depth.set(self.scheduler.depth)
-        for r in reqs:
+        if r.started is not None:
             m.queue_seconds.observe(r.started - r.enqueued)
-            if r.first_token is not None:
-                m.ttft_seconds.observe(r.first_token - r.enqueued)
-            if r.result is not None:
-                m.tokens.inc(r.result.completion_tokens)
-                m.prompt_tokens.inc(r.result.prompt_tokens)
+        if r.first_token is not None:
+            m.ttft_seconds.observe(r.first_token - r.enqueued)
+        if r.result is not None:
+            m.tokens.inc(r.result.completion_tokens)
+            m.prompt_tokens.inc(r.result.prompt_tokens)
 
     # ---- admin: donors --------------------------------------------------------------
 
@@ -206,11 +261,28 @@ class Runtime:
             roots = [Path(r).resolve() for r in self.cfg.task_roots]
             if not any(r == p.parent or r in p.parents for r in roots):
                 raise InvalidArgument(f"task file {spec!r} is outside the task roots "
-                                      f"({', '.join(map(str, roots)) or 'none configured'}); use zoo:NAME or --task-root")
+                                      f"({', '.join(map(str, roots)) or 'none configured'}); use zoo:NAME, or start the server with --task-root DIR (task_roots in its config)")
         return load_task(spec, n=n)
 
-    def evaluate_on(self, model, gen: int, spec: str, n: int = 0, max_new_tokens: int = 0) -> dict:
-        task = self.task(spec, n or self.cfg.eval_examples)
+    def selection_task(self, spec: str, n: int | None = None) -> Task:
+        """The prompts a task + K selection analyses: never ones its quality is measured on.
+        A zoo task: its probe split (disjoint from eval); a JSONL file: its even positions."""
+        if spec.startswith("zoo:"):
+            self.task(spec)                               # the same checks and errors
+            return load_task(spec, n=n, split="probe")
+        return self.task(spec).split()[0].head(n)
+
+    def held_out_task(self, spec: str, n: int | None = None) -> Task:
+        """What a selection's task is evaluated on: disjoint from selection_task. A zoo
+        task: its eval split; a JSONL file: its odd positions."""
+        if spec.startswith("zoo:"):
+            return self.task(spec, n)
+        return self.task(spec).split()[1].head(n)
+
+    def evaluate_on(self, model, gen: int, spec: str, n: int = 0, max_new_tokens: int = 0,
+                    held_out: bool = False) -> dict:
+        n = n or self.cfg.eval_examples
+        task = self.held_out_task(spec, n) if held_out else self.task(spec, n)
         r = evaluate(model, self.tokenizer, task, max_new_tokens or self.cfg.eval_max_new_tokens)
         lo, hi = r.interval()
         return {"task": spec, "accuracy": r.accuracy, "n": r.n, "correct": r.n_correct, "generation": gen,
@@ -239,7 +311,7 @@ class Runtime:
         else:
             if a.k < 1:
                 raise InvalidArgument("k must be at least 1 with a task")
-            probe = self.task(a.task, a.probe_prompts or self.cfg.probe_prompts)
+            probe = self.selection_task(a.task, a.probe_prompts or self.cfg.probe_prompts)
             shadow = tp.fork(live.model, [])              # hooks go on a private module tree
             analysis = analyse(shadow, self.tokenizer, self.table, self._donor_model(donor), probe, donor.compat,
                                a.max_new_tokens or self.cfg.probe_max_new_tokens, a.alignment or "free")
@@ -255,7 +327,11 @@ class Runtime:
             selection = {"method": "explicit" if a.modules else "lae", "task": a.task, "k": a.k,
                          "alignment": a.alignment or "free",
                          "scores": {name: s for name, s, _ in pr.ranked[:a.k]} if pr.ranked else {}}
-            return self._swap(pr.plan, "transplant", tasks, a.eval_examples, requested_by, a.reason, selection)
+            if a.task:
+                selection["selected_on"] = ("probe split" if a.task.startswith("zoo:") else
+                                            "even-numbered examples (evaluated on the odd ones)")
+            return self._swap(pr.plan, "transplant", tasks, a.eval_examples, requested_by, a.reason, selection,
+                              held_out=a.task)
 
     def revert(self, to: int | None, reason: str = "", requested_by: str = "", eval_tasks=(), eval_examples: int = 0,
                why: str = "manual", extra: dict | None = None) -> SwapResult:
@@ -265,12 +341,13 @@ class Runtime:
                               {"method": "revert", "why": why, **(extra or {})}, reverted_to=target)
 
     def _swap(self, p: tp.Plan, kind: str, tasks: list[str], n: int, requested_by: str, reason: str,
-              selection: dict, reverted_to: int | None = None) -> SwapResult:
+              selection: dict, reverted_to: int | None = None, held_out: str = "") -> SwapResult:
         """Prepare off to the side, shadow-measure the probes, let the guard judge,
-        commit (write-ahead, swap), then measure again on the live generation."""
+        commit (write-ahead, swap), then measure again on the live generation. The task
+        `held_out` (the one modules were selected on) is measured on its held-out part."""
         parent = self.gens.live
         why = selection.get("why", "manual")
-        before = [self.evaluate_on(parent.model, parent.id, t, n) for t in tasks]
+        before = [self.evaluate_on(parent.model, parent.id, t, n, held_out=t == held_out) for t in tasks]
         t0 = time.perf_counter()
         try:
             cand = self.gens.prepare(p, share=kind == "revert")   # a revert's values are stored, immutable
@@ -305,7 +382,7 @@ class Runtime:
         self._probe_generation(live, "post_swap", donor=p.donor if kind == "transplant" else None)
         after = []
         for t in tasks:
-            q = self.evaluate_on(live.model, live.id, t, n)
+            q = self.evaluate_on(live.model, live.id, t, n, held_out=t == held_out)
             self.gens.add_quality(live.id, q)
             after.append(q)
         log.info("%s: generation %d -> %d (%d modules, %.1f ms)", kind, parent.id, rec.id, len(p.modules), seconds * 1e3)

@@ -1,4 +1,6 @@
-"""Dynamic batching: concurrent requests share forward passes.
+"""Static (request-level) batching, the engine before continuous batching: kept as
+`batching: static` for comparison (bench/continuous) and for models whose KV cache
+cannot be spliced. Concurrent requests share forward passes.
 
 Requests wait in a bounded queue (full: RESOURCE_EXHAUSTED, never unbounded memory).
 One worker thread takes up to `max_batch_size` of them, pins the live generation,
@@ -27,11 +29,11 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
 from typing import Callable
 
-from transplant_core.generation import Completion, SamplingParams, generate
+from transplant_core.generation import generate
 
+from .engines.base import BoundedQueue, QueueFull, Request  # noqa: F401  (QueueFull: re-exported)
 from .generations import Generations
 
 
@@ -39,39 +41,17 @@ REGROUP_FRACTION = 0.05      # of the last batch's decode time
 REGROUP_MAX_S = 0.1
 
 
-class QueueFull(Exception):
-    """The bounded request queue is full (RESOURCE_EXHAUSTED)."""
-
-
-@dataclass
-class Request:
-    prompt: str
-    prompt_ids: list[int]
-    params: SamplingParams
-    deadline: float | None = None                   # time.monotonic() value
-    alive: Callable[[], bool] = lambda: True
-    stream: queue.SimpleQueue | None = None         # text deltas, then None
-    enqueued: float = field(default_factory=time.monotonic)
-    started: float | None = None
-    first_token: float | None = None
-    generation: int | None = None
-    result: Completion | None = None
-    error: BaseException | None = None
-    done: threading.Event = field(default_factory=threading.Event)
-
-    def cancelled(self) -> bool:
-        return not self.alive() or (self.deadline is not None and time.monotonic() > self.deadline)
-
-
 class Scheduler:
     def __init__(self, gens: Generations, tokenizer, max_batch_size: int, max_queue: int, batch_wait_ms: float,
-                 on_batch: Callable[[int, list[Request]], None] | None = None):
+                 on_finish: Callable[[Request], None] | None = None, on_step: Callable[[int], None] | None = None):
         self.gens = gens
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.batch_wait = batch_wait_ms / 1000.0
-        self._q: queue.Queue[Request] = queue.Queue(maxsize=max_queue)
-        self._on_batch = on_batch or (lambda gen, reqs: None)
+        self._bq = BoundedQueue(max_queue)
+        self._q = self._bq.q
+        self._on_finish = on_finish or (lambda r: None)
+        self._on_step = on_step or (lambda n: None)
         self._stop = threading.Event()
         self._busy = threading.Event()
         self._demand, self._last_seconds = 0, 0.0       # the previous batch + its backlog, for regrouping
@@ -85,11 +65,7 @@ class Scheduler:
         return self._q.qsize()
 
     def submit(self, req: Request) -> Request:
-        try:
-            self._q.put_nowait(req)
-        except queue.Full:
-            raise QueueFull(f"the request queue is full ({self._q.maxsize} waiting); retry with backoff") from None
-        return req
+        return self._bq.put(req)
 
     def idle(self) -> bool:
         return self._q.empty() and not self._busy.is_set()
@@ -138,22 +114,25 @@ class Scheduler:
             if r.cancelled():
                 r.error = TimeoutError("cancelled or deadline exceeded before the request started")
                 self._finish(r)
-        if not live:
-            return
-        pinned = self.gens.live                       # one generation for the whole batch
+        pinned = self.gens.live                       # one generation per sub-batch: the live one
+        groups: dict[int, tuple[object, list[Request]]] = {}
+        for r in live:                                # unless a request is pinned to another
+            target = r.pinned or pinned
+            groups.setdefault(target.id, (target, []))[1].append(r)
+        for target, rows in groups.values():
+            self._decode_on(target, rows)
+
+    def _decode_on(self, target, live: list[Request]) -> None:
         now = time.monotonic()
         for r in live:
-            r.started, r.generation = now, pinned.id
+            r.started, r.generation = now, target.id
 
         def on_text(i: int, delta: str) -> None:
-            r = live[i]
-            if r.first_token is None:
-                r.first_token = time.monotonic()
-            if r.stream is not None and delta:
-                r.stream.put(delta)
+            live[i].deliver(delta)
 
+        self._on_step(len(live))
         try:
-            outs = generate(pinned.model, self.tokenizer, [r.prompt for r in live], [r.params for r in live],
+            outs = generate(target.model, self.tokenizer, [r.prompt for r in live], [r.params for r in live],
                             on_text=on_text, cancelled=lambda i: live[i].cancelled(),
                             prompt_ids=[r.prompt_ids for r in live])
             for r, c in zip(live, outs):
@@ -161,12 +140,11 @@ class Scheduler:
         except BaseException as e:           # the batch failed: every request in it learns why
             for r in live:
                 r.error = e
-        self._on_batch(pinned.id, live)
         for r in live:
             self._finish(r)
 
-    @staticmethod
-    def _finish(r: Request) -> None:
-        if r.stream is not None:
-            r.stream.put(None)
-        r.done.set()
+    def _finish(self, r: Request) -> None:
+        try:
+            self._on_finish(r)
+        finally:
+            r.finish()

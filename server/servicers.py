@@ -37,7 +37,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     def _submit(self, req, context, stream=None):
         return self.rt.request(req.prompt, req.max_new_tokens, req.temperature, req.top_p,
                                req.seed if req.HasField("seed") else None, list(req.stop),
-                               _deadline(context), context.is_active, stream)
+                               _deadline(context), context.is_active, stream,
+                               messages=[{"role": m.role, "content": m.content} for m in req.messages],
+                               model=req.model, generation=req.generation if req.HasField("generation") else None)
 
     @rpc
     def Generate(self, request, context):

@@ -4,6 +4,7 @@ import os
 import shutil
 import stat
 import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -14,7 +15,7 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from safetensors.torch import save_file
 
-from serverkit import A, I, Clients, config, spawn, start
+from serverkit import ROOT, A, I, Clients, config, spawn, start
 from server.runtime import TransplantArgs
 from tiny import make_model, save
 from transplant_core import transplant as tp
@@ -580,3 +581,83 @@ def test_deadline_frees_the_row_and_errors_are_counted(models, tmp_path):
     finally:
         c.close()
         s.stop(1)
+
+
+def test_taken_ports_are_clear_startup_errors(models, tmp_path):
+    """gRPC's default SO_REUSEPORT would let a second server bind the same port and split
+    the traffic: a taken gRPC or HTTP port is a startup error that names the address."""
+    from transplant_core.errors import PreconditionFailed
+
+    s = start(config(tmp_path / "a", models / "target", [models / "donors"], watch_donor_roots=False))
+    try:
+        taken = f"127.0.0.1:{s.grpc_port}"
+        with pytest.raises(PreconditionFailed, match=f"cannot listen on {taken} \\(gRPC\\).*--grpc-listen"):
+            start(config(tmp_path / "b", models / "target", [models / "donors"], grpc_listen=taken))
+        taken = f"127.0.0.1:{s.http_port}"
+        with pytest.raises(PreconditionFailed, match=f"cannot listen on {taken} \\(HTTP.*in use.*--http-listen"):
+            start(config(tmp_path / "c", models / "target", [models / "donors"], http_listen=taken))
+        c = Clients(s.grpc_port, s.token)          # the first server still answers every call
+        assert all(c.admin("GetStatus", A.GetStatusRequest()).live_generation == 0 for _ in range(8))
+        c.close()
+    finally:
+        s.stop(2)
+    # the CLI says the same in one line, no traceback
+    import socket
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        busy = f"127.0.0.1:{held.getsockname()[1]}"
+        out = subprocess.run([sys.executable, "-m", "server.cli", "serve", "--model", str(models / "target"),
+                              "--state-dir", str(tmp_path / "d"), "--grpc-listen", "127.0.0.1:0",
+                              "--http-listen", busy], capture_output=True, text=True, timeout=120, cwd=ROOT,
+                             env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert f"error: cannot listen on {busy} (HTTP" in out.stderr
+
+
+def test_selection_prompts_are_disjoint_from_evaluation(models, tmp_path):
+    """A task + K transplant selects on prompts its before/after quality never includes:
+    a zoo task's probe split, a JSONL file's even-numbered examples (measured on the odd)."""
+    roots = tmp_path / "tasks"
+    roots.mkdir()
+    f = roots / "t.jsonl"
+    f.write_text("".join(json.dumps({"prompt": f"copy:{w}=", "answer": w}) + "\n"
+                         for w in ("ab", "cd", "ef", "gh", "ij", "kl", "mn", "op", "qr", "st", "uv", "wx")))
+    s, c = start_with_other(models, config(tmp_path, models / "target", [models / "donors"],
+                                           watch_donor_roots=False, task_roots=[str(roots)]))
+    try:
+        rt = s.runtime
+        for spec in (str(f), "zoo:add"):
+            chosen, measured = rt.selection_task(spec, 1000).prompts, rt.held_out_task(spec, 1000).prompts
+            assert chosen and measured and not set(chosen) & set(measured), spec
+        assert len(rt.selection_task(str(f), 1000)) == 6 and len(rt.held_out_task(str(f), 1000)) == 6
+        r = c.admin("Transplant", A.TransplantRequest(donor="other", task=str(f), k=2, eval_examples=100))
+        assert [q.n for q in r.before] == [6] and [q.n for q in r.after] == [6]      # the odd half only
+        assert "even-numbered" in json.loads(r.generation.selection_json)["selected_on"]
+        r = c.admin("Transplant", A.TransplantRequest(donor="other", task="zoo:add", k=2, eval_examples=8))
+        assert json.loads(r.generation.selection_json)["selected_on"] == "probe split"
+    finally:
+        c.close()
+        s.stop(2)
+
+
+def test_embedded_family_exports_quality_from_the_start(tmp_path):
+    """Plain `transplant serve` (a zoo model, no probes configured) measures the default
+    probes before it says SERVING, so /metrics has task quality at once; a config that
+    names its own probes, or none, gets exactly those."""
+    from server.config import ZOO_PROBES, load_config
+
+    assert [p.task for p in load_config(None).probes] == [p["task"] for p in ZOO_PROBES]
+    assert load_config(None, probes=[]).probes == ()
+    assert load_config(None, model=str(tmp_path)).probes == ()
+    s = start(config(tmp_path, "zoo:v2", [tmp_path / "donors"], watch_donor_roots=False))
+    try:
+        body = urllib.request.urlopen(f"http://127.0.0.1:{s.http_port}/metrics", timeout=10).read().decode()
+        for p in ZOO_PROBES:
+            line = next(x for x in body.splitlines()
+                        if x.startswith("transplant_quality_accuracy{") and f'task="{p["task"]}"' in x)
+            assert 'generation="0"' in line and 0.0 <= float(line.rsplit(" ", 1)[1]) <= 1.0
+        assert 'transplant_quality_samples{task="zoo:copy",generation="0"} 64.0' in body
+    finally:
+        s.stop(2)

@@ -88,6 +88,10 @@ def load_model(spec: str, allow_pickle: bool = False, dtype: torch.dtype | None 
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if spec.startswith("zoo:") and not getattr(tokenizer, "chat_template", None):
+        from .zoo.tokenizer import CHAT_TEMPLATE      # a family built before it had one
+
+        tokenizer.chat_template = CHAT_TEMPLATE
     return model, tokenizer, path
 
 

@@ -160,3 +160,188 @@ def greedy(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size
         if progress:
             progress(len(chunk))
     return out
+
+
+# ---- continuous batching ---------------------------------------------------------------
+# A DecodeBatch is a set of rows decoding together on ONE model, where rows join between
+# steps and leave the moment they finish. Its KV cache is kept as per-layer (keys,
+# values) tensors [rows, heads, length, head_dim], left-padded, with a [rows, length]
+# attention mask: a joining row is prefilled on its own (with the others that joined in
+# the same round), then its cache is left-padded to the batch's length (or the batch's
+# to its) and concatenated; a leaving row's slice is dropped, and columns that only
+# padding still occupies are trimmed. Positions come from each row's own token count,
+# so a row computes what it would alone, up to padding (masked, never attended to).
+
+
+@dataclass
+class Event:
+    """What one row did in one call: new streamable text, and its completion if it ended."""
+    key: object
+    delta: str
+    completion: Completion | None = None
+
+
+def _layers(cache) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """Per-layer (keys, values) of a transformers cache, or None where the cache is not
+    plain full attention (sliding windows, quantised, ...): those cannot be spliced."""
+    if cache is None:
+        return None
+    if hasattr(cache, "layers"):                 # transformers >= 4.56
+        if any(type(layer).__name__ != "DynamicLayer" for layer in cache.layers):
+            return None
+        return [(layer.keys, layer.values) for layer in cache.layers]
+    if hasattr(cache, "key_cache"):              # older transformers
+        return list(zip(cache.key_cache, cache.value_cache))
+    return None
+
+
+def _cache(kv: list[tuple[torch.Tensor, torch.Tensor]]):
+    from transformers import DynamicCache
+
+    return DynamicCache(ddp_cache_data=kv) if "ddp_cache_data" in inspect.signature(DynamicCache).parameters \
+        else DynamicCache.from_legacy_cache(tuple(kv))
+
+
+def _left_pad(t: torch.Tensor, length: int, dim: int) -> torch.Tensor:
+    extra = length - t.shape[dim]
+    if extra <= 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = extra
+    return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+
+class SpliceUnsupported(Exception):
+    """The model's KV cache cannot be spliced (continuous batching needs a plain cache)."""
+
+
+class DecodeBatch:
+    def __init__(self, model: nn.Module, tokenizer):
+        self.model, self.tokenizer = model, tokenizer
+        self.keys: list[object] = []
+        self.rows: list[_Row] = []
+        self.kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.cache = None                      # the transformers cache object over self.kv
+        self.mask: torch.Tensor | None = None  # [rows, length]
+        self.pos: torch.Tensor | None = None   # [rows, 1]: position of each row's next input token
+        self.last: torch.Tensor | None = None  # [rows]: each row's next input token
+        self._cache_kw, self._extra = cache_argument(model), _last_logits_only(model)
+        self._pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self._eos = tokenizer.eos_token_id
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def _emit(self, i: int, r: _Row, tok: int) -> Event:
+        _check_stop(r, self._eos, tok, self.tokenizer)
+        delta = _streamable(r)
+        done = Completion(r.text, r.ids, r.prompt_tokens, r.done) if r.done else None
+        return Event(self.keys[i] if i < len(self.keys) else None, delta, done)
+
+    def _sample_rows(self, logits: torch.Tensor, rows: list[_Row]) -> list[int]:
+        argmax = logits.argmax(-1).tolist() if any(r.params.temperature <= 0 for r in rows) else None
+        return [argmax[i] if r.params.temperature <= 0 else _sample(logits[i], r.params, r.generator)
+                for i, r in enumerate(rows)]
+
+    @torch.no_grad()
+    def add(self, items: list[tuple[object, list[int], SamplingParams]]) -> list[Event]:
+        """Prefill new rows (key, prompt ids, params) together and decode their first token;
+        those that do not finish on it join the batch."""
+        if not items:
+            return []
+        ids = [x[1] for x in items]
+        width = max(len(x) for x in ids)
+        input_ids = torch.tensor([[self._pad] * (width - len(x)) + x for x in ids], dtype=torch.long)
+        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], dtype=torch.long)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                         **{self._cache_kw: None}, **self._extra)
+        kv = _layers(getattr(out, self._cache_kw, None))
+        if kv is None:
+            raise SpliceUnsupported(f"{type(self.model).__name__}'s KV cache is not a plain dynamic cache")
+        rows = [_Row(p, len(x), torch.Generator().manual_seed(p.seed) if p.seed is not None else None)
+                for _, x, p in items]
+        toks = self._sample_rows(out.logits[:, -1, :], rows)
+        events, keep = [], []
+        for j, ((key, _, _), r, tok) in enumerate(zip(items, rows, toks)):
+            if r.params.max_new_tokens <= 0:
+                r.done = "length"
+                events.append(Event(key, "", Completion("", [], r.prompt_tokens, "length")))
+                continue
+            _check_stop(r, self._eos, tok, self.tokenizer)
+            delta = _streamable(r)
+            events.append(Event(key, delta, Completion(r.text, r.ids, r.prompt_tokens, r.done) if r.done else None))
+            if not r.done:
+                keep.append(j)
+        if keep:
+            sel = torch.tensor(keep)
+            kv = [(k.index_select(0, sel), v.index_select(0, sel)) for k, v in kv]
+            self._merge([items[j][0] for j in keep], [rows[j] for j in keep], kv, mask.index_select(0, sel),
+                        positions[sel, -1:] + 1, torch.tensor([toks[j] for j in keep], dtype=torch.long))
+        return events
+
+    def _merge(self, keys, rows, kv, mask, pos, last) -> None:
+        if self.cache is None:
+            self.kv, self.mask, self.pos, self.last = kv, mask, pos, last
+        else:
+            self.kv = _layers(self.cache)           # the steps since the last splice grew it
+            length = max(self.mask.shape[1], mask.shape[1])
+            self.kv = [(torch.cat([_left_pad(k0, length, 2), _left_pad(k1, length, 2)]),
+                        torch.cat([_left_pad(v0, length, 2), _left_pad(v1, length, 2)]))
+                       for (k0, v0), (k1, v1) in zip(self.kv, kv)]
+            self.mask = torch.cat([_left_pad(self.mask, length, 1), _left_pad(mask, length, 1)])
+            self.pos, self.last = torch.cat([self.pos, pos]), torch.cat([self.last, last])
+        self.keys += keys
+        self.rows += rows
+        self.cache = _cache(self.kv)
+
+    def remove(self, keep: list[int]) -> None:
+        """Keep only rows `keep` (indices); frees the others' cache at once and trims
+        columns that only padding occupies."""
+        if len(keep) == len(self.rows):
+            return
+        if not keep:
+            self.keys, self.rows, self.kv, self.cache, self.mask, self.pos, self.last = [], [], None, None, None, None, None
+            return
+        self.kv = _layers(self.cache)
+        sel = torch.tensor(keep)
+        mask = self.mask.index_select(0, sel)
+        used = mask.any(0).nonzero()
+        start = int(used[0]) if len(used) else 0
+        self.kv = [(k.index_select(0, sel)[:, :, start:].contiguous(), v.index_select(0, sel)[:, :, start:].contiguous())
+                   for k, v in self.kv]
+        self.mask, self.pos, self.last = mask[:, start:], self.pos.index_select(0, sel), self.last.index_select(0, sel)
+        self.keys, self.rows = [self.keys[i] for i in keep], [self.rows[i] for i in keep]
+        self.cache = _cache(self.kv)
+
+    def cancel(self, which: Callable[[object], bool]) -> list[Event]:
+        """Drop the rows whose key `which` says to; each ends as "cancelled"."""
+        events, keep = [], []
+        for i, (key, r) in enumerate(zip(self.keys, self.rows)):
+            if which(key):
+                r.done = "cancelled"
+                events.append(Event(key, "", Completion(r.text, r.ids, r.prompt_tokens, "cancelled")))
+            else:
+                keep.append(i)
+        self.remove(keep)
+        return events
+
+    @torch.no_grad()
+    def step(self) -> list[Event]:
+        """One decode step for every row; rows that finish leave the batch."""
+        if not self.rows:
+            return []
+        self.mask = torch.cat([self.mask, torch.ones(len(self.rows), 1, dtype=torch.long)], dim=1)
+        out = self.model(input_ids=self.last[:, None], attention_mask=self.mask, position_ids=self.pos,
+                         use_cache=True, **{self._cache_kw: self.cache}, **self._extra)
+        self.cache = getattr(out, self._cache_kw, None) or self.cache
+        toks = self._sample_rows(out.logits[:, -1, :], self.rows)
+        events, keep = [], []
+        for i, (r, tok) in enumerate(zip(self.rows, toks)):
+            events.append(self._emit(i, r, tok))
+            if not r.done:
+                keep.append(i)
+        self.pos = self.pos + 1
+        self.last = torch.tensor(toks, dtype=torch.long)
+        self.remove(keep)
+        return events

@@ -19,6 +19,12 @@ def vocab() -> dict[str, int]:
     return {tok: i for i, tok in enumerate(SPECIALS + tuple(ALPHABET))}
 
 
+# The family's chat template: the messages' texts joined by a space, nothing added (the
+# alphabet has no newline or markup), so a one-message chat is the plain prompt:
+# [{"role": "user", "content": "add:12+30="}] renders as "add:12+30=".
+CHAT_TEMPLATE = "{% for m in messages %}{% if not loop.first %} {% endif %}{{ m['content'] }}{% endfor %}"
+
+
 def build_tokenizer() -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.WordLevel(vocab=vocab(), unk_token="<unk>"))
     # one token per character, spaces included; decoding just concatenates
@@ -31,6 +37,7 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
         eos_token="</s>",
         unk_token="<unk>",
         padding_side="left",
+        chat_template=CHAT_TEMPLATE,
     )
 
 

@@ -1,0 +1,17 @@
+"""Engines: what decodes requests. The runtime (generations, journal, guard, probes,
+metrics) sits above the seam in base.py and is written once; an engine only queues,
+batches and decodes requests, each on the generation it is pinned to."""
+from .base import Engine, QueueFull, Request
+
+__all__ = ["Engine", "QueueFull", "Request", "make_engine"]
+
+
+def make_engine(kind: str, gens, tokenizer, cfg, on_finish, on_step) -> Engine:
+    if kind == "static":
+        from ..scheduler import Scheduler
+
+        return Scheduler(gens, tokenizer, cfg.max_batch_size, cfg.max_queue, cfg.batch_wait_ms,
+                         on_finish=on_finish, on_step=on_step)
+    from .embedded import ContinuousEngine
+
+    return ContinuousEngine(gens, tokenizer, cfg.max_batch_size, cfg.max_queue, on_finish=on_finish, on_step=on_step)

@@ -1,0 +1,306 @@
+"""The OpenAI-compatible API under /v1: completions, chat completions (both streamed as
+server-sent events or not) and models. As thin as the gRPC servicers: parse and check
+the body, call the runtime, shape the reply. Errors use OpenAI's JSON shape with the
+HTTP status the one error map (server/errors.py) gives.
+
+Every reply names the generation that computed it: the `x-transplant-generation`
+header, `generation` in the body and `system_fingerprint` ("gen-N"). All choices of one
+call run on the same generation: the one `model` pins ("NAME@N"), else the generation
+live when the call arrived.
+"""
+from __future__ import annotations
+
+import json
+import math
+import queue
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+from transplant_core.errors import InvalidArgument, NotFound
+
+from .errors import NotReady, http_status_of, openai_error
+
+MAX_CHOICES = 8          # n x prompts per call
+MAX_PROMPTS = 8
+# Parameters that change what OpenAI returns and that this server does not implement:
+# refused unless given their neutral value, so no client silently gets something else.
+NEUTRAL = {"logprobs": (None, False, 0), "top_logprobs": (None, 0), "echo": (None, False), "best_of": (None, 1),
+           "suffix": (None, ""), "logit_bias": (None, {}), "presence_penalty": (None, 0, 0.0),
+           "frequency_penalty": (None, 0, 0.0), "tools": (None, []), "tool_choice": (None, "none"),
+           "functions": (None, []), "function_call": (None, "none"), "parallel_tool_calls": (None, True, False),
+           "response_format": (None, {"type": "text"}), "modalities": (None, ["text"])}
+ACCEPTED = {"model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "n",
+            "stop", "seed", "stream", "stream_options", "user", "store", "metadata"} | set(NEUTRAL)
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.param, self.code = status, param, code
+
+
+@dataclass
+class Reply:
+    status: int
+    body: dict | None = None                          # JSON
+    stream: Iterator[bytes] | None = None             # server-sent events
+    headers: dict | None = None
+
+
+def error_reply(e: BaseException) -> Reply:
+    if isinstance(e, ApiError):
+        return Reply(e.status, openai_error(e.status, str(e), e.param, e.code))
+    status = http_status_of(e)
+    msg = str(e) if status != 500 else f"internal error: {type(e).__name__}; see the server log"
+    code = "model_not_found" if isinstance(e, NotFound) and "model" in str(e) else None
+    return Reply(status, openai_error(status, msg, None, code))
+
+
+# ---- checking a body -------------------------------------------------------------------
+
+def _number(body: dict, name: str, default: float, lo: float, hi: float) -> float:
+    v = body.get(name)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not lo <= v <= hi:
+        raise ApiError(400, f"{name} must be a number in [{lo:g}, {hi:g}], got {v!r}", name)
+    return float(v)
+
+
+def _integer(body: dict, name: str, default: int | None, lo: int, hi: int) -> int | None:
+    v = body.get(name)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        raise ApiError(400, f"{name} must be an integer in [{lo}, {hi}], got {v!r}", name)
+    return v
+
+
+def _stop(body: dict) -> list[str]:
+    v = body.get("stop")
+    if v is None:
+        return []
+    if isinstance(v, str):
+        return [v]
+    if isinstance(v, list) and all(isinstance(s, str) for s in v):
+        return v
+    raise ApiError(400, f"stop must be a string or a list of strings, got {v!r}", "stop")
+
+
+def _prompts(body: dict) -> list[str]:
+    v = body.get("prompt")
+    if isinstance(v, str):
+        return [v]
+    if isinstance(v, list) and v and all(isinstance(p, str) for p in v):
+        if len(v) > MAX_PROMPTS:
+            raise ApiError(400, f"at most {MAX_PROMPTS} prompts per request, got {len(v)}", "prompt")
+        return v
+    raise ApiError(400, "prompt must be a string or a non-empty list of strings (token id arrays are not "
+                        "supported)", "prompt")
+
+
+def _messages(body: dict) -> list[dict]:
+    v = body.get("messages")
+    if not isinstance(v, list) or not v:
+        raise ApiError(400, "messages must be a non-empty list of {role, content}", "messages")
+    out = []
+    for i, m in enumerate(v):
+        if not isinstance(m, dict):
+            raise ApiError(400, f"messages[{i}] must be an object with role and content", "messages")
+        content = m.get("content")
+        if isinstance(content, list):          # content parts: text only
+            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                       for p in content):
+                raise ApiError(400, f"messages[{i}].content: only text parts are supported", "messages")
+            content = "".join(p["text"] for p in content)
+        out.append({"role": m.get("role"), "content": content})
+    return out
+
+
+@dataclass
+class Call:
+    chat: bool
+    model: str
+    prompts: list[str]                  # completions
+    messages: list[dict]                # chat
+    max_tokens: int
+    temperature: float
+    top_p: float
+    n: int
+    stop: list[str]
+    seed: int | None
+    stream: bool
+    include_usage: bool
+
+
+def parse(body, chat: bool) -> Call:
+    if not isinstance(body, dict):
+        raise ApiError(400, "the body must be a JSON object")
+    unknown = sorted(set(body) - ACCEPTED)
+    if unknown:
+        raise ApiError(400, f"unrecognized request argument(s): {', '.join(unknown)}", unknown[0])
+    for name, neutral in NEUTRAL.items():
+        if name in body and body[name] not in neutral:
+            raise ApiError(400, f"{name}={body[name]!r} is not supported by this server", name)
+    if not isinstance(body.get("model"), str) or not body["model"]:
+        raise ApiError(400, "model is required: the served model's name, or NAME@N for generation N (GET /v1/models)",
+                       "model")
+    max_tokens = _integer(body, "max_completion_tokens", None, 1, 1 << 31) if chat else None
+    max_tokens = _integer(body, "max_tokens", max_tokens, 1, 1 << 31) or 0
+    opts = body.get("stream_options")
+    if opts is not None and not (isinstance(opts, dict) and set(opts) <= {"include_usage"}):
+        raise ApiError(400, "stream_options may only hold include_usage", "stream_options")
+    if not isinstance(body.get("stream", False), bool):
+        raise ApiError(400, "stream must be true or false", "stream")
+    n = _integer(body, "n", 1, 1, MAX_CHOICES)
+    prompts = [] if chat else _prompts(body)
+    if n * max(1, len(prompts)) > MAX_CHOICES:
+        raise ApiError(400, f"n x prompts may be at most {MAX_CHOICES}", "n")
+    return Call(chat, body["model"], prompts, _messages(body) if chat else [], max_tokens,
+                _number(body, "temperature", 1.0, 0.0, 2.0), _number(body, "top_p", 1.0, 0.0, 1.0), n,
+                _stop(body), _integer(body, "seed", None, 0, (1 << 63) - 1), bool(body.get("stream", False)),
+                bool((opts or {}).get("include_usage", False)))
+
+
+# ---- the API ---------------------------------------------------------------------------
+
+FINISH = {"eos": "stop", "stop": "stop", "length": "length"}
+
+
+class _Tagged:
+    """Puts a row's text deltas on the call's one queue, tagged with its choice index."""
+
+    def __init__(self, q: queue.SimpleQueue, index: int):
+        self.q, self.index = q, index
+
+    def put(self, delta) -> None:
+        self.q.put((self.index, delta))
+
+
+class OpenAIApi:
+    def __init__(self, runtime, timeout_s: float = 600.0):
+        self.rt = runtime
+        self.timeout_s = timeout_s
+
+    def _ready(self) -> None:
+        if not self.rt.ready.is_set():
+            raise NotReady("the server is loading its model; retry shortly")
+        if not self.rt.serving:
+            raise NotReady("the server is draining or not serving; retry on another replica")
+
+    def models(self, model_id: str | None = None) -> Reply:
+        self._ready()
+        name, live = self.rt.cfg.model_name, self.rt.gens.live.id
+        data = [{"id": name, "object": "model", "created": int(self.rt.started), "owned_by": "transplant",
+                 "generation": live, "live": True}]
+        data += [{"id": f"{name}@{g}", "object": "model", "created": int(self.rt.gens.records[g].created),
+                  "owned_by": "transplant", "generation": g, "live": g == live}
+                 for g in self.rt.gens.servable_ids()]
+        if model_id is None:
+            return Reply(200, {"object": "list", "data": data})
+        for d in data:
+            if d["id"] == model_id:
+                return Reply(200, d)
+        raise ApiError(404, f"model {model_id!r} is not served here (GET /v1/models lists what is)", "model",
+                       "model_not_found")
+
+    def create(self, body, chat: bool, timeout_s: float | None = None) -> Reply:
+        """POST /v1/completions (chat=False) or /v1/chat/completions (chat=True)."""
+        self._ready()
+        call = parse(body, chat)
+        pinned = self.rt.pin(call.model) or self.rt.gens.live      # every choice on one generation
+        deadline = time.monotonic() + (timeout_s or self.timeout_s)
+        q: queue.SimpleQueue = queue.SimpleQueue()
+        alive = {"ok": True}
+        sources = [(p, None) for p in call.prompts] if not chat else [("", call.messages)]
+        reqs = []
+        for i in range(len(sources) * call.n):
+            prompt, messages = sources[i // call.n]
+            seed = None if call.seed is None else call.seed + i % call.n
+            reqs.append(self.rt.request(prompt, call.max_tokens, call.temperature, call.top_p, seed, call.stop,
+                                        deadline, lambda: alive["ok"], _Tagged(q, i) if call.stream else None,
+                                        messages=messages, pinned=pinned))
+        meta = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
+                "model": self.rt.cfg.model_name, "system_fingerprint": f"gen-{pinned.id}", "generation": pinned.id}
+        headers = {"x-transplant-generation": str(pinned.id)}
+        if call.stream:
+            return Reply(200, stream=self._events(call, reqs, q, meta, alive), headers=headers)
+        for r in reqs:
+            r.done.wait()
+        results = [_result(r) for r in reqs]
+        choices = [dict(index=i, finish_reason=FINISH.get(c.finish_reason, "stop"),
+                        **({"message": {"role": "assistant", "content": c.text}} if chat else
+                           {"text": c.text, "logprobs": None}))
+                   for i, c in enumerate(results)]
+        return Reply(200, {**meta, "object": "chat.completion" if chat else "text_completion", "choices": choices,
+                           "usage": _usage(results, call.n)}, headers=headers)
+
+    def _events(self, call: Call, reqs, q: queue.SimpleQueue, meta: dict, alive: dict) -> Iterator[bytes]:
+        obj = "chat.completion.chunk" if call.chat else "text_completion"
+
+        def chunk(i: int, text: str | None, finish: str | None = None, role: bool = False) -> bytes:
+            if call.chat:
+                delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
+                choice = {"index": i, "delta": delta, "finish_reason": finish}
+            else:
+                choice = {"index": i, "text": text or "", "finish_reason": finish, "logprobs": None}
+            return _sse({**meta, "object": obj, "choices": [choice]})
+
+        try:
+            if call.chat:
+                for i in range(len(reqs)):
+                    yield chunk(i, None, role=True)
+            open_rows = len(reqs)
+            while open_rows:
+                i, delta = q.get()
+                if delta is not None:
+                    yield chunk(i, delta)
+                    continue
+                open_rows -= 1
+                r = reqs[i]
+                try:
+                    c = _result(r)
+                except Exception as e:          # noqa: BLE001 - becomes an error event, the stream ends
+                    yield _sse(error_reply(e).body)
+                    yield b"data: [DONE]\n\n"
+                    return
+                yield chunk(i, None, FINISH.get(c.finish_reason, "stop"))
+            if call.include_usage:
+                yield _sse({**meta, "object": obj, "choices": [], "usage": _usage([r.result for r in reqs], call.n)})
+            yield b"data: [DONE]\n\n"
+        finally:
+            alive["ok"] = False      # the client left (or we are done): rows still running are cancelled
+
+
+def _result(r):
+    if r.error is not None:
+        raise r.error
+    if r.result.finish_reason == "cancelled":
+        raise TimeoutError("the request timed out or was cancelled during generation")
+    return r.result
+
+
+def _usage(results, n: int) -> dict:
+    prompt = sum(results[j].prompt_tokens for j in range(0, len(results), n))     # each prompt once
+    completion = sum(c.completion_tokens for c in results)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _sse(doc: dict) -> bytes:
+    return b"data: " + json.dumps(doc, separators=(",", ":")).encode() + b"\n\n"
+
+
+def check_key(headers, key: str | None, check_bearer: Callable) -> None:
+    if key is None:
+        return
+    verdict = check_bearer(headers.get("Authorization"), key)
+    if verdict == "missing":
+        raise ApiError(401, "this server needs an inference API key: 'Authorization: Bearer <key>'",
+                       code="invalid_api_key")
+    if verdict is not None:
+        raise ApiError(401, "the inference API key is wrong", code="invalid_api_key")
+
+
+__all__ = ["ApiError", "OpenAIApi", "Reply", "error_reply", "check_key", "InvalidArgument"]
