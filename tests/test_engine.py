@@ -1,0 +1,124 @@
+"""Continuous batching: rows that join and leave between decode steps compute exactly
+what they compute alone, and a short request never waits for a long one."""
+import threading
+import time
+
+import pytest
+import torch
+
+from server.engines import Request
+from server.engines.embedded import ContinuousEngine
+from server.generations import Live
+from server.scheduler import Scheduler
+from tiny import make_model
+from transplant_core.generation import DecodeBatch, SamplingParams, SpliceUnsupported, generate
+
+PROMPTS = ["hello", "abc", "add:1+2=", "the quick brown fox jumps", "zz", "Q", "sort:dcba=", "x y z"]
+
+
+def staggered(model, tok, jobs):
+    """Run (prompt, params) jobs through one DecodeBatch, a new one joining every third
+    step (two at once now and then), and return their completions by index."""
+    b, got, pending, step = DecodeBatch(model, tok), {}, list(range(len(jobs))), 0
+    while pending or len(b):
+        if pending and step % 3 == 0:
+            take, pending = pending[:1 + (step % 6 == 0)], pending[1 + (step % 6 == 0):]
+            events = b.add([(i, tok(jobs[i][0], add_special_tokens=False)["input_ids"], jobs[i][1]) for i in take])
+        else:
+            events = b.step()
+        for e in events:
+            if e.completion is not None:
+                got[e.key] = e.completion
+        step += 1
+    return [got[i] for i in range(len(jobs))]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "phi3", "gpt2", "gpt_neox"])
+def test_rows_joining_and_leaving_compute_what_they_compute_alone(arch, tokenizer):
+    torch.manual_seed(0)
+    model = make_model(arch, 0).eval()
+    jobs = [(p, SamplingParams(max_new_tokens=n)) for p, n in zip(PROMPTS, (5, 40, 9, 30, 1, 12, 25, 3))]
+    jobs += [(p, SamplingParams(max_new_tokens=20, temperature=0.8, top_p=0.9, seed=7 + i))   # sampled rows too
+             for i, p in enumerate(PROMPTS[:4])]
+    alone = [generate(model, tokenizer, [p], params)[0] for p, params in jobs]
+    together = staggered(model, tokenizer, jobs)
+    assert [c.token_ids for c in together] == [c.token_ids for c in alone]
+    assert [c.finish_reason for c in together] == [c.finish_reason for c in alone]
+
+
+@pytest.mark.parametrize("arch", ["mistral", "gemma2"])
+def test_a_cache_that_cannot_be_spliced_is_refused(arch, tokenizer):
+    """Sliding-window cache layers (Mistral with sliding_window set, Gemma-2) cannot be
+    concatenated row by row: the runtime then batches whole requests (Runtime._batching)."""
+    with pytest.raises(SpliceUnsupported):
+        DecodeBatch(make_model(arch, 0).eval(), tokenizer).add([(0, [5, 6], SamplingParams(max_new_tokens=3))])
+
+
+class _Gens:
+    def __init__(self, model):
+        self.live = Live(0, model)
+
+
+def long_prompt(model, tok, n):
+    """A prompt the tiny random model decodes for all n tokens without emitting EOS."""
+    for p in PROMPTS + [f"{c}{c}" for c in "abcdefghijklmnop"]:
+        if generate(model, tok, [p], SamplingParams(max_new_tokens=n))[0].finish_reason == "length":
+            return p
+    pytest.skip("no prompt decodes to length on this model")
+
+
+@pytest.mark.parametrize("engine", ["continuous", "static"])
+def test_a_short_request_does_not_wait_for_a_long_one(engine, tokenizer):
+    """A short request that arrives while a long one decodes: continuous batching admits it
+    at the next step and it finishes long before the long one; static batching (the
+    comparison) makes it wait for the whole long batch."""
+    model = make_model("llama", 0).eval()
+    p = long_prompt(model, tokenizer, 120)
+    steps = []
+    kw = dict(on_step=steps.append)
+    eng = (ContinuousEngine(_Gens(model), tokenizer, 8, 16, **kw) if engine == "continuous"
+           else Scheduler(_Gens(model), tokenizer, 8, 16, 0, **kw))
+    eng.start()
+    try:
+        ids = tokenizer(p, add_special_tokens=False)["input_ids"]
+        long = eng.submit(Request(p, ids, SamplingParams(max_new_tokens=120)))
+        while long.first_token is None:
+            time.sleep(0.001)
+        time.sleep(0.02)
+        short = eng.submit(Request("hello", tokenizer("hello", add_special_tokens=False)["input_ids"],
+                                   SamplingParams(max_new_tokens=2)))
+        short.done.wait(60)
+        long_still_running = not long.done.is_set()
+        long.done.wait(60)
+        assert long.result.completion_tokens == 120 and long.result.finish_reason == "length"
+        assert short.result is not None and short.result.completion_tokens <= 2
+        if engine == "continuous":
+            assert long_still_running                                # it finished first
+            assert max(steps) == 2                                   # it ran beside the long row
+            assert short.result.token_ids == generate(model, tokenizer, ["hello"], SamplingParams(max_new_tokens=2))[0].token_ids
+        else:
+            assert not long_still_running and max(steps) == 1       # it waited for the whole long batch
+    finally:
+        eng.stop()
+
+
+def test_rows_of_two_generations_decode_side_by_side_each_on_its_own(tokenizer):
+    """Requests pinned to two generations at once: two sub-batches stepped in turn, each
+    row equal to its generation's model alone."""
+    a, b = make_model("llama", 0).eval(), make_model("llama", 1).eval()
+    eng = ContinuousEngine(_Gens(a), tokenizer, 16, 64)
+    eng.start()
+    try:
+        reqs = []
+        for i, p in enumerate(PROMPTS * 2):
+            pin = Live(1, b) if i % 2 else None
+            reqs.append(eng.submit(Request(p, tokenizer(p, add_special_tokens=False)["input_ids"],
+                                           SamplingParams(max_new_tokens=16), pinned=pin)))
+        for r in reqs:
+            assert r.done.wait(60) and r.error is None
+        for i, r in enumerate(reqs):
+            m = b if i % 2 else a
+            assert r.generation == i % 2
+            assert r.result.token_ids == generate(m, tokenizer, [r.prompt], SamplingParams(max_new_tokens=16))[0].token_ids
+    finally:
+        eng.stop()

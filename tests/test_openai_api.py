@@ -1,0 +1,260 @@
+"""The OpenAI-compatible API through the official `openai` client over real HTTP, and
+its gRPC parity: chat, streaming, pinning, every bad input."""
+import json
+import threading
+import urllib.request
+
+import grpc
+import openai
+import pytest
+
+from serverkit import A, I, Clients, config, start
+from tiny import make_model, save
+from transplant_core.generation import SamplingParams, generate
+
+PROMPT = "hello"
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("oai")
+    save(make_model("llama", 0), root / "target")
+    save(make_model("llama", 1), root / "donors" / "other")
+    plain = save(make_model("llama", 2), root / "plain")            # a model without a chat template
+    cfg = json.loads((plain / "tokenizer_config.json").read_text())
+    cfg.pop("chat_template", None)
+    (plain / "tokenizer_config.json").write_text(json.dumps(cfg))
+    (plain / "chat_template.jinja").unlink(missing_ok=True)
+    return root
+
+
+@pytest.fixture(scope="module")
+def served(models, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("oai-state")
+    s = start(config(tmp, models / "target", [models / "donors"], watch_donor_roots=False, servable_generations=2,
+                     max_new_tokens_limit=128))
+    c = Clients(s.grpc_port, s.token)
+    c.admin("RegisterDonor", A.RegisterDonorRequest(name="other", path=str(models / "donors" / "other")))
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{s.http_port}/v1", api_key="unused", max_retries=0)
+    yield s, c, client
+    c.close()
+    s.stop(2)
+
+
+def alone(s, prompt, n, gen=None):
+    """What a generation computes for `prompt` on its own, greedy."""
+    rt = s.runtime
+    model = (rt.gens.live if gen is None else rt.gens.servable(gen)).model
+    return generate(model, rt.tokenizer, [prompt], SamplingParams(max_new_tokens=n))[0]
+
+
+def test_completions_match_grpc_and_name_the_generation(served):
+    s, c, client = served
+    g = c.generate(PROMPT, 12)
+    raw = client.completions.with_raw_response.create(model="target", prompt=PROMPT, max_tokens=12, temperature=0)
+    r = raw.parse()
+    live = s.runtime.gens.live.id
+    assert raw.headers["x-transplant-generation"] == str(live) and r.model_extra["generation"] == live
+    assert r.system_fingerprint == f"gen-{live}" and r.object == "text_completion" and r.model == "target"
+    assert r.choices[0].text == g.text == alone(s, PROMPT, 12).text
+    assert r.usage.prompt_tokens == len(PROMPT) and r.usage.completion_tokens == g.completion_tokens
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    assert r.choices[0].finish_reason == ("length" if g.completion_tokens == 12 else "stop")
+
+
+def test_streamed_completions_and_chat_equal_the_unstreamed(served):
+    s, c, client = served
+    want = client.completions.create(model="target", prompt=PROMPT, max_tokens=20, temperature=0)
+    chunks = list(client.completions.create(model="target", prompt=PROMPT, max_tokens=20, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == want.choices[0].text
+    assert chunks[-2].choices[0].finish_reason == want.choices[0].finish_reason
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == want.usage.completion_tokens
+    assert all(ch.model_extra["generation"] == s.runtime.gens.live.id for ch in chunks)
+    # the zoo-style chat template renders one user message as the plain prompt
+    msgs = [{"role": "user", "content": PROMPT}]
+    chat = client.chat.completions.create(model="target", messages=msgs, max_tokens=20, temperature=0)
+    assert chat.object == "chat.completion" and chat.choices[0].message.role == "assistant"
+    assert chat.choices[0].message.content == want.choices[0].text
+    parts = list(client.chat.completions.create(model="target", messages=msgs, max_tokens=20, temperature=0,
+                                                stream=True))
+    assert parts[0].choices[0].delta.role == "assistant"
+    assert "".join(p.choices[0].delta.content or "" for p in parts) == want.choices[0].text
+    assert parts[-1].choices[0].finish_reason == chat.choices[0].finish_reason
+
+
+def test_n_seed_stop_and_text_parts(served):
+    s, c, client = served
+    kw = dict(model="target", prompt="abc", max_tokens=16, temperature=1.0, top_p=0.9, n=3, seed=11)
+    a, b = client.completions.create(**kw), client.completions.create(**kw)
+    assert [x.text for x in a.choices] == [x.text for x in b.choices] and [x.index for x in a.choices] == [0, 1, 2]
+    assert len({x.text for x in a.choices}) > 1                      # choice i samples with seed + i
+    assert a.usage.prompt_tokens == 3                                # the prompt counted once
+    text = alone(s, "abc", 16).text
+    stop = text[3:5]
+    r = client.completions.create(model="target", prompt="abc", max_tokens=16, temperature=0, stop=[stop])
+    assert r.choices[0].text == text[:text.find(stop)] and r.choices[0].finish_reason == "stop"
+    parts = [{"type": "text", "text": "ab"}, {"type": "text", "text": "c"}]
+    chat = client.chat.completions.create(model="target", messages=[{"role": "user", "content": parts}],
+                                          max_tokens=16, temperature=0)
+    assert chat.choices[0].message.content == text
+
+
+def test_pinning_on_both_apis_and_models_list(served, models):
+    s, c, client = served
+    before = alone(s, PROMPT, 12).text
+    base = s.runtime.gens.live.id
+    t = c.admin("Transplant", A.TransplantRequest(donor="other", modules=["layers.*"])).generation.id
+    after = alone(s, PROMPT, 12, t).text
+    assert before != after
+    ids = [m.id for m in client.models.list().data]
+    assert ids[0] == "target" and f"target@{base}" in ids and f"target@{t}" in ids
+    assert client.models.retrieve(f"target@{base}").model_extra["generation"] == base
+    pinned = client.completions.create(model=f"target@{base}", prompt=PROMPT, max_tokens=12, temperature=0)
+    live = client.completions.create(model="target", prompt=PROMPT, max_tokens=12, temperature=0)
+    assert (pinned.choices[0].text, pinned.model_extra["generation"]) == (before, base)
+    assert (live.choices[0].text, live.model_extra["generation"]) == (after, t)
+    g = c.inference.Generate(I.GenerateRequest(prompt=PROMPT, max_new_tokens=12, model=f"target@{base}"), timeout=60)
+    assert (g.text, g.generation) == (before, base)
+    g = c.inference.Generate(I.GenerateRequest(prompt=PROMPT, max_new_tokens=12, generation=base), timeout=60)
+    assert (g.text, g.generation) == (before, base)
+    chat = c.inference.Generate(I.GenerateRequest(messages=[I.ChatMessage(role="user", content=PROMPT)],
+                                                  max_new_tokens=12, model="target"), timeout=60)
+    assert (chat.text, chat.generation) == (after, t)
+    # servable_generations=2: two more swaps push `base` out; pinning it is then a clear 404
+    for _ in range(2):
+        c.admin("Revert", A.RevertRequest())
+    with pytest.raises(openai.NotFoundError, match=f"generation {base} is no longer servable"):
+        client.completions.create(model=f"target@{base}", prompt=PROMPT, max_tokens=4)
+    with pytest.raises(grpc.RpcError) as e:
+        c.inference.Generate(I.GenerateRequest(prompt=PROMPT, model=f"target@{base}"), timeout=60)
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND and "no longer servable" in e.value.details()
+
+
+def post(port, path, body: bytes, headers=None):
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=body, method="POST",
+                                 headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+@pytest.mark.parametrize("body, status, words", [
+    (b"{not json", 400, "not valid JSON"),
+    (b"[1, 2]", 400, "JSON object"),
+    (json.dumps({"model": "nope", "prompt": "x"}).encode(), 404, "not served here"),
+    (json.dumps({"model": "target@99", "prompt": "x"}).encode(), 404, "generation 99 does not exist"),
+    (json.dumps({"model": "target@x", "prompt": "x"}).encode(), 400, "NAME@N"),
+    (json.dumps({"prompt": "x"}).encode(), 400, "model is required"),
+    (json.dumps({"model": "target", "prompt": ""}).encode(), 400, "prompt is empty"),
+    (json.dumps({"model": "target", "prompt": [1, 2]}).encode(), 400, "token id arrays"),
+    (json.dumps({"model": "target", "prompt": "x", "max_tokens": -1}).encode(), 400, "max_tokens"),
+    (json.dumps({"model": "target", "prompt": "x", "max_tokens": 100000}).encode(), 400, "max_new_tokens must be"),
+    (b'{"model": "target", "prompt": "x", "temperature": NaN}', 400, "temperature"),
+    (b'{"model": "target", "prompt": "x", "top_p": Infinity}', 400, "top_p"),
+    (json.dumps({"model": "target", "prompt": "x", "n": 0}).encode(), 400, "n must be"),
+    (json.dumps({"model": "target", "prompt": "x", "seed": -1}).encode(), 400, "seed"),
+    (json.dumps({"model": "target", "prompt": "x", "echo": True}).encode(), 400, "not supported"),
+    (json.dumps({"model": "target", "prompt": "x", "frobnicate": 1}).encode(), 400, "unrecognized"),
+])
+def test_bad_completions_get_openai_errors_and_change_nothing(served, body, status, words):
+    s, c, client = served
+    live = s.runtime.gens.live.id
+    code, doc = post(s.http_port, "/v1/completions", body)
+    assert code == status and words in doc["error"]["message"], doc
+    assert set(doc["error"]) == {"message", "type", "param", "code"}
+    assert s.runtime.gens.live.id == live
+    assert client.completions.create(model="target", prompt="x", max_tokens=2, temperature=0).choices
+
+
+@pytest.mark.parametrize("messages, words", [
+    ([], "non-empty list"),
+    ([{"role": "tool", "content": "x"}], "role 'tool' is not one of system, user, assistant"),
+    ([{"role": "user", "content": ""}], "all empty"),
+    ([{"role": "user", "content": 5}], "content must be text"),
+    ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}], "only text parts"),
+])
+def test_bad_chat_messages(served, messages, words):
+    s, _, _ = served
+    code, doc = post(s.http_port, "/v1/chat/completions", json.dumps({"model": "target", "messages": messages}).encode())
+    assert code == 400 and words in doc["error"]["message"], doc
+
+
+def test_body_limit_is_413_and_unknown_routes_404(served):
+    s, _, client = served
+    code, doc = post(s.http_port, "/v1/completions", b'{"model": "target", "prompt": "' + b"x" * (1 << 20) + b'"}')
+    assert code == 413 and "limit" in doc["error"]["message"]
+    code, doc = post(s.http_port, "/v1/embeddings", b"{}")
+    assert code == 404
+    assert client.completions.create(model="target", prompt="x", max_tokens=2).choices
+
+
+def test_no_chat_template_is_a_400_that_says_so(models, tmp_path):
+    s = start(config(tmp_path, models / "plain", [models / "donors"], watch_donor_roots=False))
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{s.http_port}/v1", api_key="x", max_retries=0)
+        with pytest.raises(openai.BadRequestError, match="has no chat template"):
+            client.chat.completions.create(model="plain", messages=[{"role": "user", "content": "hi"}])
+        assert client.completions.create(model="plain", prompt="hi", max_tokens=3).choices
+    finally:
+        s.stop(2)
+
+
+def test_key_queue_deadline_and_loading(models, tmp_path):
+    """401 without the inference key (gRPC too), 429 when the queue is full, 504 past the
+    deadline, 503 while the model loads."""
+    from server.app import Server
+    from server.config import load_config
+
+    key = tmp_path / "key"
+    key.write_text("k" * 32)
+    s = start(config(tmp_path, models / "target", [models / "donors"], watch_donor_roots=False,
+                     inference_key_file=str(key), max_queue=1, max_batch_size=1, max_new_tokens_limit=256))
+    base = f"http://127.0.0.1:{s.http_port}/v1"
+    try:
+        with pytest.raises(openai.AuthenticationError, match="inference API key is wrong"):
+            openai.OpenAI(base_url=base, api_key="wrong", max_retries=0).models.list()
+        code, doc = post(s.http_port, "/v1/completions", b"{}")
+        assert code == 401 and "needs an inference API key" in doc["error"]["message"]
+        c = Clients(s.grpc_port, s.token)
+        with pytest.raises(grpc.RpcError) as e:
+            c.generate(PROMPT, 2)
+        assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        ok = c.inference.Generate(I.GenerateRequest(prompt=PROMPT, max_new_tokens=2), timeout=30,
+                                  metadata=[("authorization", "Bearer " + "k" * 32)])
+        assert ok.completion_tokens >= 1
+        c.close()
+        client = openai.OpenAI(base_url=base, api_key="k" * 32, max_retries=0)
+        with pytest.raises(openai.APIStatusError) as e:
+            client.completions.create(model="target", prompt="the quick brown fox", max_tokens=256, temperature=1,
+                                      seed=1, extra_headers={"x-request-timeout": "0.001"})
+        assert e.value.status_code == 504
+        codes, lock = [], threading.Lock()
+
+        def one():
+            try:
+                client.completions.create(model="target", prompt="the quick brown fox", max_tokens=256,
+                                          temperature=1.0, seed=3)
+                code = 200
+            except openai.APIStatusError as err:
+                code = err.status_code
+            with lock:
+                codes.append(code)
+        threads = [threading.Thread(target=one) for _ in range(12)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert 429 in codes and 200 in codes and set(codes) <= {200, 429}, codes
+    finally:
+        s.stop(2)
+    loading = Server(load_config(None, **config(tmp_path / "l", models / "target", [models / "donors"],
+                                                watch_donor_roots=False))).listen()
+    try:
+        code, doc = post(loading.http_port, "/v1/completions", json.dumps({"model": "target", "prompt": "x"}).encode())
+        assert code == 503 and "loading" in doc["error"]["message"]
+    finally:
+        loading.grpc.stop(0)
+        loading.http.stop()
