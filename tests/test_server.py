@@ -661,3 +661,21 @@ def test_embedded_family_exports_quality_from_the_start(tmp_path):
         assert 'transplant_quality_samples{task="zoo:copy",generation="0"} 64.0' in body
     finally:
         s.stop(2)
+
+
+def test_generate_command_streams_the_reply_and_names_the_generation(server):
+    """`transplant generate` (the README's way to send a prompt) against a real server:
+    the text equals a Generate call's; a pin and chat go through; errors are one line."""
+    s, c = server
+    want = c.generate("hello", 10)
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    run = lambda *a: subprocess.run([sys.executable, "-m", "server.cli", "generate", *a, "--address",
+                                     f"127.0.0.1:{s.grpc_port}"], capture_output=True, text=True, timeout=120,
+                                    cwd=ROOT, env=env)
+    out = run("hello", "--max-tokens", "10")
+    assert out.returncode == 0 and out.stdout == want.text + "\n", out.stderr
+    assert f"[generation {want.generation}, {want.completion_tokens} tokens" in out.stderr
+    doc = json.loads(run("hello", "--max-tokens", "10", "--chat", "--model", "target@0", "--json").stdout)
+    assert doc["text"] == want.text and doc["generation"] == 0
+    bad = run("hello", "--generation", "7")
+    assert bad.returncode == 2 and "NOT_FOUND" in bad.stderr and "Traceback" not in bad.stderr
