@@ -20,6 +20,7 @@ from .errors import openai_error
 
 log = logging.getLogger("transplant.http")
 MAX_BODY = 1 << 20
+DRAIN_LIMIT = 16 * MAX_BODY    # a larger body is refused without reading it (the connection closes)
 API_ROUTES = {"/v1/completions": False, "/v1/chat/completions": True}
 
 
@@ -72,7 +73,11 @@ class HttpServer:
                 except ValueError:
                     return fail(400, "Content-Length is not a number")
                 if length > MAX_BODY:
-                    return fail(413, f"the body has {length} bytes; the limit is {MAX_BODY}")
+                    if length <= DRAIN_LIMIT:        # read it away, so the client sees the reply, not a reset
+                        while length > 0:
+                            length -= len(self.rfile.read(min(length, 1 << 16))) or length
+                    return fail(413, f"the body has {int(self.headers.get('Content-Length'))} bytes; "
+                                     f"the limit is {MAX_BODY}")
                 if length <= 0:
                     return fail(400, f"the body must be 1..{MAX_BODY} bytes of JSON")
                 try:
