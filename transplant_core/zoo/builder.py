@@ -18,16 +18,17 @@ import sys
 import time
 import uuid
 from pathlib import Path
-
-import torch
-import transformers
-from transformers import GenerationConfig, LlamaForCausalLM
+from typing import TYPE_CHECKING
 
 from .errors import ZooError
-from .lora import add_lora, is_lora_param, merge_lora
 from .tasks import EVAL_SIZE, TASK_NAMES, task_examples
 from .tokenizer import ALPHABET, build_tokenizer
-from .train import BOS_ID, EOS_ID, PAD_ID, greedy, new_model, train
+
+# torch and transformers (and .lora/.train, which need them) are imported where a model is
+# trained, loaded or saved: the names, recipe and locations (zoo_root, is_built, model_dir)
+# that `transplant zoo list` and every zoo:NAME lookup need load in milliseconds.
+if TYPE_CHECKING:
+    from transformers import LlamaForCausalLM
 
 MODEL_NAMES: tuple[str, ...] = ("base", "tuned", "lora", "v1", "v2")
 
@@ -204,6 +205,8 @@ def _quiet_transformers():
 
 @contextlib.contextmanager
 def _threads(n: int):
+    import torch
+
     old = torch.get_num_threads()
     torch.set_num_threads(n)
     try:
@@ -227,11 +230,18 @@ def _trainable(spec: dict):
     if kind == "linear":
         return lambda n: any(k in n for k in _LINEAR)
     if kind == "lora":
+        from .lora import is_lora_param
+
         return is_lora_param
     raise ValueError(kind)
 
 
 def _train_stage(name: str, parent: LlamaForCausalLM | None, on_step) -> tuple[LlamaForCausalLM, dict]:
+    import torch
+
+    from .lora import add_lora, merge_lora
+    from .train import new_model, train
+
     spec = RECIPE["stages"][name]
     model = new_model(RECIPE["arch"], RECIPE["init_seed"])
     if parent is not None:
@@ -252,6 +262,8 @@ def _train_stage(name: str, parent: LlamaForCausalLM | None, on_step) -> tuple[L
 
 def _evaluate(model) -> dict:
     """{split: {task: acc}} for eval, dev and test (dev/test are the halves of eval)."""
+    from .train import greedy
+
     out: dict[str, dict[str, float]] = {"eval": {}, "dev": {}, "test": {}}
     half = EVAL_SIZE // 2
     for task in TASK_NAMES:
@@ -268,6 +280,9 @@ def _roles(name: str) -> list[str]:
 
 
 def _card(name: str, stage_log: dict, acc: dict, n_params: int) -> dict:
+    import torch
+    import transformers
+
     lineage = _lineage(name)
     return {
         "name": name,
@@ -350,6 +365,10 @@ def _readme(card: dict) -> str:
 def _save_model(model: LlamaForCausalLM, dest: Path, card: dict | None, extra: dict | None = None) -> None:
     """Write to a temp sibling (plus `extra` {file name: text}), then one rename;
     replaces an existing dest."""
+    from transformers import GenerationConfig
+
+    from .train import BOS_ID, EOS_ID, PAD_ID
+
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.parent / f".tmp-{dest.name}-{uuid.uuid4().hex[:8]}"
     model.save_pretrained(tmp, safe_serialization=True)
@@ -387,6 +406,9 @@ def _stage_done(root: Path, name: str) -> bool:
 
 
 def _load_stage(root: Path, name: str) -> LlamaForCausalLM:
+    import torch
+    from transformers import LlamaForCausalLM
+
     return LlamaForCausalLM.from_pretrained(_stage_dir(root, name), dtype=torch.float32).eval()
 
 
@@ -437,6 +459,8 @@ def _stage_worker(root: str, s: str, threads, queue) -> None:
     `threads` (a shared integer) is re-read every step: the parent hands a stage the
     whole CPU once it runs alone."""
     import traceback
+
+    import torch
 
     try:
         state = {"threads": threads.value, "reported": -1}

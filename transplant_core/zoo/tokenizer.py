@@ -7,9 +7,10 @@ model) shares token ids, which is what makes their modules transplantable.
 from __future__ import annotations
 
 import string
+from typing import TYPE_CHECKING
 
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
+if TYPE_CHECKING:       # imported in build_tokenizer: ALPHABET and VOCAB_SIZE load without them
+    from transformers import PreTrainedTokenizerFast
 
 SPECIALS = ("<pad>", "<s>", "</s>", "<unk>")
 ALPHABET = string.ascii_lowercase + string.ascii_uppercase + string.digits + " :=+-,.?"
@@ -26,6 +27,9 @@ CHAT_TEMPLATE = "{% for m in messages %}{% if not loop.first %} {% endif %}{{ m[
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
     tok = Tokenizer(models.WordLevel(vocab=vocab(), unk_token="<unk>"))
     # one token per character, spaces included; decoding just concatenates
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
