@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import shutil
 import sys
@@ -43,6 +44,34 @@ def manifest(target: str, donor: str, p: Plan, before: dict[str, str], after: di
     }
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where Linux allows (os.umask sets it,
+    briefly, for every thread)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _honour_umask(root: Path) -> None:
+    """mkdtemp made `root` 0700 (and a writer may create 0600 files): give the folder and
+    everything in it the modes a plain mkdir/open would have, so an engine running as
+    another user can read the checkpoint where the umask allows it."""
+    mask = _umask()
+    os.chmod(root, 0o777 & ~mask)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for d in dirnames:
+            os.chmod(os.path.join(dirpath, d), 0o777 & ~mask)
+        for f in filenames:
+            os.chmod(os.path.join(dirpath, f), 0o666 & ~mask)
+
+
 def write_checkpoint(model, tokenizer, out: Path, meta: dict, force: bool = False) -> Path:
     """Save model + tokenizer + manifest into `out`, atomically (temp dir, then rename)."""
     out = Path(out)
@@ -56,6 +85,7 @@ def write_checkpoint(model, tokenizer, out: Path, meta: dict, force: bool = Fals
         keys = [k for m in meta.get("modules", []) for k in m["keys"]]
         meta = dict(meta, sha256_saved=checksums(model, keys))
         (tmp / MANIFEST).write_text(json.dumps(meta, indent=2) + "\n")
+        _honour_umask(tmp)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
