@@ -219,11 +219,23 @@ def _donor_source(donor):
 
 # ---- parser --------------------------------------------------------------------------
 
-def _common(p: argparse.ArgumentParser, json_flag: bool = True) -> None:
+class Parser(argparse.ArgumentParser):
+    """Every parser of the CLI: no abbreviated options (`admin revert --to 1` must not be
+    read as an ambiguous prefix of --token/--token-file). Subparsers inherit the class."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+
+def _common(p: argparse.ArgumentParser, json_flag: bool = True, quiet: bool = True, pickle: bool = True) -> None:
+    """The shared flags; a command gets only those that do something for it."""
     if json_flag:
         p.add_argument("--json", action="store_true", help="one JSON document on stdout")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--allow-pickle", action="store_true", help="accept .bin/.pt weights (pickle can run code)")
+    if quiet:
+        p.add_argument("--quiet", action="store_true", help="no progress bars")
+    if pickle:
+        p.add_argument("--allow-pickle", action="store_true", help="accept .bin/.pt weights (pickle can run code)")
 
 
 def _pair(p: argparse.ArgumentParser) -> None:
@@ -241,35 +253,35 @@ def _analysis_flags(p: argparse.ArgumentParser, task_required: bool) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="transplant", description="Hot-swap transplant of linear modules between checkpoints.")
+    ap = Parser(prog="transplant", description="Hot-swap transplant of linear modules between checkpoints.")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     z = sub.add_parser("zoo", help="the embedded model family").add_subparsers(dest="zoo_command", required=True)
     p = z.add_parser("build", help="train and cache the embedded family")
     p.add_argument("--out", help="directory (default $TRANSPLANT_ZOO_DIR or ~/.cache/transplant/zoo)")
     p.add_argument("--force", action="store_true", help="rebuild even if built")
-    _common(p)
+    _common(p, pickle=False)
     p.set_defaults(fn=cmd_zoo_build)
     p = z.add_parser("list", help="models, tasks and settings of the family")
-    _common(p)
+    _common(p, quiet=False, pickle=False)
     p.set_defaults(fn=cmd_zoo_list)
     p = z.add_parser("export-task", help="write a zoo task as a JSONL task file")
-    p.add_argument("task")
-    p.add_argument("--out", required=True)
-    p.add_argument("--n", type=int)
-    p.add_argument("--split", default="eval", choices=("eval", "dev", "test", "probe"))
-    _common(p, json_flag=False)
+    p.add_argument("task", help="zoo task name (add, rev, ...; the zoo: prefix is optional)")
+    p.add_argument("--out", required=True, help="JSONL file to write")
+    p.add_argument("--n", type=int, help="first N examples only (default: the whole split)")
+    p.add_argument("--split", default="eval", choices=("eval", "dev", "test", "probe"), help="which split (default eval)")
+    _common(p, json_flag=False, quiet=False, pickle=False)
     p.set_defaults(fn=cmd_zoo_export_task)
 
     p = sub.add_parser("inspect", help="list a model's transplantable modules")
-    p.add_argument("model")
-    _common(p)
+    p.add_argument("model", help="model spec: checkpoint dir or zoo:NAME")
+    _common(p, quiet=False)
     p.set_defaults(fn=cmd_inspect)
 
     p = sub.add_parser("compat", help="pairwise compatibility, every mismatch listed (exit 1 if any)")
-    p.add_argument("target")
-    p.add_argument("donor")
-    _common(p)
+    p.add_argument("target", help="model spec: checkpoint dir or zoo:NAME")
+    p.add_argument("donor", help="model spec: checkpoint dir or zoo:NAME")
+    _common(p, quiet=False)
     p.set_defaults(fn=cmd_compat)
 
     p = sub.add_parser("analyze", help="rank modules by activation difference (LAE)")
@@ -280,11 +292,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_analyze)
 
     p = sub.add_parser("eval", help="accuracy of a model on a task")
-    p.add_argument("model")
-    p.add_argument("--task", required=True)
+    p.add_argument("model", help="model spec: checkpoint dir or zoo:NAME")
+    p.add_argument("--task", required=True, help="zoo:NAME or a JSONL file")
     p.add_argument("--n", type=int, help="first N examples only")
-    p.add_argument("--split", default="eval", choices=("eval", "dev", "test", "probe"), help="zoo tasks only")
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--split", default="eval", choices=("eval", "dev", "test", "probe"),
+                   help="split of a zoo task (default eval; ignored for a JSONL file)")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="decoding steps per answer (default 32)")
     _common(p)
     p.set_defaults(fn=cmd_eval)
 
@@ -293,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     _analysis_flags(p, task_required=False)
     p.add_argument("--modules", help="explicit names or globs, comma separated (instead of --task/--k)")
     p.add_argument("--alpha", type=float, default=1.0, help="blend factor in [0, 1]; 1 = full copy (paper)")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="directory to write the checkpoint into (must be empty or new)")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
     _common(p)
     p.set_defaults(fn=cmd_apply)
@@ -304,9 +317,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _extra_commands():
-    """Subcommands that live in other modules (experiment, serve, admin)."""
+    """Subcommands that live in other modules (experiment, serve, admin, generate); each
+    imports its heavy dependencies only when it runs, so `transplant --help` stays fast."""
     out = []
-    for mod in ("server.cli_experiment", "server.cli_serve", "server.cli_admin"):
+    for mod in ("server.cli_experiment", "server.cli_serve", "server.cli_admin", "server.cli_generate"):
         try:
             out.append(__import__(mod, fromlist=["register"]).register)
         except ModuleNotFoundError as e:
@@ -315,27 +329,53 @@ def _extra_commands():
     return out
 
 
+def _rpc_error(args, e: Exception) -> str:
+    """One line for a failed RPC; an unreachable server says where it looked and what to do."""
+    code = getattr(e, "code", lambda: None)()
+    details = getattr(e, "details", lambda: str(e))()
+    name = getattr(code, "name", code)
+    unreachable = any(w in str(details).lower() for w in ("failed to connect", "connection refused",
+                                                            "dns resolution failed", "name resolution"))
+    if name == "UNAVAILABLE" and unreachable and getattr(args, "address", None):   # not the server's NotReady
+        return (f"error: cannot reach a transplant server at {args.address} ({details}); start one with "
+                f"`transplant serve` or pass --address HOST:PORT of a running one")
+    return f"error: {name}: {details}"
+
+
+def _stdout_gone() -> int:
+    """The reader of stdout left (`transplant inspect ... | head -1`): not an error. Point
+    stdout at /dev/null so the flush at interpreter exit cannot fail again (as the Python
+    docs on SIGPIPE recommend), and exit 141 like a process killed by SIGPIPE."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):    # stdout is not a file (e.g. captured in-process)
+        sys.stdout = open(os.devnull, "w")
+    return 141
+
+
 def main(argv: list[str] | None = None) -> int:
     from transplant_core.errors import TransplantError
 
     args = build_parser().parse_args(argv)
     try:
-        return args.fn(args) or 0
+        code = args.fn(args) or 0
+        sys.stdout.flush()           # a closed pipe fails here, not in the interpreter's exit
+        return code
+    except BrokenPipeError:          # before `Exception`, which would catch it as well
+        return _stdout_gone()
     except TransplantError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except Exception as e:
-        if type(e).__module__.startswith("grpc"):      # an RPC the server refused
-            code = getattr(e, "code", lambda: None)()
-            print(f"error: {getattr(code, 'name', code)}: {getattr(e, 'details', lambda: str(e))()}", file=sys.stderr)
-            return 2
-        raise
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:          # `transplant inspect ... | head`: the reader left, not an error
-        sys.stdout = open(os.devnull, "w")
-        return 141
+    except Exception as e:
+        if type(e).__module__.startswith("grpc"):      # an RPC the server refused, or no server
+            print(_rpc_error(args, e), file=sys.stderr)
+            return 2
+        raise
 
 
 if __name__ == "__main__":

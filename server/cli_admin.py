@@ -1,55 +1,74 @@
 """`transplant admin ...`: a client for a running server (gRPC, bearer token)."""
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import time
 from pathlib import Path
 
+DEFAULT_ADDRESS = "127.0.0.1:50051"
+
+
+def _connection_flags(p, defaults: bool) -> None:
+    """How to reach the server. Given to `admin` itself (with the defaults) and again to
+    every action with SUPPRESS defaults, so `admin --address X status` and `admin status
+    --address X` both work and an action's copy only overrides what was given to it."""
+    def d(value):
+        return value if defaults else argparse.SUPPRESS
+
+    p.add_argument("--address", default=d(DEFAULT_ADDRESS), help=f"server HOST:PORT (default {DEFAULT_ADDRESS})")
+    p.add_argument("--token", default=d(None), help="admin bearer token (default: read --token-file)")
+    p.add_argument("--token-file", default=d(None),
+                   help="file holding the admin token (default: admin_token in the server's default state dir)")
+    p.add_argument("--tls-ca", default=d(None), help="CA certificate (PEM): connect with TLS")
+    p.add_argument("--timeout", type=float, default=d(600.0), help="seconds per call (default 600)")
+
 
 def register(sub) -> None:
-    p = sub.add_parser("admin", help="operate a running server")
-    p.add_argument("--address", default="127.0.0.1:50051", help="server HOST:PORT (default 127.0.0.1:50051)")
-    p.add_argument("--token", help="admin token (default: read --token-file)")
-    p.add_argument("--token-file", help="default: the server's default state dir admin_token")
-    p.add_argument("--tls-ca", help="CA certificate: connect with TLS")
-    p.add_argument("--timeout", type=float, default=600.0, help="seconds per call")
+    p = sub.add_parser("admin", help="operate a running server",
+                       description="A client for a running `transplant serve`. The connection options may come "
+                                   "before or after the action.")
+    _connection_flags(p, defaults=True)
     a = p.add_subparsers(dest="admin_command", required=True, metavar="ACTION")
 
     def action(name, help_, fn):
-        q = a.add_parser(name, help=help_)
+        q = a.add_parser(name, help=help_, description=help_)
         q.add_argument("--json", action="store_true", help="one JSON document on stdout")
+        _connection_flags(q, defaults=False)
         q.set_defaults(fn=fn)
         return q
 
     action("status", "live generation, health, queue", _status)
     action("donors", "registered donors and their compatibility", _donors)
     q = action("register-donor", "register a checkpoint inside a donor root", _register)
-    q.add_argument("path")
-    q.add_argument("--name", default="")
-    for name, fn, help_ in (("plan", _plan, "dry run: compatibility, ranking, bytes"),
+    q.add_argument("path", help="checkpoint directory inside one of the server's donor roots")
+    q.add_argument("--name", default="", help="donor name (default: the directory name)")
+    for name, fn, help_ in (("plan", _plan, "dry run: compatibility, ranking, bytes; changes nothing"),
                             ("transplant", _transplant, "make a new generation from a donor")):
         q = action(name, help_, fn)
-        q.add_argument("--donor", required=True)
-        q.add_argument("--modules", help="names or globs, comma separated")
-        q.add_argument("--task", default="")
-        q.add_argument("--k", type=int, default=0)
-        q.add_argument("--alpha", type=float)
-        q.add_argument("--alignment", default="free", choices=("free", "teacher_forced"))
-        q.add_argument("--eval", default="", help="tasks to measure before/after, comma separated")
-        q.add_argument("--n", type=int, default=0, help="examples per quality measurement")
-        q.add_argument("--reason", default="")
+        q.add_argument("--donor", required=True, help="name of a registered donor")
+        q.add_argument("--modules", help="names or globs, comma separated (instead of --task/--k)")
+        q.add_argument("--task", default="", help="zoo:NAME or a JSONL file in a task root: rank modules on it (LAE)")
+        q.add_argument("--k", type=int, default=0, help="number of top-ranked modules to select with --task")
+        q.add_argument("--alpha", type=float, help="blend factor in [0, 1]; 1 = full copy (default 1)")
+        q.add_argument("--alignment", default="free", choices=("free", "teacher_forced"),
+                       help="step alignment of the analysis (default free)")
+        if name == "transplant":     # a dry run measures nothing
+            q.add_argument("--eval", default="", help="tasks to measure before/after, comma separated")
+            q.add_argument("--n", type=int, default=0, help="examples per quality measurement (default: the server's)")
+        q.add_argument("--reason", default="", help="free text recorded with the generation")
     q = action("revert", "make an earlier generation live again (default: the parent)", _revert)
-    q.add_argument("--to", type=int)
-    q.add_argument("--reason", default="")
-    q.add_argument("--eval", default="")
+    q.add_argument("--to", type=int, help="generation id to make live again (default: the live one's parent)")
+    q.add_argument("--reason", default="", help="free text recorded with the generation")
+    q.add_argument("--eval", default="", help="tasks to measure before/after, comma separated")
     action("history", "every generation", _history)
     q = action("eval", "task accuracy on the live generation", _eval)
-    q.add_argument("--task", required=True)
-    q.add_argument("--n", type=int, default=0)
+    q.add_argument("--task", required=True, help="zoo:NAME or a JSONL file in a task root")
+    q.add_argument("--n", type=int, default=0, help="first N examples only (default: the server's)")
     q = action("watch", "live terminal view: generations, quality, swaps", _watch)
-    q.add_argument("--interval", type=float, default=2.0)
-    q.add_argument("--once", action="store_true")
+    q.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes (default 2)")
+    q.add_argument("--once", action="store_true", help="print one screen and exit")
 
 
 class Client:
@@ -128,8 +147,9 @@ def _register(args) -> int:
 def _treq(args):
     from .rpc import admin_pb2 as A
 
+    evals = getattr(args, "eval", "")          # `plan` has no --eval/--n: a dry run measures nothing
     req = A.TransplantRequest(donor=args.donor, task=args.task, k=args.k, alignment=args.alignment,
-                              eval_tasks=[t for t in args.eval.split(",") if t], eval_examples=args.n,
+                              eval_tasks=[t for t in evals.split(",") if t], eval_examples=getattr(args, "n", 0),
                               reason=args.reason)
     if args.modules:
         req.modules.extend(m.strip() for m in args.modules.split(",") if m.strip())
@@ -161,7 +181,11 @@ def _quality_lines(d) -> None:
 
 def _swap_human(d) -> None:
     g = d["generation"]
-    print(f"generation {g['id']} live ({g['kind']} from {g['donor'] or 'snapshot'}, parent {g.get('parent')}, "
+    if g["kind"] == "revert":
+        what = f"revert to generation {g.get('reverted_to', '?')}"
+    else:
+        what = f"{g['kind']} from {g['donor'] or 'snapshot'}"
+    print(f"generation {g['id']} ({what}) is live (parent {g.get('parent')}, "
           f"{len(g['modules'])} modules, swap {float(d['swap_seconds']) * 1e3:.1f} ms)")
     _quality_lines(d)
 

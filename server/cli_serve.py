@@ -17,11 +17,12 @@ def register(sub) -> None:
     p.add_argument("--grpc-listen", help="HOST:PORT (default 127.0.0.1:50051)")
     p.add_argument("--http-listen", help="HOST:PORT for /metrics and /alerts (default 127.0.0.1:9400)")
     p.add_argument("--token-file", help="admin bearer token file (created 0600 if missing)")
-    p.add_argument("--tls-cert")
-    p.add_argument("--tls-key")
-    p.add_argument("--allow-pickle", action="store_true", default=None, help="accept .bin/.pt weights")
-    p.add_argument("--max-batch-size", type=int)
-    p.add_argument("--log-level", default="INFO")
+    p.add_argument("--tls-cert", help="server certificate (PEM): serve gRPC over TLS (with --tls-key)")
+    p.add_argument("--tls-key", help="private key (PEM) of --tls-cert")
+    p.add_argument("--allow-pickle", action="store_true", default=None,
+                   help="accept .bin/.pt weights (pickle can run code)")
+    p.add_argument("--max-batch-size", type=int, help="most requests decoded together in one batch (default 16)")
+    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
     p.set_defaults(fn=cmd_serve)
 
 

@@ -87,3 +87,191 @@ def test_apply_errors(capsys, tiny_dirs, tmp_path):
                        "--out", str(tmp_path / "x"))
     assert code == 2 and "alpha" in err
     assert not (tmp_path / "x").exists()
+
+
+# ---- issue 15: CLI frictions ---------------------------------------------------------
+
+import argparse  # noqa: E402
+import os  # noqa: E402
+import stat  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from server.cli import build_parser  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def cli(*argv, timeout=120, **kw):
+    """`transplant ARGV...` in a child process, as a user runs it."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, "-m", "server.cli", *map(str, argv)], capture_output=True, text=True,
+                          cwd=ROOT, env=env, timeout=timeout, **kw)
+
+
+def parsers(p: argparse.ArgumentParser, path=("transplant",)):
+    """Every parser of the CLI with its command path."""
+    yield path, p
+    for a in p._actions:
+        if isinstance(a, argparse._SubParsersAction):
+            for name, q in a.choices.items():
+                yield from parsers(q, path + (name,))
+
+
+def options(p: argparse.ArgumentParser) -> set[str]:
+    return {s for a in p._actions for s in a.option_strings}
+
+
+def test_no_abbreviations_help_everywhere_and_no_idle_flags():
+    tree = dict(parsers(build_parser()))
+    assert ("transplant", "admin", "revert") in tree and ("transplant", "zoo", "list") in tree
+    for path, p in tree.items():
+        assert p.allow_abbrev is False, path
+        for a in p._actions:
+            if isinstance(a, (argparse._HelpAction, argparse._SubParsersAction)):
+                continue
+            assert a.help, f"{' '.join(path)} {'/'.join(a.option_strings) or a.dest}: no help text"
+    for cmd in ("build", "list", "export-task"):              # zoo commands load no weights
+        assert "--allow-pickle" not in options(tree[("transplant", "zoo", cmd)]), cmd
+    assert "--allow-pickle" in options(tree[("transplant", "inspect")])
+    plan, transplant = tree[("transplant", "admin", "plan")], tree[("transplant", "admin", "transplant")]
+    assert not {"--eval", "--n"} & options(plan) and {"--eval", "--n"} <= options(transplant)
+    # `--to` was an ambiguous prefix of --token/--token-file; a prefix is no longer accepted at all
+    args = build_parser().parse_args(["admin", "revert", "--to", "1"])
+    assert args.to == 1 and args.token is None
+    r = cli("admin", "revert", "--tok", "x")
+    assert r.returncode == 2 and "unrecognized arguments: --tok" in r.stderr and "ambiguous" not in r.stderr
+    r = cli("admin", "plan", "--donor", "x", "--eval", "zoo:add")
+    assert r.returncode == 2 and "unrecognized arguments: --eval" in r.stderr
+
+
+def test_connection_options_before_or_after_the_action():
+    ap = build_parser()
+    for argv in (["admin", "--address", "h:1", "--timeout", "3", "status"],
+                 ["admin", "status", "--address", "h:1", "--timeout", "3"]):
+        a = ap.parse_args(argv)
+        assert (a.address, a.timeout, a.token, a.token_file, a.tls_ca) == ("h:1", 3.0, None, None, None), argv
+    a = ap.parse_args(["admin", "status"])
+    assert (a.address, a.timeout) == ("127.0.0.1:50051", 600.0)
+    a = ap.parse_args(["admin", "--token", "early", "revert", "--to", "2", "--address", "h:2"])
+    assert (a.token, a.address, a.to) == ("early", "h:2", 2)
+
+
+def test_unreachable_server_names_the_address_and_the_fix():
+    from serverkit import free_port
+
+    address = f"127.0.0.1:{free_port()}"
+    r = cli("admin", "status", "--address", address, "--token", "t", "--timeout", "10")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert f"cannot reach a transplant server at {address}" in r.stderr
+    assert "transplant serve" in r.stderr and "--address" in r.stderr
+
+
+@pytest.fixture(scope="module")
+def live_server(tmp_path_factory):
+    from serverkit import config, start
+
+    root = tmp_path_factory.mktemp("served")
+    save(make_model("llama", 0), root / "target")
+    save(make_model("llama", 1), root / "donors" / "other")
+    s = start(config(root, root / "target", [root / "donors"], watch_donor_roots=False))
+    yield s, root
+    s.stop(2)
+
+
+def test_admin_against_a_running_server(live_server):
+    s, root = live_server
+    conn = ["--address", f"127.0.0.1:{s.grpc_port}", "--token", s.token]
+    r = cli("admin", *conn, "status", "--json")                     # options before the action
+    assert r.returncode == 0, r.stderr
+    assert int(json.loads(r.stdout)["live_generation"]) == 0
+    r = cli("admin", "register-donor", root / "donors" / "other", "--name", "other", *conn)   # ... and after
+    assert r.returncode == 0 and "registered other" in r.stdout, r.stderr
+    r = cli("admin", "transplant", "--donor", "other", "--modules", "layers.0.mlp.up", *conn)
+    assert r.returncode == 0 and r.stdout.startswith("generation 1 (transplant from other) is live"), r.stdout + r.stderr
+    r = cli("admin", "transplant", "--donor", "other", "--modules", "layers.1.mlp.up", *conn)
+    assert r.returncode == 0 and r.stdout.startswith("generation 2 (transplant from other) is live"), r.stderr
+    r = cli("admin", "revert", "--to", "1", *conn)                  # `--to` is not a prefix of --token
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("generation 3 (revert to generation 1) is live (parent 2,"), r.stdout
+    r = cli("admin", "status", "--json", *conn)
+    assert int(json.loads(r.stdout)["live_generation"]) == 3
+    # a task file outside the task roots: the fix is a server flag, said as such
+    outside = root / "t.jsonl"
+    outside.write_text(json.dumps({"prompt": "add:1+1=", "answer": "2"}) + "\n")
+    r = cli("admin", "eval", "--task", outside, *conn)
+    assert r.returncode == 2 and "outside the task roots" in r.stderr, r.stderr
+    assert "start the server with --task-root DIR" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_closed_stdout_is_not_an_error(tiny_dirs):
+    """`transplant inspect ... | head -1`: the reader leaves; no traceback, status 141 or 0."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    for extra in ([], ["--json"]):
+        p = subprocess.Popen([sys.executable, "-m", "server.cli", "inspect", str(tiny_dirs["target"]), *extra],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT, env=env)
+        p.stdout.close()                     # before the child writes anything: every write fails
+        err = p.stderr.read().decode()
+        assert p.wait(60) in (0, 141), err
+        assert "Traceback" not in err and "BrokenPipe" not in err and "Exception ignored" not in err, err
+    r = subprocess.run(["bash", "-c", f'"{sys.executable}" -m server.cli inspect "{tiny_dirs["target"]}" | head -1'],
+                       capture_output=True, text=True, cwd=ROOT, env=env, timeout=60)
+    assert r.returncode == 0 and r.stdout.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
+
+
+def test_apply_output_honours_the_umask(capsys, tiny_dirs, tmp_path):
+    t, d = str(tiny_dirs["target"]), str(tiny_dirs["donor"])
+    out_dir = tmp_path / "shared"
+    old = os.umask(0o027)
+    try:
+        code, _, err = run(capsys, "apply", "--target", t, "--donor", d, "--modules", "layers.0.mlp.up",
+                           "--out", str(out_dir), "--quiet")
+    finally:
+        os.umask(old)
+    assert code == 0, err
+    assert stat.S_IMODE(out_dir.stat().st_mode) == 0o750
+    files = list(out_dir.iterdir())
+    assert {"model.safetensors", "config.json", "transplant_manifest.json"} <= {f.name for f in files}
+    for f in files:
+        assert stat.S_IMODE(f.stat().st_mode) == (0o750 if f.is_dir() else 0o640), f
+
+
+def test_offline_commands_do_not_import_torch():
+    """`transplant --help` and `transplant zoo list` used to import torch and transformers
+    (6-10 s on 2 cores); building the parser and listing the zoo needs neither."""
+    code = ("import json, sys\n"
+            "import server.cli as c\n"
+            "c.build_parser().format_help()\n"
+            "rc = c.main(['zoo', 'list', '--json'])\n"
+            "heavy = sorted(m for m in ('torch', 'transformers', 'tokenizers', 'grpc') if m in sys.modules)\n"
+            "print(json.dumps({'rc': rc, 'heavy': heavy}), file=sys.stderr)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                       env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=120)
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stderr.strip().splitlines()[-1])
+    assert doc == {"rc": 0, "heavy": []}, r.stderr
+    listed = json.loads(r.stdout)
+    assert "v2" in listed["models"] and "add" in listed["tasks"] and "cross_generation" in listed["settings"]
+    r = cli("--help")
+    assert r.returncode == 0 and "inspect" in r.stdout and "admin" in r.stdout
+
+
+def test_editable_install_is_a_plain_path_entry(tmp_path):
+    """The project is a flat layout whose root is the import root: the editable install
+    adds that root to sys.path (setuptools' static .pth), so setuptools has no reason
+    for its 'Editable installation ... folders with the same name' warning on every setup."""
+    pytest.importorskip("setuptools", minversion="68")
+    code = ("import sys, warnings\n"
+            "warnings.simplefilter('always')\n"
+            "from setuptools import build_meta\n"
+            "print(build_meta.build_editable(sys.argv[1]))\n")
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, cwd=ROOT,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "Editable installation" not in r.stderr and "may take precedence" not in r.stderr, r.stderr
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / r.stdout.strip().splitlines()[-1]) as whl:
+        pth = [n for n in whl.namelist() if n.endswith(".pth")]
+        assert len(pth) == 1 and whl.read(pth[0]).decode().strip() == str(ROOT)
