@@ -658,7 +658,7 @@ def test_embedded_family_exports_quality_from_the_start(tmp_path):
             line = next(x for x in body.splitlines()
                         if x.startswith("transplant_quality_accuracy{") and f'task="{p["task"]}"' in x)
             assert 'generation="0"' in line and 0.0 <= float(line.rsplit(" ", 1)[1]) <= 1.0
-        assert 'transplant_quality_samples{task="zoo:copy",generation="0"} 64.0' in body
+        assert 'transplant_quality_samples{generation="0",task="zoo:copy"} 64.0' in body
     finally:
         s.stop(2)
 
