@@ -26,6 +26,7 @@ def score_heatmap(scores: dict[ModuleRef, float], path: Path, title: str = "LAE 
     fig.colorbar(im, ax=ax, label="score (mean |a_donor - a_target|)")
     fig.tight_layout()
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

@@ -136,6 +136,7 @@ def load_jsonl(path: Path) -> Task:
 
 
 def write_jsonl(task: Task, path: Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
         for e in task.examples:
             row = {"prompt": e.prompt, "answer": e.answer}
