@@ -22,6 +22,9 @@ def register(sub) -> None:
     p.add_argument("--allow-pickle", action="store_true", default=None,
                    help="accept .bin/.pt weights (pickle can run code)")
     p.add_argument("--max-batch-size", type=int, help="most requests decoded together in one batch (default 16)")
+    p.add_argument("--engine", choices=("embedded", "vllm"),
+                   help="what decodes: embedded (transformers, continuous batching; default) or vllm "
+                        "(needs `bash deploy/setup.sh --vllm`)")
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
     p.set_defaults(fn=cmd_serve)
 
@@ -43,7 +46,7 @@ def config_from_args(args):
         args.config, model=args.model, donors=donors, donor_roots=args.donor_root, task_roots=args.task_root,
         state_dir=args.state_dir, grpc_listen=args.grpc_listen, http_listen=args.http_listen,
         admin_token_file=args.token_file, tls_cert=args.tls_cert, tls_key=args.tls_key,
-        allow_pickle=args.allow_pickle, max_batch_size=args.max_batch_size)
+        allow_pickle=args.allow_pickle, max_batch_size=args.max_batch_size, engine=args.engine)
 
 
 def cmd_serve(args) -> int:

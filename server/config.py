@@ -49,6 +49,18 @@ ZOO_PROBES = (
 )
 
 
+class VllmSpec(BaseModel):
+    """The vLLM engine (`engine: vllm`): vLLM's AsyncLLM in its own engine process."""
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    swap_policy: Literal["drain", "freeze"] = "drain"   # see the README: exact generations vs never waiting
+    swap_drain_timeout_s: float = Field(30.0, gt=0)    # drain: longest wait for running requests
+    kv_cache_gib: int = Field(1, ge=1)                  # VLLM_CPU_KVCACHE_SPACE (CPU builds)
+    memory_fraction: float = Field(0.2, gt=0, le=1)     # gpu_memory_utilization (on CPU: of host memory)
+    dtype: str = "float32"                              # exact parity with transformers needs float32
+    max_model_len: int | None = Field(None, ge=1)
+    enforce_eager: bool = True                          # no graph capture/compilation: starts in seconds
+
+
 class ServeConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -69,6 +81,8 @@ class ServeConfig(BaseModel):
 
     served_model_name: str | None = Field(None, pattern=r"^[^@\s]{1,128}$")   # `model` in requests (default: zoo:NAME or the folder name)
     inference_key_file: Path | None = None  # set: Inference (gRPC) and /v1 need 'Bearer <key>'; unset: open
+    engine: Literal["embedded", "vllm"] = "embedded"
+    vllm: VllmSpec = VllmSpec()
     batching: Literal["continuous", "static"] = "continuous"
     servable_generations: int = Field(3, ge=0, le=64)   # past generations requests may still pin
     max_batch_size: int = Field(16, ge=1, le=1024)

@@ -230,7 +230,7 @@ class OpenAIApi:
         for r in reqs:
             r.done.wait()
         results = [_result(r) for r in reqs]
-        choices = [dict(index=i, finish_reason=FINISH.get(c.finish_reason, "stop"),
+        choices = [dict(index=i, finish_reason=FINISH.get(c.finish_reason, "stop"), **_spans(c),
                         **({"message": {"role": "assistant", "content": c.text}} if chat else
                            {"text": c.text, "logprobs": None}))
                    for i, c in enumerate(results)]
@@ -240,12 +240,12 @@ class OpenAIApi:
     def _events(self, call: Call, reqs, q: queue.SimpleQueue, meta: dict, alive: dict) -> Iterator[bytes]:
         obj = "chat.completion.chunk" if call.chat else "text_completion"
 
-        def chunk(i: int, text: str | None, finish: str | None = None, role: bool = False) -> bytes:
+        def chunk(i: int, text: str | None, finish: str | None = None, role: bool = False, spans=None) -> bytes:
             if call.chat:
                 delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
-                choice = {"index": i, "delta": delta, "finish_reason": finish}
+                choice = {"index": i, "delta": delta, "finish_reason": finish, **(spans or {})}
             else:
-                choice = {"index": i, "text": text or "", "finish_reason": finish, "logprobs": None}
+                choice = {"index": i, "text": text or "", "finish_reason": finish, "logprobs": None, **(spans or {})}
             return _sse({**meta, "object": obj, "choices": [choice]})
 
         try:
@@ -266,7 +266,7 @@ class OpenAIApi:
                     yield _sse(error_reply(e).body)
                     yield b"data: [DONE]\n\n"
                     return
-                yield chunk(i, None, FINISH.get(c.finish_reason, "stop"))
+                yield chunk(i, None, FINISH.get(c.finish_reason, "stop"), spans=_spans(c))
             if call.include_usage:
                 yield _sse({**meta, "object": obj, "choices": [], "usage": _usage([r.result for r in reqs], call.n)})
             yield b"data: [DONE]\n\n"
@@ -280,6 +280,13 @@ def _result(r):
     if r.result.finish_reason == "cancelled":
         raise TimeoutError("the request timed out or was cancelled during generation")
     return r.result
+
+
+def _spans(c) -> dict:
+    """A choice that more than one generation computed says which tokens each sampled."""
+    if not c.spans:
+        return {}
+    return {"generation_spans": [{"generation": g, "start": a, "end": b} for g, a, b in c.spans]}
 
 
 def _usage(results, n: int) -> dict:

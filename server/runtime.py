@@ -81,7 +81,7 @@ class Runtime:
             self.loaded = open_model(cfg.model, cfg.allow_pickle)
             self.tokenizer, self.table = self.loaded.tokenizer, self.loaded.table
             self.gens = Generations(self.loaded.model, self.table, cfg.state_dir, cfg.model, self._crash_hook,
-                                    owner=owner, keep_servable=cfg.servable_generations)
+                                    owner=owner, keep_servable=0 if cfg.engine == "vllm" else cfg.servable_generations)
         except BaseException:
             owner.close()
             raise
@@ -98,8 +98,9 @@ class Runtime:
             self.donors.register(name, str(path), origin="config", trusted=True)
         if cfg.watch_donor_roots and roots:
             self.donors.watch()
-        self.scheduler = make_engine(self._batching(), self.gens, self.tokenizer, cfg, self._on_finish,
-                                     self.metrics.batch_size.observe)
+        kind = "vllm" if cfg.engine == "vllm" else self._batching()
+        self.scheduler = make_engine(kind, self.gens, self.tokenizer, cfg, self._on_finish,
+                                     self.metrics.batch_size.observe, table=self.table, model_path=self.loaded.path)
         self.scheduler.start()
         self.quality = QualityMonitor(cfg, self.tokenizer, self.task, QualityMetrics(self.metrics.registry))
         self._probe_generation(self.gens.live, "post_swap")
@@ -365,7 +366,8 @@ class Runtime:
                                      f"generation {parent.id} stays live")
         t0 = time.perf_counter()
         try:
-            rec = self.gens.commit(cand, kind, requested_by, reason, selection, reverted_to)
+            rec = self.scheduler.install(parent.model, cand, lambda: self.gens.commit(
+                cand, kind, requested_by, reason, selection, reverted_to))
         except Exception:
             self.metrics.swaps.labels(kind, "error", why).inc()
             raise

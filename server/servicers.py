@@ -47,7 +47,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         r.done.wait()      # the scheduler always finishes a request: result, error or cancellation
         c = _result(r)
         return I.GenerateResponse(text=c.text, prompt_tokens=c.prompt_tokens, completion_tokens=c.completion_tokens,
-                                  finish_reason=FINISH.get(c.finish_reason, 0), generation=r.generation)
+                                  finish_reason=FINISH.get(c.finish_reason, 0), generation=r.generation,
+                                  spans=_spans(c))
 
     @rpc_stream
     def GenerateStream(self, request, context):
@@ -60,7 +61,11 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             yield I.GenerateChunk(text=delta, generation=r.generation)
         c = _result(r)
         yield I.GenerateChunk(text="", generation=r.generation, finish_reason=FINISH.get(c.finish_reason, 0),
-                              prompt_tokens=c.prompt_tokens, completion_tokens=c.completion_tokens)
+                              prompt_tokens=c.prompt_tokens, completion_tokens=c.completion_tokens, spans=_spans(c))
+
+
+def _spans(c) -> list:
+    return [I.GenerationSpan(generation=g, start=a, end=b) for g, a, b in (c.spans or [])]
 
 
 def _quality(q: dict) -> A.Quality:

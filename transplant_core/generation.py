@@ -31,6 +31,7 @@ class Completion:
     token_ids: list[int]
     prompt_tokens: int
     finish_reason: str = "length"     # "eos", "stop", "length", "cancelled"
+    spans: list[tuple[int, int, int]] | None = None   # (generation, start, end) where several computed it
 
     @property
     def completion_tokens(self) -> int:

@@ -6,7 +6,11 @@ from .base import Engine, QueueFull, Request
 __all__ = ["Engine", "QueueFull", "Request", "make_engine"]
 
 
-def make_engine(kind: str, gens, tokenizer, cfg, on_finish, on_step) -> Engine:
+def make_engine(kind: str, gens, tokenizer, cfg, on_finish, on_step, table=None, model_path=None) -> Engine:
+    if kind == "vllm":
+        from .vllm import VllmEngine
+
+        return VllmEngine(gens, table, model_path, cfg, on_finish=on_finish, on_step=on_step)
     if kind == "static":
         from ..scheduler import Scheduler
 

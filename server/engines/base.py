@@ -59,6 +59,10 @@ class Engine(Protocol):
     def depth(self) -> int: ...
     def idle(self) -> bool: ...
     def stop(self) -> None: ...
+    def install(self, parent_model, cand, commit: Callable[[], object]) -> object:
+        """Make a prepared generation (`cand`, built on `parent_model`) what the engine
+        computes, calling `commit` (the write-ahead journal and live pointer) at the right
+        moment; nothing changes if it raises."""
 
 
 class BoundedQueue:

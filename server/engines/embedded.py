@@ -55,6 +55,11 @@ class ContinuousEngine:
     def submit(self, req: Request) -> Request:
         return self._q.put(req)
 
+    def install(self, parent_model, cand, commit):
+        """A new generation is live the moment `commit` swaps the live pointer: requests
+        admitted after it run on it, running ones finish on theirs."""
+        return commit()
+
     def idle(self) -> bool:
         return not len(self._q) and not self._batches
 

@@ -1,0 +1,274 @@
+"""The vLLM engine: requests decode on vLLM's AsyncLLM (its own engine process, its own
+continuous batching and paged KV cache), embedded in our server, so gRPC and the
+OpenAI-compatible API stay ours, and so do generations, journal, store, guard, probes
+and alerts. vLLM's own HTTP swap routes are never exposed.
+
+A swap (transplant or revert) is installed in place:
+  1. close the gate (new requests wait in our queue) and, with `swap_policy: drain`,
+     wait until no request runs (up to swap_drain_timeout_s, else the swap is refused
+     and nothing changed); with `freeze`, pause vLLM keeping its requests where they are
+  2. send every changed tensor with its whole fused group (q/k/v, gate/up: vLLM fuses
+     them and a partial group silently corrupts the layer), as safetensors bytes to
+     our worker extension, which reloads them in place
+  3. commit the generation (journal, write-ahead); if that fails, send the parent's
+     values back
+  4. label vLLM's weight version with the generation id, reset the prefix cache (a
+     reload does not), resume, open the gate
+With `drain`, every request runs wholly on one generation, as on the embedded engine.
+With `freeze` the swap never waits; a reply that spans two generations says which
+tokens each sampled (vLLM's weight-version spans).
+
+Only the live generation is servable (vLLM holds one set of weights); the runtime's
+transformers copy of each generation still serves activation analysis, shadow
+evaluation and probes, exactly (float32 parity with vLLM).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+import time
+import uuid
+from typing import Callable
+
+from transplant_core.errors import InvalidArgument, NotFound, PreconditionFailed
+from transplant_core.generation import Completion
+
+from .base import QueueFull, Request
+
+log = logging.getLogger("transplant.vllm")
+
+# vLLM fuses these projections into one parameter; a group is loaded whole or not at all.
+FUSED_GROUPS = (("attn.q", "attn.k", "attn.v"), ("mlp.gate", "mlp.up"))
+
+
+def complete_groups(table, refs) -> list:
+    """`refs` plus the rest of every fused group one of them belongs to."""
+    from transplant_core.refs import ModuleRef
+
+    out = set(refs)
+    for r in refs:
+        for group in FUSED_GROUPS:
+            if r.kind in group:
+                out.update(ModuleRef(r.layer, k) for k in group if ModuleRef(r.layer, k) in table.modules)
+    return sorted(out)
+
+
+def check_groups(table, refs) -> None:
+    """Refuse a set of modules with an incomplete fused group (vLLM would corrupt the layer)."""
+    missing = sorted(set(complete_groups(table, refs)) - set(refs))
+    if missing:
+        raise InvalidArgument("vLLM fuses q/k/v and gate/up: these modules must be sent with their group, "
+                              f"missing {', '.join(map(str, missing))}")
+
+
+def _env(spec) -> None:
+    os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")        # else vLLM picks a non-loopback address
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(spec.kv_cache_gib))
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")   # partial reloads log a warning per layer
+    os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+
+
+def _finish_reason(o) -> str:
+    if o.finish_reason == "length":
+        return "length"
+    if o.finish_reason == "stop":
+        return "eos" if o.stop_reason is None else "stop"
+    return "cancelled"
+
+
+class VllmEngine:
+    def __init__(self, gens, table, model_path, cfg, on_finish: Callable[[Request], None] | None = None,
+                 on_step: Callable[[int], None] | None = None):
+        self.gens, self.table, self.cfg, self.spec = gens, table, cfg, cfg.vllm
+        self.model_path = str(model_path)
+        self.max_batch_size, self.max_queue = cfg.max_batch_size, cfg.max_queue
+        self._on_finish = on_finish or (lambda r: None)
+        self._on_step = on_step or (lambda n: None)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="vllm-loop", daemon=True)
+        self._waiting = 0                 # accepted, not yet running
+        self._running = 0
+        self._count = threading.Lock()
+        self.current = gens.live.id       # the generation vLLM's weights are
+        self.engine = None
+
+    # ---- lifecycle ----------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+        self._call(self._start())
+        overrides = sorted({m.ref for m in self.table.modules.values()
+                            if any(k in self.gens._overrides for k in m.keys)})
+        if overrides:                       # a restart: re-patch the engine to the live generation
+            self._call(self._load(self._tensors(self.gens.live.model, overrides)))
+            self._call(self._label(self.current))
+        log.info("vLLM engine on %s, generation %d, policy %s", self.model_path, self.current, self.spec.swap_policy)
+
+    async def _start(self) -> None:
+        _env(self.spec)
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        args = AsyncEngineArgs(model=self.model_path, dtype=self.spec.dtype, max_model_len=self.spec.max_model_len,
+                               enforce_eager=self.spec.enforce_eager, gpu_memory_utilization=self.spec.memory_fraction,
+                               max_num_seqs=self.max_batch_size, disable_log_stats=True, seed=0,
+                               worker_extension_cls="server.engines.vllm_worker.TransplantWorker")
+        self.engine = AsyncLLM.from_engine_args(args)
+        self._gate = asyncio.Event()
+        self._gate.set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        await self._label(self.current)
+
+    def _call(self, coro, timeout: float | None = None):
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    def stop(self) -> None:
+        if self.engine is not None:
+            try:
+                self.engine.shutdown()            # its engine process must not outlive us
+            except Exception:                      # noqa: BLE001 - shutting down anyway
+                log.exception("vLLM shutdown")
+            self.engine = None
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+
+    @property
+    def depth(self) -> int:
+        return self._waiting
+
+    def idle(self) -> bool:
+        return self._waiting == 0 and self._running == 0
+
+    # ---- requests -------------------------------------------------------------------------
+
+    def submit(self, req: Request) -> Request:
+        with self._count:
+            if self._waiting + self._running >= self.max_batch_size + self.max_queue:
+                raise QueueFull(f"the request queue is full ({self.max_queue} waiting); retry with backoff")
+            self._waiting += 1
+        asyncio.run_coroutine_threadsafe(self._serve(req), self._loop)
+        return req
+
+    async def _serve(self, req: Request) -> None:
+        rid = uuid.uuid4().hex
+        try:
+            while not self._gate.is_set():                     # a swap is being installed
+                try:
+                    await asyncio.wait_for(self._gate.wait(), 0.05)
+                except asyncio.TimeoutError:
+                    pass
+                if req.cancelled():
+                    break
+            with self._count:
+                self._waiting -= 1
+                self._running += 1
+            self._idle.clear()
+            if req.cancelled():
+                raise TimeoutError("cancelled or deadline exceeded before the request started")
+            if req.pinned is not None and req.pinned.id != self.current:
+                raise NotFound(f"generation {req.pinned.id} stopped being live while the request waited "
+                               f"(live: {self.current}); the vLLM engine serves the live generation only")
+            req.started, req.generation = time.monotonic(), self.current
+            self._on_step(self._running)
+            await self._generate(req, rid)
+        except BaseException as e:       # noqa: BLE001 - the request learns why
+            req.error = e if isinstance(e, Exception) else RuntimeError(str(e))
+        finally:
+            with self._count:
+                self._running -= 1
+                if self._running == 0:
+                    self._idle.set()
+            try:
+                self._on_finish(req)
+            finally:
+                req.finish()
+
+    async def _generate(self, req: Request, rid: str) -> None:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        p = req.params
+        sp = SamplingParams(max_tokens=p.max_new_tokens, temperature=p.temperature, top_p=p.top_p, seed=p.seed,
+                            stop=list(p.stop) or None, skip_special_tokens=True,
+                            output_kind=RequestOutputKind.DELTA)
+        text, ids, last = [], [], None
+        try:
+            async for out in self.engine.generate({"prompt_token_ids": req.prompt_ids}, sp, request_id=rid):
+                o = out.outputs[0]
+                text.append(o.text)
+                ids.extend(o.token_ids)
+                req.deliver(o.text)
+                last = o
+                if req.cancelled():
+                    await self.engine.abort(rid)
+                    req.result = Completion("".join(text), ids, len(req.prompt_ids), "cancelled")
+                    return
+        except ValueError as e:                 # vLLM's input checks (e.g. longer than max_model_len)
+            raise InvalidArgument(str(e).splitlines()[0]) from None
+        req.result = Completion("".join(text), ids, len(req.prompt_ids), _finish_reason(last),
+                                spans=self._spans(last))
+
+    @staticmethod
+    def _spans(o) -> list[tuple[int, int, int]] | None:
+        spans = [(int(s.version), s.start, s.end) for s in (o.weight_versions or []) if str(s.version).isdigit()]
+        return spans if len({g for g, _, _ in spans}) > 1 else None
+
+    # ---- swaps ----------------------------------------------------------------------------
+
+    def install(self, parent_model, cand, commit: Callable[[], object]):
+        """Put a prepared generation into vLLM and commit it (see the module docstring).
+        Nothing changes if the engine refuses or the commit fails."""
+        refs = complete_groups(self.table, cand.plan.refs)
+        new, old = self._tensors(cand.model, refs), self._tensors(parent_model, refs)
+        self._call(self._hold())
+        try:
+            self._call(self._load(new))
+            try:
+                rec = commit()
+            except BaseException:
+                self._call(self._load(old))
+                raise
+            self.current = rec.id
+            self._call(self._label(rec.id))
+            return rec
+        finally:
+            self._call(self._release())
+
+    async def _hold(self) -> None:
+        self._gate.clear()
+        if self.spec.swap_policy == "freeze":
+            await self.engine.pause_generation(mode="keep", clear_cache=False)
+            return
+        try:
+            await asyncio.wait_for(self._idle.wait(), self.spec.swap_drain_timeout_s)
+        except asyncio.TimeoutError:
+            self._gate.set()
+            raise PreconditionFailed(f"running requests did not finish within {self.spec.swap_drain_timeout_s:g} s "
+                                     "(vllm.swap_drain_timeout_s); the swap was refused and nothing changed") from None
+        await self.engine.pause_generation(mode="wait", clear_cache=False)
+
+    async def _release(self) -> None:
+        await self.engine.reset_prefix_cache()      # a reload does not: cached prefixes hold old weights' KV
+        await self.engine.resume_generation()
+        self._gate.set()
+
+    async def _load(self, tensors: dict) -> None:
+        from safetensors.torch import save
+
+        check_groups(self.table, sorted({m.ref for m in self.table.modules.values() if any(k in tensors for k in m.keys)}))
+        await self.engine.collective_rpc("transplant_load", args=(save(tensors),))
+
+    async def _label(self, gen: int) -> None:
+        await self.engine.update_weight_version(str(gen))
+
+    def _tensors(self, model, refs) -> dict:
+        params = dict(model.named_parameters())
+        return {k: params[k].detach().contiguous() for r in refs for k in self.table[r].keys}
+
+    def load_raw(self, tensors: dict) -> None:
+        """Send tensors as they are (tests: an incomplete group must be refused here)."""
+        self._call(self._load(tensors))
