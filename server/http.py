@@ -27,6 +27,16 @@ API_ROUTES = {"/v1/completions": False, "/v1/chat/completions": True}
 class _Server(ThreadingHTTPServer):
     daemon_threads = True              # SO_REUSEADDR (the default) only skips TIME_WAIT; a taken port still fails
 
+    def handle_error(self, request, client_address) -> None:
+        """A client that hung up is not an error; anything else goes to the log, not stderr."""
+        import sys
+
+        exc = sys.exc_info()[1]
+        if isinstance(exc, (ConnectionError, TimeoutError)):
+            log.debug("client %s went away: %s", client_address, exc)
+        else:
+            log.exception("HTTP request from %s failed", client_address)
+
 
 class HttpServer:
     def __init__(self, listen: str, registry, token: str,

@@ -64,6 +64,7 @@ def check_groups(table, refs) -> None:
 
 
 def _env(spec) -> None:
+    os.environ["TRANSPLANT_SERVER_PID"] = str(os.getpid())    # vllm_worker: die with the server
     os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")        # else vLLM picks a non-loopback address
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(spec.kv_cache_gib))
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")   # partial reloads log a warning per layer
@@ -103,7 +104,8 @@ class VllmEngine:
         overrides = sorted({m.ref for m in self.table.modules.values()
                             if any(k in self.gens._overrides for k in m.keys)})
         if overrides:                       # a restart: re-patch the engine to the live generation
-            self._call(self._load(self._tensors(self.gens.live.model, overrides)))
+            refs = complete_groups(self.table, overrides)
+            self._call(self._load(self._tensors(self.gens.live.model, refs)))
             self._call(self._label(self.current))
         log.info("vLLM engine on %s, generation %d, policy %s", self.model_path, self.current, self.spec.swap_policy)
 
@@ -133,8 +135,20 @@ class VllmEngine:
             except Exception:                      # noqa: BLE001 - shutting down anyway
                 log.exception("vLLM shutdown")
             self.engine = None
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=10)
+        if self._thread.is_alive():
+            try:
+                self._call(self._cancel_tasks(), timeout=10)
+            except Exception:                      # noqa: BLE001
+                pass
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=10)
+
+    @staticmethod
+    async def _cancel_tasks() -> None:
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     @property
     def depth(self) -> int:
@@ -146,6 +160,11 @@ class VllmEngine:
     # ---- requests -------------------------------------------------------------------------
 
     def submit(self, req: Request) -> Request:
+        limit = self.engine.model_config.max_model_len
+        if len(req.prompt_ids) + req.params.max_new_tokens > limit:
+            raise InvalidArgument(f"the prompt ({len(req.prompt_ids)} tokens) plus max_new_tokens "
+                                  f"({req.params.max_new_tokens}) exceed the model's maximum context length "
+                                  f"of {limit} tokens")
         with self._count:
             if self._waiting + self._running >= self.max_batch_size + self.max_queue:
                 raise QueueFull(f"the request queue is full ({self.max_queue} waiting); retry with backoff")
@@ -207,14 +226,24 @@ class VllmEngine:
                     await self.engine.abort(rid)
                     req.result = Completion("".join(text), ids, len(req.prompt_ids), "cancelled")
                     return
-        except ValueError as e:                 # vLLM's input checks (e.g. longer than max_model_len)
+        except ValueError as e:                 # vLLM's own input checks
             raise InvalidArgument(str(e).splitlines()[0]) from None
-        req.result = Completion("".join(text), ids, len(req.prompt_ids), _finish_reason(last),
-                                spans=self._spans(last))
+        except Exception as e:                  # noqa: BLE001 - VLLMValidationError is not a ValueError
+            if type(e).__name__ == "VLLMValidationError":
+                raise InvalidArgument(str(e).splitlines()[0]) from None
+            raise
+        versions = [str(v.version) for v in (last.weight_versions or []) if str(v.version).isdigit()]
+        if versions and int(versions[0]) != req.generation:     # frozen before its first token
+            req.generation = int(versions[0])
+        reason = _finish_reason(last)
+        if reason == "eos" and ids:
+            ids = ids[:-1]                       # as on the embedded engine: EOS is not an output token
+        req.result = Completion("".join(text), ids, len(req.prompt_ids), reason, spans=self._spans(last, len(ids)))
 
     @staticmethod
-    def _spans(o) -> list[tuple[int, int, int]] | None:
-        spans = [(int(s.version), s.start, s.end) for s in (o.weight_versions or []) if str(s.version).isdigit()]
+    def _spans(o, n: int) -> list[tuple[int, int, int]] | None:
+        spans = [(int(s.version), s.start, min(s.end, n)) for s in (o.weight_versions or [])
+                 if str(s.version).isdigit() and s.start < n]
         return spans if len({g for g, _, _ in spans}) > 1 else None
 
     # ---- swaps ----------------------------------------------------------------------------
@@ -241,7 +270,10 @@ class VllmEngine:
     async def _hold(self) -> None:
         self._gate.clear()
         if self.spec.swap_policy == "freeze":
-            await self.engine.pause_generation(mode="keep", clear_cache=False)
+            # keep running requests where they are, but drop their KV cache: on resume vLLM
+            # recomputes it with the new weights, so every token after the boundary is the new
+            # generation's continuation of the text so far
+            await self.engine.pause_generation(mode="keep", clear_cache=True)
             return
         try:
             await asyncio.wait_for(self._idle.wait(), self.spec.swap_drain_timeout_s)

@@ -6,6 +6,44 @@ engine checks that before it sends anything). Kept import-light: it loads in vLL
 process, not ours."""
 from __future__ import annotations
 
+import os
+import signal
+import threading
+import time
+
+
+def _die_with_the_server() -> None:
+    """vLLM's engine processes do not notice when our server dies (kill -9) and would keep
+    their gigabytes. The worker (in vLLM's engine process, or a child of it) watches the
+    server's pid, which the server put in its environment, and when it is gone kills the
+    engine process and itself."""
+    server = int(os.environ.get("TRANSPLANT_SERVER_PID", "0") or 0)
+    if not server:
+        return
+
+    def watch() -> None:
+        while True:
+            time.sleep(0.5)
+            try:
+                os.kill(server, 0)
+                continue
+            except ProcessLookupError:
+                pass
+            except PermissionError:          # someone else's pid now: ours is gone
+                pass
+            parent = os.getppid()
+            if parent not in (1, server):
+                try:
+                    os.kill(parent, signal.SIGKILL)
+                except OSError:
+                    pass
+            os._exit(1)
+
+    threading.Thread(target=watch, name="transplant-server-watch", daemon=True).start()
+
+
+_die_with_the_server()
+
 
 class TransplantWorker:
     def transplant_load(self, blob: bytes) -> int:
