@@ -67,6 +67,11 @@ class Scheduler:
     def submit(self, req: Request) -> Request:
         return self._bq.put(req)
 
+    def install(self, parent_model, cand, commit):
+        """A new generation is live the moment `commit` swaps the live pointer: requests
+        admitted after it run on it, running ones finish on theirs."""
+        return commit()
+
     def idle(self) -> bool:
         return self._q.empty() and not self._busy.is_set()
 
