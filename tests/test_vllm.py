@@ -179,10 +179,40 @@ def test_drain_under_load_every_reply_is_one_generation(served):
         assert not bad, (g, bad[:3])
 
 
-def test_a_swap_that_cannot_drain_is_refused_and_changes_nothing(tmp_path):
-    s = start(vcfg(tmp_path, max_new_tokens_limit=48, vllm={"swap_drain_timeout_s": 0.001}))
+@pytest.fixture(scope="module")
+def broken_donor(tmp_path_factory):
+    """zoo:v2 with its FFN down projections replaced by noise: transplanting them breaks every task."""
+    import torch
+
+    from transplant_core.checkpoint import load_model
+
+    model, tok, _ = load_model("zoo:v2")
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.down_proj.weight.normal_(0, 0.5)
+    root = tmp_path_factory.mktemp("vllm-donors")
+    model.save_pretrained(root / "broken")
+    tok.save_pretrained(root / "broken")
+    return root
+
+
+def test_refused_swaps_guard_and_alert_rollback_on_vllm(tmp_path, broken_donor):
+    """A swap that cannot drain in time and one the guard refuses both leave the engine
+    serving the unchanged generation; an alert reverts through vLLM like any revert."""
+    import urllib.request
+
+    cfg = dict(vcfg(tmp_path, max_new_tokens_limit=48, vllm={"swap_drain_timeout_s": 0.001}),
+               donor_roots=[str(broken_donor)], probes=[{"task": "zoo:copy", "examples": 32, "guard": True}])
+    s = start(cfg)
     c = Clients(s.grpc_port, s.token)
     try:
+        c.admin("RegisterDonor", A.RegisterDonorRequest(name="broken", path=str(broken_donor / "broken")))
+        with pytest.raises(grpc.RpcError) as e:
+            c.admin("Transplant", A.TransplantRequest(donor="broken", modules=["layers.*.mlp.down"]))
+        assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "guard refused" in e.value.details()
+        texts, gens = served_texts(c, PROMPTS)
+        assert gens == {0} and texts == [x.text for x in hf(s, PROMPTS)]
         stop, errors = threading.Event(), []
 
         def busy():
@@ -206,6 +236,18 @@ def test_a_swap_that_cannot_drain_is_refused_and_changes_nothing(tmp_path):
         assert not errors and s.runtime.gens.live.id == 0 and len(s.runtime.gens.records) == 1
         texts, gens = served_texts(c, PROMPTS)
         assert gens == {0} and texts == [x.text for x in hf(s, PROMPTS)]
+        # idle, the swap drains at once; then an alert for it reverts the fleet of one
+        gen = c.admin("Transplant", A.TransplantRequest(donor="v1", modules=["layers.0.mlp.down"])).generation.id
+        assert served_texts(c, PROMPTS)[1] == {gen}
+        body = json.dumps({"alerts": [{"status": "firing", "fingerprint": "f1", "labels": {
+            "alertname": "TransplantQualityRegression", "generation": str(gen), "task": "zoo:copy"}}]}).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{s.http_port}/alerts", data=body, method="POST",
+                                     headers={"Authorization": f"Bearer {s.token}"})
+        reply = json.loads(urllib.request.urlopen(req, timeout=60).read())
+        assert reply["decisions"][0]["action"] == "reverted"
+        texts, gens = served_texts(c, PROMPTS)
+        assert gens == {s.runtime.gens.live.id} and s.runtime.gens.live.id > gen
+        assert texts == [x.text for x in hf(s, PROMPTS, model=s.runtime.gens.materialize(0))]
     finally:
         c.close()
         s.stop(5)
