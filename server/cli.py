@@ -135,29 +135,58 @@ def _load_pair(args):
 
 
 def _analysis(args, target, donor, report):
+    """The ranking of args.selector (with "all": the comparison's choice) and the
+    comparison (None unless "all")."""
+    from transplant_core.errors import InvalidArgument
     from transplant_core.tasks import load_task
-    from transplant_core.workflow import analyse
+    from transplant_core.workflow import compare, rank
 
     task = load_task(args.task, n=args.n, split="probe" if args.task.startswith("zoo:") else "eval")
-    with _progress(len(task), "activation analysis", args.quiet) as tick:
-        return analyse(target.model, target.tokenizer, target.table, donor.model, task, report,
-                       args.max_new_tokens, args.alignment, tick)
+    selector, comparison = args.selector, None
+    if selector == "all":
+        if not args.k:
+            raise InvalidArgument("--selector all compares the selectors' top-K: give --k")
+        print(f"comparing selectors on {len(task)} probe prompts ...", file=sys.stderr)
+        comparison = compare(target.model, target.tokenizer, target.table, donor.model, task, report,
+                             args.max_new_tokens, args.k)
+        selector = comparison.chosen
+    with _progress(len(task), f"{selector} analysis", args.quiet) as tick:
+        return rank(target.model, target.tokenizer, target.table, donor.model, task, report, args.max_new_tokens,
+                    selector, args.alignment, k=args.k, progress=tick), comparison
+
+
+def _comparison_doc(c) -> dict:
+    return {} if c is None else {"comparison": {"k": c.k, "baseline_loss": c.baseline_loss, "chosen": c.chosen,
+                                                "why": c.why, "selectors": c.rows}}
+
+
+def _print_comparison(c) -> None:
+    print(f"selectors compared at K={c['k']} (loss of the donor's answers, nothing transplanted: "
+          f"{c['baseline_loss']:.4f}):")
+    for row in c["selectors"]:
+        mark = "*" if row["selector"] == c["chosen"] else " "
+        print(f" {mark}{row['selector']:<12}loss {row['loss']:.4f}   {row['seconds']:.2f} s   {row['description']}")
+    print(f"chosen: {c['chosen']}: {c['why']}")
 
 
 def cmd_analyze(args) -> int:
     from transplant_core.plot import score_heatmap
 
     target, donor, report = _load_pair(args)
-    a = _analysis(args, target, donor, report)
-    doc = dict(a.to_dict(), target=args.target, donor=args.donor, task=args.task)
+    a, comparison = _analysis(args, target, donor, report)
+    doc = dict(a.to_dict(), target=args.target, donor=args.donor, task=args.task, **_comparison_doc(comparison))
     if args.k:
         doc["selected"] = [m["name"] for m in doc["modules"][:args.k]]
     if args.plot:
-        doc["plot"] = str(score_heatmap(a.scores, Path(args.plot), f"LAE: {args.donor} vs {args.target} on {args.task}"))
+        doc["plot"] = str(score_heatmap(a.scores, Path(args.plot),
+                                        f"{a.selector}: {args.donor} vs {args.target} on {args.task}"))
 
     def human(x):
-        print(f"LAE {x['target']} <- {x['donor']} on {x['task']}: {x['prompts']} prompts, "
-              f"{x['valid_steps']} prompt-steps, alignment {x['alignment']}")
+        if "comparison" in x:
+            _print_comparison(x["comparison"])
+        print(f"{x['selector']} {x['target']} <- {x['donor']} on {x['task']}: {x['prompts']} prompts"
+              + (f", {x['valid_steps']} prompt-steps, alignment {x['alignment']}" if x["selector"] == "lae" else
+                 f", {x['seconds']:.2f} s"))
         for i, m in enumerate(x["modules"][:args.k or len(x["modules"])], 1):
             print(f"{i:>4}  {m['name']:<24}{m['score']:.6f}")
         if args.plot:
@@ -194,10 +223,10 @@ def cmd_apply(args) -> int:
     if args.modules:
         refs, selection = explicit_modules(args.modules, report), {"method": "explicit", "modules": args.modules}
     else:
-        a = _analysis(args, target, donor, report)
+        a, comparison = _analysis(args, target, donor, report)
         refs = select(a, args.k)
-        selection = {"method": "lae", "task": args.task, "k": args.k, "alignment": a.alignment,
-                     "scores": {str(r): a.scores[r] for r in refs}}
+        selection = {"method": a.selector, "task": args.task, "k": args.k, "alignment": a.alignment,
+                     "scores": {str(r): a.scores[r] for r in refs}, **_comparison_doc(comparison)}
     p = tp.plan(target.table, _donor_source(donor), refs, args.alpha)
     before = tp.checksums(target.model, p.keys)
     tp.commit(target.model, p)
@@ -238,6 +267,9 @@ def _common(p: argparse.ArgumentParser, json_flag: bool = True, quiet: bool = Tr
         p.add_argument("--allow-pickle", action="store_true", help="accept .bin/.pt weights (pickle can run code)")
 
 
+SELECTOR_CHOICES = ("lae", "lae_tf", "lae_kind", "dw", "dwx", "taylor", "swap", "loo", "greedy", "greedy_keep", "all")
+
+
 def _pair(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", required=True, help="model spec: checkpoint dir or zoo:NAME")
     p.add_argument("--donor", required=True, help="model spec: checkpoint dir or zoo:NAME")
@@ -250,6 +282,9 @@ def _analysis_flags(p: argparse.ArgumentParser, task_required: bool) -> None:
     p.add_argument("--max-new-tokens", type=int, default=16, help="decoding steps analysed (default 16)")
     p.add_argument("--alignment", choices=("free", "teacher_forced"), default="free",
                    help="step alignment between the two models (default free: paper-exact)")
+    p.add_argument("--selector", default="lae", choices=SELECTOR_CHOICES,
+                   help="how modules are ranked (default lae, the paper's; see docs/experiments); all: compare "
+                        "them on the probe prompts at --k and use the best")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -54,6 +54,12 @@ def register(sub) -> None:
         q.add_argument("--alpha", type=float, help="blend factor in [0, 1]; 1 = full copy (default 1)")
         q.add_argument("--alignment", default="free", choices=("free", "teacher_forced"),
                        help="step alignment of the analysis (default free)")
+        from .cli import SELECTOR_CHOICES
+
+        q.add_argument("--selector", default="", choices=SELECTOR_CHOICES if name == "plan" else SELECTOR_CHOICES[:-1],
+                       help="how a task + K selection ranks modules (default lae, the paper's)"
+                            + ("; all: compare the selectors on the probe prompts, say which wins and why"
+                               if name == "plan" else ""))
         if name == "transplant":     # a dry run measures nothing
             q.add_argument("--eval", default="", help="tasks to measure before/after, comma separated")
             q.add_argument("--n", type=int, default=0, help="examples per quality measurement (default: the server's)")
@@ -150,7 +156,7 @@ def _treq(args):
     evals = getattr(args, "eval", "")          # `plan` has no --eval/--n: a dry run measures nothing
     req = A.TransplantRequest(donor=args.donor, task=args.task, k=args.k, alignment=args.alignment,
                               eval_tasks=[t for t in evals.split(",") if t], eval_examples=getattr(args, "n", 0),
-                              reason=args.reason)
+                              reason=args.reason, selector=args.selector)
     if args.modules:
         req.modules.extend(m.strip() for m in args.modules.split(",") if m.strip())
     if args.alpha is not None:
@@ -160,8 +166,16 @@ def _treq(args):
 
 def _plan(args) -> int:
     def human(d):
+        if d.get("selectors"):
+            print(f"selectors compared at K={args.k} (loss of the donor's answers, nothing transplanted: "
+                  f"{float(d['baseline_loss']):.4f}):")
+            for row in d["selectors"]:
+                mark = "*" if row["selector"] == d["selector"] else " "
+                print(f" {mark}{row['selector']:<12}loss {float(row['loss']):.4f}   {float(row['seconds']):.2f} s")
+            print(f"would pick {d['selector']}: {d['why']}")
         print(f"plan from {d['donor']} on generation {d['base_generation']}: {len(d['selected'])} modules, "
-              f"{d['bytes']} bytes, alpha {d['alpha']}; nothing changed")
+              f"{d['bytes']} bytes, alpha {d['alpha']}{', selector ' + d['selector'] if d['selector'] else ''}; "
+              "nothing changed")
         for m in d["mismatches"]:
             print(f"  mismatch: {m}")
         for i, m in enumerate(d["ranked"][:max(args.k, 10)], 1):

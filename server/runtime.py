@@ -17,7 +17,7 @@ from transplant_core.errors import Incompatible, InvalidArgument, NotFound, Prec
 from transplant_core.evaluate import evaluate
 from transplant_core.generation import DecodeBatch, SamplingParams, SpliceUnsupported
 from transplant_core.tasks import Task, load_task
-from transplant_core.workflow import analyse, explicit_modules, open_model, select
+from transplant_core.workflow import compare, explicit_modules, open_model, rank, select
 
 from .config import ServeConfig
 from .donors import Donor, DonorRegistry
@@ -45,6 +45,7 @@ class TransplantArgs:
     eval_tasks: list[str] = field(default_factory=list)
     eval_examples: int = 0
     reason: str = ""
+    selector: str = ""
 
 
 @dataclass
@@ -53,6 +54,8 @@ class PlanResult:
     plan: tp.Plan | None
     ranked: list[tuple[str, float, int]]
     base_generation: int
+    selector: str = ""
+    comparison: object | None = None            # workflow.Comparison for selector "all"
 
 
 @dataclass
@@ -313,19 +316,34 @@ class Runtime:
             if a.k < 1:
                 raise InvalidArgument("k must be at least 1 with a task")
             probe = self.selection_task(a.task, a.probe_prompts or self.cfg.probe_prompts)
-            shadow = tp.fork(live.model, [])              # hooks go on a private module tree
-            analysis = analyse(shadow, self.tokenizer, self.table, self._donor_model(donor), probe, donor.compat,
-                               a.max_new_tokens or self.cfg.probe_max_new_tokens, a.alignment or "free")
-            refs = select(analysis, a.k)
-            ranked = [(str(r), s, self.table[r].nbytes) for r, s in analysis.ranking()]
+            selector = a.selector or "lae"
+            # hooks go on a private module tree; selectors that swap modules or take gradients
+            # get private copies of the transplantable weights too (the live ones are shared)
+            private = [] if selector == "lae" else [k for m in self.table.modules.values() for k in m.keys]
+            shadow = tp.fork(live.model, private)
+            steps = a.max_new_tokens or self.cfg.probe_max_new_tokens
+            donor_model = self._donor_model(donor)
+            comparison = None
+            if selector == "all":
+                comparison = compare(shadow, self.tokenizer, self.table, donor_model, probe, donor.compat, steps, a.k)
+                selector = comparison.chosen
+            ranking = rank(shadow, self.tokenizer, self.table, donor_model, probe, donor.compat, steps, selector,
+                           a.alignment or "free", k=a.k)
+            refs = select(ranking, a.k)
+            ranked = [(str(r), s, self.table[r].nbytes) for r, s in ranking.ranking()]
+            p = dataclasses.replace(tp.plan(self.table, donor.checkpoint.tensors, refs, a.alpha), donor=donor.name)
+            return PlanResult(donor, p, ranked, live.id, selector, comparison)
         p = dataclasses.replace(tp.plan(self.table, donor.checkpoint.tensors, refs, a.alpha), donor=donor.name)
         return PlanResult(donor, p, ranked, live.id)
 
     def transplant(self, a: TransplantArgs, requested_by: str = "") -> SwapResult:
+        if a.selector == "all":
+            raise InvalidArgument("selector 'all' compares selectors in a dry run (PlanTransplant, `transplant admin "
+                                  "plan --selector all`); give the selector to transplant with")
         with self.gens.lock:
             pr = self.plan(a)
             tasks = list(dict.fromkeys(([a.task] if a.task else []) + list(a.eval_tasks)))
-            selection = {"method": "explicit" if a.modules else "lae", "task": a.task, "k": a.k,
+            selection = {"method": "explicit" if a.modules else (pr.selector or "lae"), "task": a.task, "k": a.k,
                          "alignment": a.alignment or "free",
                          "scores": {name: s for name, s, _ in pr.ranked[:a.k]} if pr.ranked else {}}
             if a.task:

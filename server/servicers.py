@@ -90,7 +90,14 @@ def _donor(d) -> A.Donor:
 def _args(req) -> TransplantArgs:
     return TransplantArgs(req.donor, list(req.modules), req.task, req.k,
                           req.alpha if req.HasField("alpha") else 1.0, req.probe_prompts, req.max_new_tokens,
-                          req.alignment, list(req.eval_tasks), req.eval_examples, req.reason)
+                          req.alignment, list(req.eval_tasks), req.eval_examples, req.reason, req.selector)
+
+
+def _comparison(c) -> dict:
+    if c is None:
+        return {}
+    return {"selectors": [A.SelectorResult(**row) for row in c.rows], "baseline_loss": c.baseline_loss,
+            "why": c.why}
 
 
 def _who(context) -> str:
@@ -122,7 +129,8 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
                       compatible_modules=[str(r) for r in c.compatible],
                       mismatches=list(c.model_mismatches + c.mismatches),
                       ranked=[A.ModuleScore(name=n, score=s, bytes=b) for n, s, b in pr.ranked],
-                      selected=[str(r) for r in pr.plan.refs], bytes=pr.plan.nbytes, alpha=pr.plan.alpha)
+                      selected=[str(r) for r in pr.plan.refs], bytes=pr.plan.nbytes, alpha=pr.plan.alpha,
+                      selector=pr.selector, **_comparison(pr.comparison))
 
     def _swap_reply(self, res) -> A.TransplantResponse:
         return A.TransplantResponse(generation=_generation(res.record, self.rt.gens.live.id),

@@ -275,3 +275,32 @@ def test_editable_install_is_a_plain_path_entry(tmp_path):
     with zipfile.ZipFile(tmp_path / r.stdout.strip().splitlines()[-1]) as whl:
         pth = [n for n in whl.namelist() if n.endswith(".pth")]
         assert len(pth) == 1 and whl.read(pth[0]).decode().strip() == str(ROOT)
+
+
+def test_selectors_offline(capsys, tiny_dirs, task_file, tmp_path):
+    """--selector on analyze and apply; `all` compares them at --k and uses the best; the
+    CLI's list of selectors is the core's (kept apart so --help needs no torch)."""
+    from server.cli import SELECTOR_CHOICES
+    from transplant_core.selectors import SELECTORS
+
+    assert SELECTOR_CHOICES == SELECTORS + ("all",)
+    t, d = str(tiny_dirs["target"]), str(tiny_dirs["donor"])
+    code, out, _ = run(capsys, "analyze", "--target", t, "--donor", d, "--task", str(task_file), "--k", "3",
+                       "--selector", "all", "--json", "--quiet")
+    doc = json.loads(out)
+    comp = doc["comparison"]
+    assert code == 0 and doc["selector"] == comp["chosen"] == comp["selectors"][0]["selector"]
+    assert doc["selected"] == comp["selectors"][0]["modules"] and comp["why"]
+    assert [r["loss"] for r in comp["selectors"]] == sorted(r["loss"] for r in comp["selectors"])
+    code, out, _ = run(capsys, "analyze", "--target", t, "--donor", d, "--task", str(task_file), "--k", "3",
+                       "--selector", "dw", "--json", "--quiet")
+    dw = json.loads(out)
+    assert code == 0 and dw["selector"] == "dw" and dw["selected"] == next(
+        r["modules"] for r in comp["selectors"] if r["selector"] == "dw")
+    code, out, _ = run(capsys, "apply", "--target", t, "--donor", d, "--task", str(task_file), "--k", "3",
+                       "--selector", "dw", "--out", str(tmp_path / "o"), "--json", "--quiet")
+    assert code == 0 and json.loads(out)["modules"] == dw["selected"]
+    assert json.loads((tmp_path / "o" / "transplant_manifest.json").read_text())["selection"]["method"] == "dw"
+    code, _, err = run(capsys, "analyze", "--target", t, "--donor", d, "--task", str(task_file),
+                       "--selector", "all", "--quiet")
+    assert code == 2 and "give --k" in err

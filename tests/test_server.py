@@ -679,3 +679,31 @@ def test_generate_command_streams_the_reply_and_names_the_generation(server):
     assert doc["text"] == want.text and doc["generation"] == 0
     bad = run("hello", "--generation", "7")
     assert bad.returncode == 2 and "NOT_FOUND" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_selectors_in_the_live_server(server):
+    """PlanTransplant and Transplant take any selector; "all" compares them on the probe
+    prompts and says which it would pick and why. Selectors that swap modules or take
+    gradients work on private copies: the live weights never change during a plan."""
+    s, c = server
+    sums0 = live_sums(s)
+    T = A.TransplantRequest
+    plan = c.admin("PlanTransplant", T(donor="other", task="zoo:add", k=3, selector="all", probe_prompts=16))
+    assert live_sums(s) == sums0 and s.runtime.gens.live.id == 0
+    rows = {r.selector: r for r in plan.selectors}
+    assert set(rows) == {"lae", "lae_tf", "lae_kind", "dw", "dwx", "taylor", "swap", "loo"}
+    assert plan.selector == plan.selectors[0].selector and plan.why and "lowest of 8" in plan.why
+    assert all(plan.selectors[i].loss <= plan.selectors[i + 1].loss for i in range(7))
+    assert list(plan.selected) == list(rows[plan.selector].modules) and plan.baseline_loss > 0
+    for name in ("swap", "taylor"):
+        p = c.admin("PlanTransplant", T(donor="other", task="zoo:add", k=3, selector=name, probe_prompts=16))
+        assert p.selector == name and list(p.selected) == list(rows[name].modules)
+        assert live_sums(s) == sums0
+    r = c.admin("Transplant", T(donor="other", task="zoo:add", k=3, selector="taylor", probe_prompts=16))
+    sel = json.loads(r.generation.selection_json)
+    assert sel["method"] == "taylor" and sorted(r.generation.modules) == sorted(rows["taylor"].modules)
+    for bad, words in ((T(donor="other", task="zoo:add", k=3, selector="all"), "dry run"),
+                       (T(donor="other", task="zoo:add", k=3, selector="magic"), "unknown selector")):
+        code, details = code_of(lambda: c.admin("Transplant", bad))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and words in details
+    assert s.runtime.gens.live.id == 1
