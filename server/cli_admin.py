@@ -167,12 +167,10 @@ def _treq(args):
 def _plan(args) -> int:
     def human(d):
         if d.get("selectors"):
-            print(f"selectors compared at K={args.k} (loss of the donor's answers, nothing transplanted: "
-                  f"{float(d['baseline_loss']):.4f}):")
-            for row in d["selectors"]:
-                mark = "*" if row["selector"] == d["selector"] else " "
-                print(f" {mark}{row['selector']:<12}loss {float(row['loss']):.4f}   {float(row['seconds']):.2f} s")
-            print(f"would pick {d['selector']}: {d['why']}")
+            from .cli import _print_comparison
+
+            _print_comparison({"k": args.k, "baseline_loss": d["baseline_loss"], "chosen": d["selector"],
+                               "why": d["why"], "selectors": d["selectors"]})
         print(f"plan from {d['donor']} on generation {d['base_generation']}: {len(d['selected'])} modules, "
               f"{d['bytes']} bytes, alpha {d['alpha']}{', selector ' + d['selector'] if d['selector'] else ''}; "
               "nothing changed")

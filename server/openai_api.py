@@ -229,7 +229,7 @@ class OpenAIApi:
             return Reply(200, stream=self._events(call, reqs, q, meta, alive), headers=headers)
         for r in reqs:
             r.done.wait()
-        results = [_result(r) for r in reqs]
+        results = [r.outcome() for r in reqs]
         choices = [dict(index=i, finish_reason=FINISH.get(c.finish_reason, "stop"), **_spans(c),
                         **({"message": {"role": "assistant", "content": c.text}} if chat else
                            {"text": c.text, "logprobs": None}))
@@ -261,7 +261,7 @@ class OpenAIApi:
                 open_rows -= 1
                 r = reqs[i]
                 try:
-                    c = _result(r)
+                    c = r.outcome()
                 except Exception as e:          # noqa: BLE001 - becomes an error event, the stream ends
                     yield _sse(error_reply(e).body)
                     yield b"data: [DONE]\n\n"
@@ -272,14 +272,6 @@ class OpenAIApi:
             yield b"data: [DONE]\n\n"
         finally:
             alive["ok"] = False      # the client left (or we are done): rows still running are cancelled
-
-
-def _result(r):
-    if r.error is not None:
-        raise r.error
-    if r.result.finish_reason == "cancelled":
-        raise TimeoutError("the request timed out or was cancelled during generation")
-    return r.result
 
 
 def _spans(c) -> dict:

@@ -33,7 +33,7 @@ from typing import Callable
 
 from transplant_core.generation import generate
 
-from .engines.base import BoundedQueue, QueueFull, Request  # noqa: F401  (QueueFull: re-exported)
+from .engines.base import BoundedQueue, InProcess, QueueFull, Request  # noqa: F401  (QueueFull: re-exported)
 from .generations import Generations
 
 
@@ -41,7 +41,7 @@ REGROUP_FRACTION = 0.05      # of the last batch's decode time
 REGROUP_MAX_S = 0.1
 
 
-class Scheduler:
+class Scheduler(InProcess):
     def __init__(self, gens: Generations, tokenizer, max_batch_size: int, max_queue: int, batch_wait_ms: float,
                  on_finish: Callable[[Request], None] | None = None, on_step: Callable[[int], None] | None = None):
         self.gens = gens
@@ -66,11 +66,6 @@ class Scheduler:
 
     def submit(self, req: Request) -> Request:
         return self._bq.put(req)
-
-    def install(self, parent_model, cand, commit):
-        """A new generation is live the moment `commit` swaps the live pointer: requests
-        admitted after it run on it, running ones finish on theirs."""
-        return commit()
 
     def idle(self) -> bool:
         return self._q.empty() and not self._busy.is_set()

@@ -21,15 +21,6 @@ def _deadline(context) -> float | None:
     return None if left is None else time.monotonic() + left
 
 
-def _result(r):
-    """The completion, or the reason there is none."""
-    if r.error is not None:
-        raise r.error
-    if r.result.finish_reason == "cancelled":
-        raise TimeoutError("the deadline passed or the call was cancelled during generation")
-    return r.result
-
-
 class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     def __init__(self, rt: Runtime):
         self.rt = rt
@@ -45,7 +36,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     def Generate(self, request, context):
         r = self._submit(request, context)
         r.done.wait()      # the scheduler always finishes a request: result, error or cancellation
-        c = _result(r)
+        c = r.outcome()
         return I.GenerateResponse(text=c.text, prompt_tokens=c.prompt_tokens, completion_tokens=c.completion_tokens,
                                   finish_reason=FINISH.get(c.finish_reason, 0), generation=r.generation,
                                   spans=_spans(c))
@@ -59,7 +50,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             if delta is None:
                 break
             yield I.GenerateChunk(text=delta, generation=r.generation)
-        c = _result(r)
+        c = r.outcome()
         yield I.GenerateChunk(text="", generation=r.generation, finish_reason=FINISH.get(c.finish_reason, 0),
                               prompt_tokens=c.prompt_tokens, completion_tokens=c.completion_tokens, spans=_spans(c))
 

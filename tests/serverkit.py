@@ -49,6 +49,23 @@ class Clients:
         self.channel.close()
 
 
+def broken_donor(root: Path) -> Path:
+    """zoo:v2 with its FFN down projections replaced by noise, saved as root/broken:
+    transplanting them breaks every task (what the guard and alerts must catch)."""
+    import torch
+
+    from transplant_core.checkpoint import load_model
+
+    model, tok, _ = load_model("zoo:v2")
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.down_proj.weight.normal_(0, 0.5)
+    model.save_pretrained(root / "broken")
+    tok.save_pretrained(root / "broken")
+    return root
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

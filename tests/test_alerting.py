@@ -11,13 +11,12 @@ from pathlib import Path
 
 import grpc
 import pytest
-import torch
 import yaml
 
+import serverkit
 from serverkit import A, Clients, config, free_port, start
 from tiny import make_model, save
 from transplant_core import transplant as tp
-from transplant_core.checkpoint import load_model
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 
@@ -89,16 +88,7 @@ def test_webhook_reverts_the_live_generation_once(tiny_server):
 
 @pytest.fixture(scope="module")
 def broken_donor(tmp_path_factory):
-    """zoo:v2 with its FFN down projections replaced by noise: transplanting them breaks every task."""
-    model, tok, _ = load_model("zoo:v2")
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.mlp.down_proj.weight.normal_(0, 0.5)
-    root = tmp_path_factory.mktemp("donors")
-    model.save_pretrained(root / "broken")
-    tok.save_pretrained(root / "broken")
-    return root
+    return serverkit.broken_donor(tmp_path_factory.mktemp("donors"))
 
 
 def zoo_config(tmp_path, roots, **kw):

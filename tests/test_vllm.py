@@ -181,20 +181,9 @@ def test_drain_under_load_every_reply_is_one_generation(served):
 
 @pytest.fixture(scope="module")
 def broken_donor(tmp_path_factory):
-    """zoo:v2 with its FFN down projections replaced by noise: transplanting them breaks every task."""
-    import torch
+    import serverkit
 
-    from transplant_core.checkpoint import load_model
-
-    model, tok, _ = load_model("zoo:v2")
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.mlp.down_proj.weight.normal_(0, 0.5)
-    root = tmp_path_factory.mktemp("vllm-donors")
-    model.save_pretrained(root / "broken")
-    tok.save_pretrained(root / "broken")
-    return root
+    return serverkit.broken_donor(tmp_path_factory.mktemp("vllm-donors"))
 
 
 def test_refused_swaps_guard_and_alert_rollback_on_vllm(tmp_path, broken_donor):

@@ -40,6 +40,15 @@ class Request:
     def cancelled(self) -> bool:
         return not self.alive() or (self.deadline is not None and time.monotonic() > self.deadline)
 
+    def outcome(self) -> Completion:
+        """The completion, or the reason there is none (raised): its error, or a timeout
+        if it was cancelled during generation."""
+        if self.error is not None:
+            raise self.error
+        if self.result is None or self.result.finish_reason == "cancelled":
+            raise TimeoutError("the deadline passed or the call was cancelled during generation")
+        return self.result
+
     def deliver(self, delta: str) -> None:
         if self.first_token is None:
             self.first_token = time.monotonic()
@@ -80,3 +89,12 @@ class BoundedQueue:
 
     def __len__(self) -> int:
         return self.q.qsize()
+
+
+class InProcess:
+    """What the engines that decode on the runtime's own models share: a generation is
+    live the moment `commit` swaps the live pointer; requests admitted after it run on
+    it, running ones finish on theirs."""
+
+    def install(self, parent_model, cand, commit):
+        return commit()

@@ -22,12 +22,12 @@ from typing import Callable
 
 from transplant_core.generation import DecodeBatch, Event
 
-from .base import BoundedQueue, Request
+from .base import BoundedQueue, InProcess, Request
 
 log = logging.getLogger("transplant.engine")
 
 
-class ContinuousEngine:
+class ContinuousEngine(InProcess):
     def __init__(self, gens, tokenizer, max_batch_size: int, max_queue: int,
                  on_finish: Callable[[Request], None] | None = None,
                  on_step: Callable[[int], None] | None = None):
@@ -54,11 +54,6 @@ class ContinuousEngine:
 
     def submit(self, req: Request) -> Request:
         return self._q.put(req)
-
-    def install(self, parent_model, cand, commit):
-        """A new generation is live the moment `commit` swaps the live pointer: requests
-        admitted after it run on it, running ones finish on theirs."""
-        return commit()
 
     def idle(self) -> bool:
         return not len(self._q) and not self._batches
