@@ -2,6 +2,7 @@
 its gRPC parity: chat, streaming, pinning, every bad input."""
 import json
 import threading
+import time
 import urllib.request
 
 import grpc
@@ -258,3 +259,30 @@ def test_key_queue_deadline_and_loading(models, tmp_path):
     finally:
         loading.grpc.stop(0)
         loading.http.stop()
+
+
+def test_draining_is_503_while_running_calls_finish(models, tmp_path):
+    """On stop the server drains: a call that was running completes, a new one gets 503."""
+    from test_engine import long_prompt
+
+    s = start(config(tmp_path, models / "target", [models / "donors"], watch_donor_roots=False,
+                     max_new_tokens_limit=256))
+    p = long_prompt(s.runtime.gens.live.model, s.runtime.tokenizer, 200)
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{s.http_port}/v1", api_key="x", max_retries=0)
+    got = {}
+    running = threading.Thread(target=lambda: got.update(r=client.completions.create(
+        model="target", prompt=p, max_tokens=200, temperature=0)))
+    running.start()
+    while s.runtime.scheduler.idle():
+        time.sleep(0.001)
+    stopper = threading.Thread(target=s.stop, args=(30,))
+    stopper.start()
+    try:
+        while s.runtime.serving:
+            time.sleep(0.001)
+        code, doc = post(s.http_port, "/v1/completions", json.dumps({"model": "target", "prompt": "x"}).encode())
+        assert code == 503 and "draining" in doc["error"]["message"]
+    finally:
+        running.join(60)
+        stopper.join(60)
+    assert got["r"].choices[0].finish_reason == "length" and got["r"].usage.completion_tokens == 200
