@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from ..generation import cache_argument
 from .tasks import TASK_NAMES, task_examples, train_stream
 from .tokenizer import SPECIALS, VOCAB_SIZE, vocab
 
@@ -142,10 +143,11 @@ def greedy(model: nn.Module, prompts: Sequence[str], max_new_tokens: int = 12, b
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         done = torch.zeros(len(chunk), dtype=torch.bool)
         gen: list[list[int]] = [[] for _ in chunk]
-        cache = None
+        cache, cache_kw = None, cache_argument(model)      # `cache` in transformers >= 5.2x, `past_key_values` before
         for _ in range(max_new_tokens):
-            res = model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True, logits_to_keep=1)
-            cache = res.cache
+            res = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1,
+                        **{cache_kw: cache})
+            cache = getattr(res, cache_kw)
             nxt = res.logits[:, -1].argmax(-1)
             for i in range(len(chunk)):
                 if not done[i]:
