@@ -1,0 +1,46 @@
+"""bench.vllm runs on its quick setting (the small preset: vLLM's CPU attention has no
+kernel for the tiny one's head_dim) and reports finite figures. Not a timed test: no
+figure is compared with its target here.
+
+It runs in its own process, as `python -m bench.vllm --quick` (vLLM starts its engine
+processes with spawn, which re-imports the main module). vLLM is part of the test setup
+(`bash deploy/setup.sh --test`): a missing vLLM fails this test; TRANSPLANT_NO_VLLM=1
+skips it on a machine that deliberately has no vLLM."""
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+if os.environ.get("TRANSPLANT_NO_VLLM") == "1":
+    pytest.skip("TRANSPLANT_NO_VLLM=1", allow_module_level=True)
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.timeout(1200)
+
+
+def test_bench_vllm_runs_quick(tmp_path):
+    if importlib.util.find_spec("vllm") is None:
+        pytest.fail(f"vLLM is not installed in {sys.executable} (bash deploy/setup.sh --test installs it; "
+                    "TRANSPLANT_NO_VLLM=1 skips this test)")
+    out = tmp_path / "r.json"
+    env = dict(os.environ, TRANSPLANT_BENCH_DIR=str(tmp_path / "bench"),
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    env.setdefault("VLLM_HOST_IP", "127.0.0.1")
+    p = subprocess.run([sys.executable, "-m", "bench.vllm", "--quick", "--json", str(out)], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=1100)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
+    assert "median" in p.stdout
+    data = json.loads(out.read_text())
+    assert data["bench"] == "vllm" and data["figures"][0]["target"] == "<= 0.05"
+    names = {f["figure"] for f in data["figures"]}
+    assert {"vLLM swap / new engine (first token)", "vLLM / embedded tok/s, 16 clients"} <= names
+    for f in data["figures"]:
+        assert f["n"] >= 1 and all(math.isfinite(f[k]) and f[k] > 0 for k in ("median", "min", "max")), f
+    d = data["details"]
+    assert d["failed_requests"] == {"drain": 0, "freeze": 0, "tok_s": 0}
+    assert d["modules_sent_to_vllm"] >= len(d["modules"])
