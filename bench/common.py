@@ -285,15 +285,24 @@ class Load:
     go() releases them, result() waits for the records."""
 
     def __init__(self, port: int, clients: int, max_new_tokens: int, prompts: list[str],
-                 requests: int = 0, duration: float = 0.0):
+                 requests: int = 0, duration: float = 0.0, tokens_range: tuple[int, int] | None = None,
+                 seed: int = 0, stream: bool = False, texts: bool = False):
+        """tokens_range, seed, stream, texts: loadgen's --max-new-tokens-range (request i
+        asks for a length drawn from lo..hi, seeded by (seed, i); max_new_tokens is then
+        ignored), --seed, --stream (GenerateStream, records ttft) and --texts."""
         import subprocess
 
         root = Path(__file__).resolve().parent.parent
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
         env.setdefault("OMP_NUM_THREADS", "1")     # the clients do no tensor work
+        extra = []
+        if tokens_range is not None:
+            extra += ["--max-new-tokens-range", f"{tokens_range[0]},{tokens_range[1]}", "--seed", str(seed)]
+        extra += ["--stream"] * stream + ["--texts"] * texts
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "bench.loadgen", "--port", str(port), "--clients", str(clients),
-             "--max-new-tokens", str(max_new_tokens), "--requests", str(requests), "--duration", str(duration)],
+             "--max-new-tokens", str(max_new_tokens), "--requests", str(requests), "--duration", str(duration),
+             *extra],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=root)
         self.proc.stdin.write(json.dumps(prompts) + "\n")
         self.proc.stdin.flush()
@@ -325,9 +334,10 @@ class Load:
 
 
 def run_load(port: int, clients: int, max_new_tokens: int, prompts: list[str], requests: int = 0,
-             duration: float = 0.0, during: Callable[[], object] | None = None) -> dict:
-    """Warm up, then run the load (and `during()` in this process while it runs)."""
-    load = Load(port, clients, max_new_tokens, prompts, requests, duration).ready().go()
+             duration: float = 0.0, during: Callable[[], object] | None = None, **load_options) -> dict:
+    """Warm up, then run the load (and `during()` in this process while it runs);
+    load_options: Load's tokens_range, seed, stream, texts."""
+    load = Load(port, clients, max_new_tokens, prompts, requests, duration, **load_options).ready().go()
     if during is not None:
         during()
     return load.result()

@@ -15,7 +15,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-BENCHES = ("swap", "throughput", "swap_load", "lae_cost", "memory", "soak")
+BENCHES = ("swap", "throughput", "swap_load", "lae_cost", "memory", "soak", "continuous")
 ROOT = Path(__file__).resolve().parent.parent
 
 
