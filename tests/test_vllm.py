@@ -237,6 +237,19 @@ def test_refused_swaps_guard_and_alert_rollback_on_vllm(tmp_path, broken_donor):
         texts, gens = served_texts(c, PROMPTS)
         assert gens == {s.runtime.gens.live.id} and s.runtime.gens.live.id > gen
         assert texts == [x.text for x in hf(s, PROMPTS, model=s.runtime.gens.materialize(0))]
+        # the engine process dies: a swap fails at once and leaves nothing waiting behind it
+        for pid in children(os.getpid()):
+            if "EngineCore" in open(f"/proc/{pid}/cmdline").read():
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(2)
+        live = s.runtime.gens.live.id
+        with pytest.raises(grpc.RpcError):
+            c.admin("Transplant", A.TransplantRequest(donor="v1", modules=["layers.1.mlp.down"]), timeout=60)
+        t0 = time.monotonic()
+        with pytest.raises(grpc.RpcError) as e:
+            c.inference.Generate(I.GenerateRequest(prompt=PROMPTS[0], max_new_tokens=4), timeout=30)
+        assert time.monotonic() - t0 < 10 and e.value.code() != grpc.StatusCode.DEADLINE_EXCEEDED
+        assert s.runtime.gens.live.id == live
     finally:
         c.close()
         s.stop(5)

@@ -35,6 +35,7 @@ from typing import Callable
 from transplant_core.errors import InvalidArgument, NotFound, PreconditionFailed
 from transplant_core.generation import Completion
 
+from ..errors import NotReady
 from .base import QueueFull, Request
 
 log = logging.getLogger("transplant.vllm")
@@ -188,6 +189,8 @@ class VllmEngine:
             self._idle.clear()
             if req.cancelled():
                 raise TimeoutError("cancelled or deadline exceeded before the request started")
+            if getattr(self.engine, "errored", False):
+                raise NotReady("the vLLM engine process has died; restart the server (see its log)")
             if req.pinned is not None and req.pinned.id != self.current:
                 raise NotFound(f"generation {req.pinned.id} stopped being live while the request waited "
                                f"(live: {self.current}); the vLLM engine serves the live generation only")
@@ -268,7 +271,20 @@ class VllmEngine:
             self._call(self._release())
 
     async def _hold(self) -> None:
+        """Close the gate and pause; on any failure the gate opens again (and the engine
+        resumes if it can), so requests never wait behind a swap that did not happen."""
         self._gate.clear()
+        try:
+            await self._pause()
+        except BaseException:
+            try:
+                await self.engine.resume_generation()
+            except Exception:                 # noqa: BLE001 - a dead engine cannot resume; requests fail fast
+                pass
+            self._gate.set()
+            raise
+
+    async def _pause(self) -> None:
         if self.spec.swap_policy == "freeze":
             # keep running requests where they are, but drop their KV cache: on resume vLLM
             # recomputes it with the new weights, so every token after the boundary is the new
@@ -278,7 +294,6 @@ class VllmEngine:
         try:
             await asyncio.wait_for(self._idle.wait(), self.spec.swap_drain_timeout_s)
         except asyncio.TimeoutError:
-            self._gate.set()
             raise PreconditionFailed(f"running requests did not finish within {self.spec.swap_drain_timeout_s:g} s "
                                      "(vllm.swap_drain_timeout_s); the swap was refused and nothing changed") from None
         await self.engine.pause_generation(mode="wait", clear_cache=False)
