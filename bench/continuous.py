@@ -46,9 +46,10 @@ PARTS = ("mixed", "uniform", "http")
 def mixed_run(m: C.Models, batching: str, args, prompts: list[str]) -> dict:
     """One server with this batching, the mixed streamed load, its figures."""
     with C.serving(m, donor_name=None, batching=batching, max_batch_size=args.clients) as (server, _):
-        s0, n0 = T.batch_stats(server)
-        out = C.run_load(server.grpc_port, args.clients, 0, prompts, requests=args.mixed_requests,
-                         tokens_range=args.mixed_range, seed=args.seed, stream=True, texts=True)
+        load = C.Load(server.grpc_port, args.clients, 0, prompts, requests=args.mixed_requests,
+                      tokens_range=args.mixed_range, seed=args.seed, stream=True, texts=True).ready()
+        s0, n0 = T.batch_stats(server)              # after the clients' warm-up requests
+        out = load.go().result()
         s1, n1 = T.batch_stats(server)
     recs = out["records"]
     ok = [r for r in recs if r["ok"]]
