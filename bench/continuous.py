@@ -6,29 +6,37 @@ continuous / static >= 1.5 and p99 time to first token continuous / static <= 1/
 the uniform workload, 16 clients >= 4x serial generate; HTTP / gRPC mean latency
 <= 1.10.
 
-    python -m bench.continuous            # 300M Llama, 3 repeats (~12 min on 2 cores)
-    python -m bench.continuous --quick    # tiny model, seconds
-    python -m bench.continuous --parts mixed --repeats 2
+    python -m bench.continuous            # 300M Llama, 2 repeats (see the runtime below)
+    python -m bench.continuous --quick    # tiny model, ~30 s
+    python -m bench.continuous --parts uniform,http --repeats 3
 
 1. Mixed: 16 closed-loop clients in a separate process (bench.loadgen --stream), each
    request's max_new_tokens drawn uniformly from 8..256 (seeded per request index, so
    both servers get the same prompts with the same lengths), greedy, streamed through
-   GenerateStream; time to first token is from sending to the first chunk with text.
-   One server with `batching: continuous`, then one with `batching: static`, started one
-   at a time, the order alternating across repeats; each run is 32 requests (2 per
-   client), whose tail (the last long requests running with fewer than 16 neighbours)
-   both engines pay. Every repeat also checks that both engines produced the same text
-   for each request (greedy: they should, up to float rounding in different batch shapes).
-2. Uniform: 16 clients (bench.loadgen, unary Generate), 8 prompts x 32 new tokens in
-   rounds (32 requests), on the continuous server, against throughput.serial_generate
-   on the server's own model on a worker thread; the order alternates across repeats.
-3. HTTP vs gRPC: 8 prompts x 32 new tokens, greedy, one request at a time, interleaved
-   request by request (which goes first alternates): POST /v1/completions through the
-   official `openai` client against gRPC Generate (common.Client); both must return the
-   same text (mismatches are counted).
+   GenerateStream; time to first token is from sending to the first chunk with text,
+   p99 nearest-rank (of 32: the slowest). One server with `batching: continuous`, then
+   one with `batching: static`, started one at a time, the order alternating across
+   repeats; each run is 32 requests (2 per client: the fewest that make requests join a
+   running batch) after one 8-token warm-up request per client. The whole-run figure
+   includes the ramp-down tail (the last long requests with fewer than 16 neighbours),
+   which with 2 requests per client caps any engine's gain: `mixed_step_bound` is what a
+   perfect engine would reach on the lengths decoded, counting decode steps only; the
+   "all clients waiting" figure counts only the text chunks (one per token with the
+   character tokenizer) streamed from GO until the last request was sent. Every repeat
+   checks that both engines produced the same text for each request.
+2. Uniform: 16 clients (bench.loadgen, unary Generate), 8 prompts x 16 new tokens in
+   rounds (32 requests), on a continuous server, against throughput.serial_generate on
+   the server's own model on a worker thread; the order alternates across repeats.
+3. HTTP vs gRPC, on the same server: 8 prompts x 8 new tokens, greedy, one request at a
+   time, interleaved request by request (which goes first alternates): POST
+   /v1/completions through the official `openai` client against gRPC Generate
+   (common.Client); both must return the same text (mismatches are counted).
 
-Runtime of the default on 2 busy cores: the mixed part dominates (each run ~1-2 min on
-the 300M model; 6 server runs), the uniform and HTTP parts ~1 min per repeat.
+Runtime: the mixed part dominates (4,071 tokens per server run on the 300M preset; a
+static run takes ~2.5x a continuous one). Measured for the default (2 repeats, 4 server
+runs): 44 min on 2 cores shared with other jobs (load average 5-7; continuous runs 4-5
+min, static 10-12 min, uniform + http ~2 min per repeat) with OMP_WAIT_POLICY=PASSIVE;
+`--repeats 1` halves it; `--parts` picks parts.
 """
 from __future__ import annotations
 
@@ -68,7 +76,8 @@ def mixed_run(m: C.Models, batching: str, args, prompts: list[str]) -> dict:
             "failed": len(recs) - len(ok), "no_text": len(ok) - len(ttft),
             "asked_tokens": sum(r["max_new_tokens"] for r in recs),
             "steps_by_request": {r["i"]: r["tokens"] + (r["tokens"] < r["max_new_tokens"]) for r in ok},
-            "mean_batch": (s1 - s0) / max(n1 - n0, 1), "texts": {r["i"]: r.get("text") for r in ok}}
+            "mean_batch": (s1 - s0) / max(n1 - n0, 1), "engine_passes": int(n1 - n0),
+            "texts": {r["i"]: r.get("text") for r in ok}}
 
 
 def step_bound(steps: list[int], clients: int) -> float:
@@ -94,7 +103,7 @@ def mixed(m: C.Models, args, res: C.Result) -> None:
     ratios: dict[str, list[float]] = {"tok_s": [], "steady_tok_s": [], "ttft_p99": [], "ttft_p50": [],
                                       "latency_mean": []}
     keys = ("tok_s", "steady_tok_s", "ttft_p50", "ttft_p99", "ttft_p50_first_wave", "ttft_p50_later",
-            "latency_mean", "mean_batch", "tokens", "seconds", "steady_s")
+            "latency_mean", "mean_batch", "engine_passes", "tokens", "seconds", "steady_s")
     detail: dict[str, list] = {f"{b}_{k}": [] for b in ("continuous", "static") for k in (*keys, "order")}
     detail["step_bound"] = []
     mismatched, failed, no_text = [], 0, 0
