@@ -193,7 +193,9 @@ def test_refused_swaps_guard_and_alert_rollback_on_vllm(tmp_path, broken_donor):
 
     cfg = dict(vcfg(tmp_path, max_new_tokens_limit=48, vllm={"swap_drain_timeout_s": 0.001}),
                donor_roots=[str(broken_donor)], probes=[{"task": "zoo:copy", "examples": 32, "guard": True}])
+    others = set(children(os.getpid()))             # the module server's engine must survive this test
     s = start(cfg)
+    ours = set(children(os.getpid())) - others
     c = Clients(s.grpc_port, s.token)
     try:
         c.admin("RegisterDonor", A.RegisterDonorRequest(name="broken", path=str(broken_donor / "broken")))
@@ -238,7 +240,7 @@ def test_refused_swaps_guard_and_alert_rollback_on_vllm(tmp_path, broken_donor):
         assert gens == {s.runtime.gens.live.id} and s.runtime.gens.live.id > gen
         assert texts == [x.text for x in hf(s, PROMPTS, model=s.runtime.gens.materialize(0))]
         # the engine process dies: a swap fails at once and leaves nothing waiting behind it
-        for pid in children(os.getpid()):
+        for pid in ours:
             if "EngineCore" in open(f"/proc/{pid}/cmdline").read():
                 os.kill(pid, signal.SIGKILL)
         time.sleep(2)
