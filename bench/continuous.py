@@ -34,9 +34,11 @@ the uniform workload, 16 clients >= 4x serial generate; HTTP / gRPC mean latency
 
 Runtime: the mixed part dominates (4,071 tokens per server run on the 300M preset; a
 static run takes ~2.5x a continuous one). Measured for the default (2 repeats, 4 server
-runs): 44 min on 2 cores shared with other jobs (load average 5-7; continuous runs 4-5
-min, static 10-12 min, uniform + http ~2 min per repeat) with OMP_WAIT_POLICY=PASSIVE;
-`--repeats 1` halves it; `--parts` picks parts.
+runs), OMP_WAIT_POLICY=PASSIVE, on 2 cores shared with other jobs: 25 min at load average
+1.5-2.8 (continuous runs 3-5 min, static 6-7 min, uniform + http ~2 min per repeat), 44 min
+at 5-7. `--repeats 1` halves it; `--parts` picks parts. Closed-loop clients: whether the
+static server regroups all 16 of them decides whether any request waits behind a running
+batch, so the time-to-first-token ratio swings between ~0.03 and ~1.2 (bench/README.md).
 """
 from __future__ import annotations
 
