@@ -286,10 +286,11 @@ class Load:
 
     def __init__(self, port: int, clients: int, max_new_tokens: int, prompts: list[str],
                  requests: int = 0, duration: float = 0.0, tokens_range: tuple[int, int] | None = None,
-                 seed: int = 0, stream: bool = False, texts: bool = False):
-        """tokens_range, seed, stream, texts: loadgen's --max-new-tokens-range (request i
-        asks for a length drawn from lo..hi, seeded by (seed, i); max_new_tokens is then
-        ignored), --seed, --stream (GenerateStream, records ttft) and --texts."""
+                 seed: int = 0, stream: bool = False, texts: bool = False, rate: float = 0.0):
+        """tokens_range, seed, stream, texts, rate: loadgen's --max-new-tokens-range (request
+        i asks for a length drawn from lo..hi, seeded by (seed, i); max_new_tokens is then
+        ignored), --seed, --stream (GenerateStream, records ttft), --texts and --rate (open
+        loop: `requests` sent at Poisson times, `rate` per second)."""
         import subprocess
 
         root = Path(__file__).resolve().parent.parent
@@ -298,7 +299,7 @@ class Load:
         extra = []
         if tokens_range is not None:
             extra += ["--max-new-tokens-range", f"{tokens_range[0]},{tokens_range[1]}", "--seed", str(seed)]
-        extra += ["--stream"] * stream + ["--texts"] * texts
+        extra += ["--stream"] * stream + ["--texts"] * texts + (["--rate", str(rate)] if rate else [])
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "bench.loadgen", "--port", str(port), "--clients", str(clients),
              "--max-new-tokens", str(max_new_tokens), "--requests", str(requests), "--duration", str(duration),

@@ -31,9 +31,20 @@ def drawn_length(seed: int, i: int, lo: int, hi: int) -> int:
     return random.Random(seed * 1_000_003 + i).randint(lo, hi)
 
 
+def arrival_times(seed: int, rate: float, n: int) -> list[float]:
+    """Open loop: n send times (seconds after GO), a Poisson process of `rate` per second;
+    the first request goes at once."""
+    rng = random.Random(seed * 7_919 + 17)
+    out, t = [], 0.0
+    for i in range(n):
+        out.append(round(t, 4))
+        t += rng.expovariate(rate)
+    return out
+
+
 def run(port: int, clients: int, max_new_tokens: int, prompts: list[str], requests: int, duration: float,
         wait_for_go: bool = True, tokens_range: tuple[int, int] | None = None, seed: int = 0,
-        stream: bool = False, texts: bool = False) -> dict:
+        stream: bool = False, texts: bool = False, rate: float = 0.0) -> dict:
     import grpc
 
     from server.rpc import inference_pb2 as I
@@ -98,7 +109,26 @@ def run(port: int, clients: int, max_new_tokens: int, prompts: list[str], reques
             with lock:
                 records.append(rec)
 
-    threads = [threading.Thread(target=client, args=(s,)) for s in stubs]
+    def timed(i: int, at: float) -> None:
+        """Open loop: request i, sent at `at` seconds after GO."""
+        time.sleep(max(0.0, t0 + at - time.perf_counter()))
+        start = time.perf_counter()
+        rec = {"i": i, "start": start - t0, "scheduled": at}
+        if tokens_range is not None:
+            rec["max_new_tokens"] = length(i)
+        try:
+            rec.update(ok=True, **call(stubs[i % len(stubs)], prompts[i % len(prompts)], i))
+        except grpc.RpcError as e:
+            rec.update(ok=False, tokens=0, code=str(e.code()), details=e.details())
+        rec["latency"] = time.perf_counter() - start
+        with lock:
+            records.append(rec)
+
+    if rate:
+        threads = [threading.Thread(target=timed, args=(i, at))
+                   for i, at in enumerate(arrival_times(seed, rate, requests))]
+    else:
+        threads = [threading.Thread(target=client, args=(s,)) for s in stubs]
     for t in threads:
         t.start()
     for t in threads:
@@ -119,6 +149,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0, help="for --max-new-tokens-range")
     ap.add_argument("--stream", action="store_true", help="GenerateStream instead of Generate; records ttft")
     ap.add_argument("--texts", action="store_true", help="record each reply's text")
+    ap.add_argument("--rate", type=float, default=0.0,
+                    help="open loop: send --requests requests at Poisson arrival times, RATE per second")
     ap.add_argument("--requests", type=int, default=0, help="stop after this many requests in all")
     ap.add_argument("--duration", type=float, default=0.0, help="or after this many seconds")
     args = ap.parse_args()
@@ -130,9 +162,11 @@ def main() -> None:
             ap.error(f"--max-new-tokens-range wants 1 <= LO <= HI, got {args.max_new_tokens_range}")
     elif args.max_new_tokens < 1:
         ap.error("give --max-new-tokens N or --max-new-tokens-range LO,HI")
+    if args.rate < 0 or (args.rate and args.requests < 1):
+        ap.error("--rate wants a positive rate and --requests N")
     prompts = json.loads(sys.stdin.readline())
     out = run(args.port, args.clients, args.max_new_tokens, prompts, args.requests, args.duration,
-              tokens_range=tokens_range, seed=args.seed, stream=args.stream, texts=args.texts)
+              tokens_range=tokens_range, seed=args.seed, stream=args.stream, texts=args.texts, rate=args.rate)
     print(json.dumps(out), flush=True)
 
 
