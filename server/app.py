@@ -85,6 +85,8 @@ class Server:
             raise PreconditionFailed(f"cannot listen on {cfg.http_listen} (HTTP: /metrics, /alerts): {_why(e)}; "
                                      "stop whatever holds it or give --http-listen HOST:PORT") from None
         self.http_port = self.http.port
+        self.runtime.endpoints.update(grpc=_advertised(cfg.grpc_listen, self.grpc_port),
+                                      http=_advertised(cfg.http_listen, self.http_port))
         self._stopped = threading.Event()
         self._finished = threading.Event()
         self._listening = False
@@ -156,6 +158,16 @@ class Server:
     def wait(self) -> None:
         """Block until stop() has drained and closed everything."""
         self._finished.wait()
+
+
+def _advertised(listen: str, port: int) -> str:
+    """HOST:PORT others reach this listener at (a wildcard host: this machine's name)."""
+    import socket
+
+    host = listen.rpartition(":")[0]
+    if host in ("0.0.0.0", "::", "[::]", ""):
+        host = socket.gethostname()
+    return f"{host}:{port}"
 
 
 def _why(e: OSError) -> str:

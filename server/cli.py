@@ -371,7 +371,8 @@ def _rpc_error(args, e: Exception) -> str:
     name = getattr(code, "name", code)
     unreachable = any(w in str(details).lower() for w in ("failed to connect", "connection refused",
                                                             "dns resolution failed", "name resolution"))
-    if name == "UNAVAILABLE" and unreachable and getattr(args, "address", None):   # not the server's NotReady
+    fleet = "etcd" in str(details)                     # the server answered: its etcd is down
+    if name == "UNAVAILABLE" and unreachable and not fleet and getattr(args, "address", None):   # not NotReady
         return (f"error: cannot reach a transplant server at {args.address} ({details}); start one with "
                 f"`transplant serve` or pass --address HOST:PORT of a running one")
     return f"error: {name}: {details}"

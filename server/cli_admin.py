@@ -72,6 +72,7 @@ def register(sub) -> None:
     q = action("eval", "task accuracy on the live generation", _eval)
     q.add_argument("--task", required=True, help="zoo:NAME or a JSONL file in a task root")
     q.add_argument("--n", type=int, default=0, help="first N examples only (default: the server's)")
+    action("fleet", "the fleet: which replica serves which generation, the rollout's progress", _fleet)
     q = action("watch", "live terminal view: generations, quality, swaps", _watch)
     q.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes (default 2)")
     q.add_argument("--once", action="store_true", help="print one screen and exit")
@@ -128,7 +129,32 @@ def _status(args) -> int:
     return _out(args, Client(args).GetStatus(A.GetStatusRequest()), lambda d: print(
         f"{d['model']} ({d['arch']}): generation {d['live_generation']} live of {d['generations']}, "
         f"{d['health']}, {d['donors']} donors, queue {d['queue_depth']}, batch <= {d['max_batch_size']}, "
-        f"up {float(d['uptime_seconds']):.0f} s"))
+        f"up {float(d['uptime_seconds']):.0f} s"
+        + (f"; replica {d['replica']} of fleet {d['fleet']}" if d.get("fleet") else "")))
+
+
+def _fleet(args) -> int:
+    from .rpc import admin_pb2 as A
+
+    def human(d):
+        if not d["enabled"]:
+            print("this server is standalone (no fleet: start it with --fleet etcd://HOST:PORT --fleet-name NAME "
+                  "--fleet-store DIR)")
+            return
+        reach = "reachable" if d["etcd_reachable"] else f"UNREACHABLE ({d['etcd_error']})"
+        print(f"fleet {d['name']}: etcd {d['etcd']} {reach}; head generation {d['head']} (answered by {d['replica']})")
+        if d.get("fatal"):
+            print(f"  this replica cannot join: {d['fatal']}")
+        r = d.get("rollout")
+        if r:
+            can = f", canaries {', '.join(r['canaries'])}" if r["canaries"] else ""
+            print(f"  rollout of {r['generation']} ({r['kind']}): {r['phase']}{can}; {r['progress']}")
+        print(f"  {'replica':<16} {'live':>5} {'health':<12} {'grpc':<22} error")
+        for rep in d["replicas"]:
+            err = f"generation {rep['error_generation']}: {rep['error']}" if rep["error"] else ""
+            print(f"  {rep['name']:<16} {rep['live_generation']:>5} {rep['health']:<12} {rep['grpc']:<22} {err}")
+
+    return _out(args, Client(args).GetFleet(A.GetFleetRequest()), human)
 
 
 def _donors(args) -> int:

@@ -25,6 +25,11 @@ def register(sub) -> None:
     p.add_argument("--engine", choices=("embedded", "vllm"),
                    help="what decodes: embedded (transformers, continuous batching; default) or vllm "
                         "(needs `bash deploy/setup.sh --vllm`)")
+    p.add_argument("--fleet", metavar="etcd://HOST:PORT",
+                   help="join a fleet of replicas coordinated through etcd (with --fleet-name, --fleet-store)")
+    p.add_argument("--fleet-name", metavar="NAME", help="the fleet to join (replicas of one model share it)")
+    p.add_argument("--fleet-store", metavar="DIR", help="the fleet's shared tensor store (every replica mounts it)")
+    p.add_argument("--replica-name", metavar="NAME", help="this replica's name in the fleet (default: the host name)")
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
     p.set_defaults(fn=cmd_serve)
 
@@ -42,8 +47,16 @@ def config_from_args(args):
             if not sep or not name or not spec:
                 raise InvalidArgument(f"--donor {item!r}: expected NAME=SPEC (for example v1=zoo:v1)")
             donors.append({"name": name, "path": spec})
+    fleet = {k: v for k, v in (("etcd", getattr(args, "fleet", None)), ("name", getattr(args, "fleet_name", None)),
+                               ("store", getattr(args, "fleet_store", None)),
+                               ("replica", getattr(args, "replica_name", None))) if v is not None}
+    if fleet and "etcd" not in fleet:
+        cfg_fleet = load_config(args.config).fleet if args.config else None
+        if cfg_fleet is None:
+            flag = {"name": "--fleet-name", "store": "--fleet-store", "replica": "--replica-name"}[next(iter(fleet))]
+            raise InvalidArgument(f"{flag} needs --fleet etcd://HOST:PORT (or fleet: in the config file)")
     return load_config(
-        args.config, model=args.model, donors=donors, donor_roots=args.donor_root, task_roots=args.task_root,
+        args.config, fleet=fleet or None, model=args.model, donors=donors, donor_roots=args.donor_root, task_roots=args.task_root,
         state_dir=args.state_dir, grpc_listen=args.grpc_listen, http_listen=args.http_listen,
         admin_token_file=args.token_file, tls_cert=args.tls_cert, tls_key=args.tls_key,
         allow_pickle=args.allow_pickle, max_batch_size=args.max_batch_size, engine=args.engine)

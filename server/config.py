@@ -61,6 +61,36 @@ class VllmSpec(BaseModel):
     enforce_eager: bool = True                          # no graph capture/compilation: starts in seconds
 
 
+class FleetSpec(BaseModel):
+    """Replicas of one model coordinated through etcd (README: "A fleet")."""
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    etcd: str                                  # etcd://HOST:PORT (the v3 JSON gateway, on every etcd >= 3.3)
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    store: Path                                # the shared tensor store (a ReadWriteMany volume)
+    replica: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")   # default: host name
+    canaries: float = Field(1, ge=0)           # >= 1: that many replicas install first; < 1: a fraction; 0: none
+    probe_window_s: float = Field(30.0, ge=0)  # canaries serve this long before the rest install
+    rollout_timeout_s: float = Field(300.0, gt=0)   # longest a Transplant/Revert call waits for this replica
+    lease_ttl_s: int = Field(10, ge=2, le=3600)     # a dead replica's report expires after this
+    tick_s: float = Field(1.0, gt=0, le=60)         # how often the rollout is looked at without changes
+    etcd_timeout_s: float = Field(5.0, gt=0)
+
+    @field_validator("etcd")
+    @classmethod
+    def _endpoint(cls, v: str) -> str:
+        from .fleet.etcd import parse_endpoint
+
+        parse_endpoint(v)
+        return v
+
+    @field_validator("canaries")
+    @classmethod
+    def _canaries(cls, v: float) -> float:
+        if v >= 1 and v != int(v):
+            raise ValueError(f"canaries is a count (1, 2, ...) or a fraction below 1, not {v}")
+        return v
+
+
 class ServeConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -103,6 +133,7 @@ class ServeConfig(BaseModel):
     probes: tuple[ProbeSpec, ...] = ()
     guard: GuardSpec = GuardSpec()
     rollback_alerts: tuple[str, ...] = ("TransplantQualityRegression",)   # alertnames that revert
+    fleet: FleetSpec | None = None        # unset: a standalone server (its own generations)
 
     @model_validator(mode="before")
     @classmethod
@@ -159,7 +190,10 @@ def load_config(path: str | None = None, **overrides) -> ServeConfig:
             data = json.loads(text)
         if not isinstance(data, dict):
             raise InvalidArgument(f"config file {path}: expected a mapping at the top level")
-    data.update({k: v for k, v in overrides.items() if v is not None})
+    for k, v in overrides.items():
+        if v is None:
+            continue
+        data[k] = {**data[k], **v} if isinstance(v, dict) and isinstance(data.get(k), dict) else v
     try:
         return ServeConfig(**data)
     except ValidationError as e:

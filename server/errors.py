@@ -10,6 +10,8 @@ import grpc
 from transplant_core import errors as E
 
 from .engines.base import QueueFull
+from .fleet.etcd import Unavailable as FleetUnavailable
+from .fleet.log import Conflict as FleetConflict
 
 log = logging.getLogger("transplant.server")
 
@@ -35,6 +37,8 @@ STATUS = {
     QueueFull: grpc.StatusCode.RESOURCE_EXHAUSTED,
     TimeoutError: grpc.StatusCode.DEADLINE_EXCEEDED,
     NotReady: grpc.StatusCode.UNAVAILABLE,
+    FleetUnavailable: grpc.StatusCode.UNAVAILABLE,      # etcd unreachable: nothing changed, retry
+    FleetConflict: grpc.StatusCode.ABORTED,             # another record won the fleet log's head
 }
 
 

@@ -79,6 +79,9 @@ class Record:
     created: float = 0.0
     reverted_to: int | None = None
     bytes: int = 0
+    replica: str = ""             # fleet: the replica that appended it to the fleet log
+    rollout: dict | None = None   # fleet: {"canaries": [...]} of a transplant's canary phase
+    skipped: bool = False         # fleet: in the log, never live here (superseded before it could be)
 
     def to_journal(self) -> dict:
         return {"type": "generation", **{k: v for k, v in self.__dict__.items() if k != "quality"}}
@@ -86,13 +89,17 @@ class Record:
 
 class Generations:
     def __init__(self, base: nn.Module, table: ModuleTable, state_dir: Path, model_spec: str,
-                 crash_hook: Callable[[str], None] | None = None, owner=None, keep_servable: int = 3):
+                 crash_hook: Callable[[str], None] | None = None, owner=None, keep_servable: int = 3,
+                 shared_store: Path | None = None):
+        """shared_store: a fleet's tensor store (objects/ under it), written and read by every
+        replica; without it, <state_dir>/tensors/objects, this server's own."""
         self.base = base
         self.keep_servable = keep_servable
         self.table = table
         self.dir = Path(state_dir)
         self.tensor_dir = self.dir / "tensors"
-        self.object_dir = self.tensor_dir / "objects"
+        self.shared = shared_store is not None
+        self.object_dir = Path(shared_store) / "objects" if self.shared else self.tensor_dir / "objects"
         self.object_dir.mkdir(parents=True, exist_ok=True)
         self._owner = owner or claim(self.dir)   # one server per state directory (owner: claim() done earlier)
         try:
@@ -148,7 +155,7 @@ class Generations:
                 self.records[e["id"]] = Record(**fields)
             elif e.get("type") == "quality" and e["generation"] in self.records:
                 self.records[e["generation"]].quality.append(e["quality"])
-        last = max(self.records)
+        last = max(i for i, r in self.records.items() if not r.skipped)
         if last:
             self._overrides = self._load_overrides(last)
             self._recent = {self.records[last].state[k]: t for k, t in self._overrides.items()}
@@ -179,7 +186,7 @@ class Generations:
             path = self._obj(digest)
             if digest == skip.get(k) or path.exists():
                 return k, digest, False
-            tmp = path.with_name(f".{digest}.{os.getpid()}.{threading.get_ident()}.tmp")
+            tmp = path.with_name(f".{digest}.{_HOST}.{os.getpid()}.{threading.get_ident()}.tmp")
             try:
                 write_tensor(tmp, t)
                 tmp.rename(path)
@@ -206,7 +213,9 @@ class Generations:
     def _load_overrides(self, gen: int) -> dict[str, torch.Tensor]:
         """Generation `gen`'s tensors that differ from the base: from memory when they are
         recent, else from the store (verified against their digests)."""
-        state = self.get(gen).state
+        return self._load_state(self.get(gen).state, gen)
+
+    def _load_state(self, state: dict[str, str], gen: int) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
         legacy: dict[str, torch.Tensor] | None = None
         for k, digest in state.items():
@@ -294,15 +303,20 @@ class Generations:
         return Candidate(p, parent.id, model, replaced)
 
     def commit(self, c: "Candidate", kind: str, requested_by: str = "", reason: str = "",
-               selection: dict | None = None, reverted_to: int | None = None) -> Record:
-        """Make a prepared candidate the live generation (write-ahead, then swap)."""
+               selection: dict | None = None, reverted_to: int | None = None, record: Record | None = None,
+               skipped: tuple[Record, ...] = ()) -> Record:
+        """Make a prepared candidate the live generation (write-ahead, then swap). A fleet
+        replica passes the `record` from the fleet log (its id, its weights: checked
+        against the candidate) and the records it never made live (`skipped`)."""
         with self.lock:
             if c.parent != self.live.id:
                 raise PreconditionFailed(f"generation {self.live.id} went live while this change was prepared "
                                          f"on {c.parent}; plan again")
             p, params = c.plan, dict(c.model.named_parameters())
             base_sums, parent_state = self.records[0].checksums, self.records[c.parent].state
-            if reverted_to is not None:      # the values are that generation's: stored, digests known
+            if record is not None:           # the fleet's record names every value by digest
+                digests = {k: record.state.get(k, base_sums.get(k)) for k in p.keys}
+            elif reverted_to is not None:    # the values are that generation's: stored, digests known
                 known = self.state_checksums(reverted_to)
                 digests = {k: known[k] for k in p.keys}
             else:                            # hash and store in one pass (write-ahead)
@@ -315,13 +329,24 @@ class Generations:
                 else:
                     state[k] = digests[k]
                     overrides[k] = params[k].detach()
-            gen = max(self.records) + 1
-            rec = Record(gen, c.parent, kind, p.donor, [str(r) for r in p.refs], p.alpha, selection or {},
-                         digests, state, requested_by=requested_by, reason=reason, created=time.time(),
-                         reverted_to=reverted_to, bytes=p.nbytes)
-            if state:            # every object the record names is durable, even one an
-                fsync_dir(self.object_dir)      # earlier failed commit renamed in
+            if record is not None:
+                if state != record.state:
+                    raise PreconditionFailed(f"generation {record.id} from the fleet log does not match the weights "
+                                             "built for it here; not installed")
+                rec, gen = record, record.id
+            else:
+                gen = max(self.records) + 1
+                rec = Record(gen, c.parent, kind, p.donor, [str(r) for r in p.refs], p.alpha, selection or {},
+                             digests, state, requested_by=requested_by, reason=reason, created=time.time(),
+                             reverted_to=reverted_to, bytes=p.nbytes)
+            if state and record is None:    # every object the record names is durable, even one an
+                fsync_dir(self.object_dir)  # earlier failed commit renamed in
             self._crash("after_tensors")
+            for s in skipped:               # history only: never live here
+                if s.id not in self.records:
+                    s.skipped = True
+                    self.journal.append(s.to_journal())
+                    self.records[s.id] = s
             self.journal.append(rec.to_journal())                # commit point
             self._crash("after_journal")
             self.records[gen] = rec
@@ -346,15 +371,60 @@ class Generations:
         target = self.get(to)
         if to == self.live.id:
             raise PreconditionFailed(f"generation {to} is already live")
-        want = self._load_overrides(target.id)
+        return self.state_plan(target.state, to), to
+
+    def state_plan(self, state: dict[str, str], gen: int) -> tp.Plan:
+        """The plan that makes the live weights those of a generation whose override set is
+        `state` (a revert's target, or a record from the fleet log), read from memory or
+        the store and verified against their digests."""
+        want = self._load_state(state, gen)
         keys = set(want) | set(self._overrides)
         refs = sorted({m.ref for m in self.table.modules.values() if any(k in keys for k in m.keys)})
         if not refs:   # same weights under another id: still a new generation, nothing copied
             refs = [self.table.refs()[0]]
-        source = _Overlay(want, self.base, name=f"generation {to}")
-        # the values are generation `to`'s: each was scanned for NaN/inf when first installed
-        # (or is the model as loaded), so the revert skips only that scan of the same path
-        return tp.plan(self.table, source, refs, 1.0, known_finite=True), to
+        source = _Overlay(want, self.base, name=f"generation {gen}")
+        # the values are generation `gen`'s: each was scanned for NaN/inf when first installed
+        # (or is the model as loaded), so the plan skips only that scan of the same path
+        return tp.plan(self.table, source, refs, 1.0, known_finite=True)
+
+    def revert_record(self, head: dict, target: dict, **fields) -> Record:
+        """A fleet revert built from log records alone (no weights needed): generation
+        head+1 whose weights are `target`'s, naming the modules where they differ from
+        `head`'s. Every replica installs it through state_plan."""
+        base = self.records[0].checksums
+        hs, ts = head.get("state", {}), target.get("state", {})
+        changed = {k for k in set(hs) | set(ts) if hs.get(k, base.get(k)) != ts.get(k, base.get(k))}
+        refs = sorted({m.ref for m in self.table.modules.values() if any(k in changed for k in m.keys)}) \
+            or [self.table.refs()[0]]
+        keys = [k for r in refs for k in self.table[r].keys]
+        return Record(int(head["id"]) + 1, int(head["id"]), "revert", f"generation {target['id']}",
+                      [str(r) for r in refs], 1.0, checksums={k: ts.get(k, base[k]) for k in keys},
+                      state=dict(ts), created=time.time(), reverted_to=int(target["id"]),
+                      bytes=sum(self.table[r].nbytes for r in refs), **fields)
+
+    def stage(self, c: "Candidate", kind: str, requested_by: str = "", reason: str = "",
+              selection: dict | None = None) -> Record:
+        """The record committing candidate `c` would write, its tensors already durable in
+        the store, without committing it (a fleet appends it to its log first)."""
+        with self.lock:
+            digests = self._store({k: t.detach() for k, t in dict(c.model.named_parameters()).items()
+                                   if k in set(c.plan.keys)}, skip=self.records[0].checksums)
+            if any(digests[k] != self.records[0].checksums.get(k) for k in c.plan.keys):
+                fsync_dir(self.object_dir)
+            state = self._next_state(c, digests)
+            return Record(c.parent + 1, c.parent, kind, c.plan.donor, [str(r) for r in c.plan.refs], c.plan.alpha,
+                          selection or {}, digests, state, requested_by=requested_by, reason=reason,
+                          created=time.time(), bytes=c.plan.nbytes)
+
+    def _next_state(self, c: "Candidate", digests: dict[str, str]) -> dict[str, str]:
+        base_sums = self.records[0].checksums
+        state = dict(self.records[c.parent].state)
+        for k in c.plan.keys:
+            if digests[k] == base_sums.get(k):
+                state.pop(k, None)
+            else:
+                state[k] = digests[k]
+        return state
 
     def state_checksums(self, gen: int) -> dict[str, str]:
         """sha256 of every transplantable tensor of generation `gen` (base + overrides)."""
@@ -373,8 +443,10 @@ class Generations:
         named = {d for r in self.records.values() for d in r.state.values()}
         for f in self.object_dir.iterdir():
             if f.name.endswith(".tmp"):
-                f.unlink(missing_ok=True)
-            elif f.suffix == ".safetensors" and f.stem not in named:
+                if not self.shared or f".{_HOST}.{os.getpid()}." in f.name or _dead_writer(f.name):
+                    f.unlink(missing_ok=True)
+            elif f.suffix == ".safetensors" and f.stem not in named and not self.shared:
+                # (a fleet's shared store: other replicas name objects this one has not seen yet)
                 orphans = self.tensor_dir / "orphans"
                 orphans.mkdir(exist_ok=True)
                 os.replace(f, orphans / f.name)
@@ -402,6 +474,24 @@ class Generations:
 
     def append_event(self, event: dict) -> None:
         self.journal.append({"type": "event", "time": time.time(), **event})
+
+
+_HOST = __import__("socket").gethostname().replace(".", "_")
+
+
+def _dead_writer(tmp_name: str) -> bool:
+    """A shared store's temp file (.<digest>.<host>.<pid>.<thread>.tmp) left by a process of
+    this host that no longer runs (other hosts' temp files are theirs to tidy)."""
+    parts = tmp_name.split(".")
+    if len(parts) != 6 or parts[2] != _HOST or not parts[3].isdigit():
+        return False
+    try:
+        os.kill(int(parts[3]), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False
 
 
 def claim(state_dir: Path):

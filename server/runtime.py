@@ -74,6 +74,9 @@ class Runtime:
         self.serving = False
         self._donor_models: dict[str, object] = {}
         self.ready = threading.Event()
+        self.fleet = None                   # fleet.agent.FleetAgent with `fleet:` configured
+        self.endpoints: dict[str, str] = {}  # set by the server: where clients reach this replica
+        self._prepared: dict[int, tuple] = {}   # fleet: candidates this replica built and appended
 
     # ---- lifecycle ----------------------------------------------------------------
 
@@ -84,7 +87,8 @@ class Runtime:
             self.loaded = open_model(cfg.model, cfg.allow_pickle)
             self.tokenizer, self.table = self.loaded.tokenizer, self.loaded.table
             self.gens = Generations(self.loaded.model, self.table, cfg.state_dir, cfg.model, self._crash_hook,
-                                    owner=owner, keep_servable=0 if cfg.engine == "vllm" else cfg.servable_generations)
+                                    owner=owner, keep_servable=0 if cfg.engine == "vllm" else cfg.servable_generations,
+                                    shared_store=cfg.fleet.store if cfg.fleet else None)
         except BaseException:
             owner.close()
             raise
@@ -108,6 +112,11 @@ class Runtime:
         self.quality = QualityMonitor(cfg, self.tokenizer, self.task, QualityMetrics(self.metrics.registry))
         self._probe_generation(self.gens.live, "post_swap")
         self.quality.start(lambda: self.gens.live, self._record_probe)
+        if cfg.fleet is not None:
+            from .fleet.agent import FleetAgent
+
+            self.fleet = FleetAgent(self, cfg.fleet, self.endpoints)
+            self.fleet.start()              # catches up to the fleet's head before serving
         self.ready.set()
 
     def _batching(self) -> str:
@@ -144,6 +153,8 @@ class Runtime:
 
     def close(self) -> None:
         self.serving = False
+        if self.fleet is not None:
+            self.fleet.stop()
         if hasattr(self, "quality"):
             self.quality.stop()
         if hasattr(self, "scheduler"):
@@ -349,43 +360,116 @@ class Runtime:
             if a.task:
                 selection["selected_on"] = ("probe split" if a.task.startswith("zoo:") else
                                             "even-numbered examples (evaluated on the odd ones)")
-            return self._swap(pr.plan, "transplant", tasks, a.eval_examples, requested_by, a.reason, selection,
-                              held_out=a.task)
+            if self.fleet is None:
+                return self._swap(pr.plan, "transplant", tasks, a.eval_examples, requested_by, a.reason, selection,
+                                  held_out=a.task)
+            rec, before, seconds = self._append(pr.plan, tasks, a.eval_examples, requested_by, a.reason, selection,
+                                                held_out=a.task)
+        return self._await(rec, before, tasks, a.eval_examples, seconds, held_out=a.task)
 
     def revert(self, to: int | None, reason: str = "", requested_by: str = "", eval_tasks=(), eval_examples: int = 0,
                why: str = "manual", extra: dict | None = None) -> SwapResult:
+        if self.fleet is not None:
+            live = self.gens.live
+            before = [self.evaluate_on(live.model, live.id, t, eval_examples) for t in eval_tasks]
+            rec = self.fleet.revert(to, why, requested_by, reason, extra)
+            return self._await(rec, before, list(eval_tasks), eval_examples, 0.0)
         with self.gens.lock:
             p, target = self.gens.revert_plan(to)
             return self._swap(p, "revert", list(eval_tasks), eval_examples, requested_by, reason,
                               {"method": "revert", "why": why, **(extra or {})}, reverted_to=target)
 
+    # ---- fleet: append to the fleet log, install what it says -----------------------------------
+
+    def _append(self, p: tp.Plan, tasks: list[str], n: int, requested_by: str, reason: str, selection: dict,
+                held_out: str = "") -> tuple[Record, list[dict], float]:
+        """A transplant on a fleet replica: prepared, shadow-measured and judged here exactly
+        as on a single server, its tensors written to the shared store, then appended to the
+        fleet log (on this replica's live generation, which must be the fleet's head). Every
+        replica, this one included, installs it from the log (install_record)."""
+        parent = self.gens.live
+        before = [self.evaluate_on(parent.model, parent.id, t, n, held_out=t == held_out) for t in tasks]
+        t0 = time.perf_counter()
+        cand = self.gens.prepare(p)
+        verdict, shadow = self._judge(cand, parent, "transplant", p, requested_by)
+        rec = self.gens.stage(cand, "transplant", requested_by, reason, selection)
+        seconds = time.perf_counter() - t0
+        # installing it here needs no second build (if it is this record that wins the head)
+        self._prepared = {rec.id: (cand, verdict, shadow, dict(rec.state))}
+        try:
+            self.fleet.publish(rec)
+        except BaseException:
+            self._prepared = {}
+            raise
+        return rec, before, seconds
+
+    def _await(self, rec: Record, before: list[dict], tasks: list[str], n: int, seconds: float,
+               held_out: str = "") -> SwapResult:
+        """Wait (up to fleet.rollout_timeout_s) until this replica serves the appended
+        record; its rollout failing is an error, a timeout returns the record as appended."""
+        outcome, why = self.fleet.wait_installed(rec.id, self.cfg.fleet.rollout_timeout_s)
+        if outcome in ("failed", "refused"):
+            raise PreconditionFailed(f"generation {rec.id} was appended to fleet {self.cfg.fleet.name} but did not "
+                                     f"go live here: {why}; see `transplant admin fleet`")
+        after = []
+        live = self.gens.live
+        if outcome == "installed":
+            rec = self.gens.records[rec.id]
+            seconds += getattr(self, "_install_seconds", {}).get(rec.id, 0.0)
+            for t in tasks:
+                q = self.evaluate_on(live.model, live.id, t, n, held_out=t == held_out)
+                self.gens.add_quality(live.id, q)
+                after.append(q)
+        else:
+            log.warning("generation %d is in fleet %s's log but not live here after %.0f s: %s", rec.id,
+                        self.cfg.fleet.name, self.cfg.fleet.rollout_timeout_s, why)
+        return SwapResult(rec, before, after, seconds)
+
+    def install_record(self, rec: Record, skipped: tuple[Record, ...] = ()) -> SwapResult | None:
+        """Make a record of the fleet log live here, through the same path as every swap:
+        its weights read from the store (digests verified), shadow-measured, judged by
+        this replica's guard (a refusal raises PreconditionFailed: never installed, and
+        the rollout fails), committed with the fleet's id, probed. `skipped`: records
+        before it this replica never made live."""
+        with self.gens.lock:
+            if rec.id <= self.gens.live.id:
+                return None
+            prepared = self._prepared.pop(rec.id, None)
+            if prepared is not None and (prepared[0].parent != self.gens.live.id or prepared[3] != rec.state):
+                prepared = None                 # another replica's record won this id
+            prepared = prepared[:3] if prepared else None
+            p = prepared[0].plan if prepared else self.gens.state_plan(rec.state, rec.id)
+            res = self._swap(p, rec.kind, [], 0, rec.requested_by, rec.reason, rec.selection, rec.reverted_to,
+                             record=rec, skipped=skipped, prepared=prepared)
+            self._install_seconds = {rec.id: res.seconds}
+            return res
+
     def _swap(self, p: tp.Plan, kind: str, tasks: list[str], n: int, requested_by: str, reason: str,
-              selection: dict, reverted_to: int | None = None, held_out: str = "") -> SwapResult:
+              selection: dict, reverted_to: int | None = None, held_out: str = "", record: Record | None = None,
+              skipped: tuple[Record, ...] = (), prepared: tuple | None = None) -> SwapResult:
         """Prepare off to the side, shadow-measure the probes, let the guard judge,
         commit (write-ahead, swap), then measure again on the live generation. The task
-        `held_out` (the one modules were selected on) is measured on its held-out part."""
+        `held_out` (the one modules were selected on) is measured on its held-out part.
+        A fleet record (`record`) commits under the fleet's id; `prepared` is the
+        (candidate, verdict, shadow) this replica built before appending it."""
         parent = self.gens.live
         why = selection.get("why", "manual")
         before = [self.evaluate_on(parent.model, parent.id, t, n, held_out=t == held_out) for t in tasks]
         t0 = time.perf_counter()
-        try:
-            cand = self.gens.prepare(p, share=kind == "revert")   # a revert's values are stored, immutable
-        except Exception:
-            self.metrics.swaps.labels(kind, "error", why).inc()
-            raise
+        if prepared is not None:
+            cand, verdict, shadow = prepared
+        else:
+            try:       # a revert's (or a fleet record's) values are stored, immutable: shared
+                cand = self.gens.prepare(p, share=kind == "revert" or record is not None)
+            except Exception:
+                self.metrics.swaps.labels(kind, "error", why).inc()
+                raise
+            verdict, shadow = self._judge(cand, parent, kind, p, requested_by, fleet=record is not None)
         seconds = time.perf_counter() - t0
-        verdict, shadow = self._shadow(cand, parent, kind)
-        if verdict is not None and not verdict.ok and self.cfg.guard.mode == "refuse":
-            self.gens.append_event({"event": "refused", "reason": "guard", "kind": kind, "donor": p.donor,
-                                    "modules": [str(r) for r in p.refs], "violations": verdict.violations,
-                                    "requested_by": requested_by, "parent": parent.id})
-            self.metrics.swaps.labels(kind, "refused", "guard").inc()
-            raise PreconditionFailed(f"the guard refused this transplant: {verdict.reason()}; "
-                                     f"generation {parent.id} stays live")
         t0 = time.perf_counter()
         try:
             rec = self.scheduler.install(parent.model, cand, lambda: self.gens.commit(
-                cand, kind, requested_by, reason, selection, reverted_to))
+                cand, kind, requested_by, reason, selection, reverted_to, record=record, skipped=skipped))
         except Exception:
             self.metrics.swaps.labels(kind, "error", why).inc()
             raise
@@ -406,11 +490,24 @@ class Runtime:
             self.gens.add_quality(live.id, q)
             after.append(q)
         log.info("%s: generation %d -> %d (%d modules, %.1f ms)", kind, parent.id, rec.id, len(p.modules), seconds * 1e3)
-        if verdict is not None and not verdict.ok:       # guard mode "revert": it went live, take it back now
+        if verdict is not None and not verdict.ok and record is None:   # guard mode "revert": take it back now
             back = self.revert(None, reason="guard", why="guard", extra={"violations": verdict.violations})
             raise PreconditionFailed(f"the guard reverted generation {rec.id} at once (now {back.record.id}): "
                                      f"{verdict.reason()}")
         return SwapResult(rec, before, after, seconds)
+
+    def _judge(self, cand, parent, kind: str, p: tp.Plan, requested_by: str, fleet: bool = False):
+        """Shadow-measure the candidate; a guard refusal raises (in a fleet, whatever the
+        guard's mode: the rollout fails and the fleet reverts)."""
+        verdict, shadow = self._shadow(cand, parent, kind)
+        if verdict is not None and not verdict.ok and (self.cfg.guard.mode == "refuse" or fleet):
+            self.gens.append_event({"event": "refused", "reason": "guard", "kind": kind, "donor": p.donor,
+                                    "modules": [str(r) for r in p.refs], "violations": verdict.violations,
+                                    "requested_by": requested_by, "parent": parent.id})
+            self.metrics.swaps.labels(kind, "refused", "guard").inc()
+            raise PreconditionFailed(f"the guard refused this transplant: {verdict.reason()}; "
+                                     f"generation {parent.id} stays live")
+        return verdict, shadow
 
     def _shadow(self, cand, parent, kind: str):
         """Probe the candidate before it goes live; the guard judges transplants (never reverts)."""
@@ -425,8 +522,8 @@ class Runtime:
         for t in self.quality.tasks:
             self._record_probe(live, self.quality.measure(live.model, live.id, t, phase), export=False)
         donor_acc = None
-        if donor is not None and self.quality.tasks:
-            d = self.donors.get(donor)
+        if donor is not None and self.quality.tasks and donor in {d.name for d in self.donors.list()}:
+            d = self.donors.get(donor)   # (a fleet replica may not have the donor another one used)
             donor_acc = {t: self.quality.donor_accuracy(donor, t, lambda: self._donor_model(d)) for t in self.quality.tasks}
         self._donor_acc_live = donor_acc
         self.quality.export(live.id, self.gens.records[live.id].parent, donor_acc)
@@ -445,7 +542,12 @@ class Runtime:
         if not isinstance(alerts, list) or not all(isinstance(a, dict) for a in alerts):
             self.quality.metrics.alerts.labels("malformed").inc()
             return 400, {"error": "expected an Alertmanager webhook body: {\"alerts\": [{\"status\", \"labels\", ...}]}"}
-        decisions = [self._alert(a) for a in alerts]
+        from .fleet.etcd import Unavailable
+
+        try:
+            decisions = [self._alert(a) for a in alerts]
+        except Unavailable as e:             # a fleet whose etcd is down: Alertmanager retries
+            return 503, {"error": str(e)}
         return 200, {"decisions": decisions}
 
     def _alert(self, a: dict) -> dict:
@@ -465,6 +567,13 @@ class Runtime:
         if not str(gen).isdigit():
             return ignored("the alert has no numeric 'generation' label")
         gen = int(gen)
+        if self.fleet is not None:
+            action, why, new = self.fleet.alert(gen, {"fingerprint": fp, "alertname": labels.get("alertname"),
+                                                      "task": labels.get("task")})
+            if action == "none":
+                return ignored(why)
+            self.quality.metrics.alerts.labels("reverted").inc()
+            return dict(out, action="reverted", reason=why, generation=new)
         with self.gens.lock:
             live = self.gens.live.id
             if gen != live:
@@ -489,5 +598,6 @@ class Runtime:
                 "donors": len(self.donors.list()), "health": "SERVING" if self.serving else "NOT_SERVING",
                 "queue_depth": self.scheduler.depth, "max_batch_size": self.cfg.max_batch_size,
                 "transplantable_modules": len(self.table.modules), "uptime_seconds": time.time() - self.started,
-                "state_dir": str(self.cfg.state_dir)}
+                "state_dir": str(self.cfg.state_dir),
+                "fleet": self.cfg.fleet.name if self.cfg.fleet else "", "replica": self.fleet.name if self.fleet else ""}
 

@@ -144,5 +144,24 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         return A.ListGenerationsResponse(generations=[_generation(r, live) for r in self.rt.gens.history()], live=live)
 
     @rpc
+    def GetFleet(self, request, context):
+        if self.rt.fleet is None:
+            return A.Fleet(enabled=False)
+        v = self.rt.fleet.view()
+        reps = [A.Replica(name=n, live_generation=s.get("live") or 0, health=s.get("health", ""),
+                          grpc=s.get("grpc", ""), http=s.get("http", ""),
+                          error=(s.get("error") or {}).get("message", "") or s.get("fatal") or "",
+                          error_generation=(s.get("error") or {}).get("generation", 0),
+                          updated_unix=s.get("updated", 0.0), servable=s.get("servable", []))
+                for n, s in sorted(v["replicas"].items())]
+        r = v["rollout"]
+        return A.Fleet(enabled=True, name=v["name"], etcd=v["etcd"], replica=v["replica"],
+                       etcd_reachable=v["reachable"], etcd_error=v["etcd_error"], head=max(v["head"], 0),
+                       replicas=reps, fatal=v["fatal"],
+                       rollout=A.Rollout(generation=r["generation"], kind=r["kind"], phase=r["phase"],
+                                         canaries=r["canaries"], serving=r["serving"], progress=r["progress"])
+                       if r else None)
+
+    @rpc
     def Evaluate(self, request, context):
         return _quality(self.rt.evaluate_live(request.task, request.n, request.max_new_tokens))

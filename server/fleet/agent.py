@@ -1,0 +1,367 @@
+"""A replica's agent: joins the fleet, follows its log, installs what the rollout policy
+lets it, reports its state under a lease, and carries out rollout decisions.
+
+One thread follows the log (an etcd watch, and a tick every `tick_s` for the probe
+window and retries) and is the only one that installs; one keeps the lease alive.
+Installs go through the runtime's one swap path (Runtime.install_record: shadow
+evaluation, guard, probes), with the fleet's record (its id, its weights by digest).
+
+With etcd unreachable the replica keeps serving the generation it has, stays healthy,
+and says so in its status; writes (transplant, revert, alert reverts) fail as
+UNAVAILABLE naming the endpoint; when etcd returns it catches up to the head."""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+
+from transplant_core.errors import NotFound, PreconditionFailed
+
+from . import rollout
+from .etcd import Etcd, Unavailable
+from .log import ROLLOUT_FAILED, ROLLOUT_PROMOTED, Conflict, FleetLog
+
+log = logging.getLogger("transplant.fleet")
+RETRY_S = 5.0                 # a failed install (not a guard refusal) is tried again after this
+
+
+class FleetAgent:
+    def __init__(self, rt, spec, endpoints: dict | None = None):
+        self.rt = rt
+        self.spec = spec
+        self.name = spec.replica or socket.gethostname()
+        self.endpoints = endpoints or {}
+        self.etcd = Etcd(spec.etcd, spec.etcd_timeout_s)
+        self.log = FleetLog(self.etcd, spec.name)
+        self.records: dict[int, dict] = {}          # the fleet log as last read
+        self.decided: dict[int, dict] = {}          # rollout outcomes
+        self.replicas: dict[str, dict] = {}         # reports, as last read
+        self.joined = False
+        self.reachable = False
+        self.etcd_error = ""
+        self.fatal = ""                             # cannot join (another base model, a foreign history)
+        self.error: dict | None = None              # this replica's last failed install
+        self._refused: dict[int, str] = {}          # guard refusals: not tried again
+        self._retry_at: dict[int, float] = {}
+        self._all_live_since: dict[int, float] = {}
+        self._lease = 0
+        self._reported: dict | None = None
+        self._report_lock = threading.Lock()
+        self._cond = threading.Condition()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    # ---- lifecycle ----------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Join (a fleet with another base model or a foreign history: PreconditionFailed,
+        the server does not start) and catch up; with etcd down, serve what the local
+        journal has and keep trying in the background."""
+        try:
+            self._join()
+            self.reconcile()
+            self._heartbeat_once()
+        except Unavailable as e:
+            self._unreachable(e)
+            log.warning("fleet %s: %s; serving generation %d until it answers", self.spec.name, e,
+                        self.rt.gens.live.id)
+        for fn, name in ((self._follow, "fleet-log"), (self._heartbeat, "fleet-lease")):
+            t = threading.Thread(target=fn, name=name, daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=self.spec.etcd_timeout_s + 2)
+        if self._lease:
+            try:                              # drop out of the fleet at once, not at lease expiry
+                self.etcd.revoke(self._lease)
+            except (Unavailable, ValueError):
+                pass
+
+    def _join(self) -> None:
+        gens = self.rt.gens
+        local0 = gens.records[0].to_journal()
+        fleet0 = self.log.genesis(local0)
+        if fleet0.get("checksums") != local0["checksums"]:
+            self.fatal = (f"this replica's model ({gens.model_spec}) is not fleet {self.spec.name}'s: generation 0's "
+                          f"weights differ (the fleet was started on {fleet0.get('selection', {}).get('model')!r}); "
+                          "every replica must load the same base checkpoint")
+            raise PreconditionFailed(self.fatal)
+        recs, _ = self.log.records(0)
+        for i, r in sorted(gens.records.items()):
+            f = recs.get(i)
+            if i and (f is None or f.get("state") != r.state or f.get("kind") != r.kind):
+                self.fatal = (f"state directory {gens.dir} holds generation {i} ({r.kind}) that fleet "
+                              f"{self.spec.name} does not have: it served outside this fleet; start this replica "
+                              "with a fresh --state-dir (it catches up from the fleet log)")
+                raise PreconditionFailed(self.fatal)
+        self.records = {0: fleet0, **recs}
+        self.joined = True
+        log.info("fleet %s: joined as %s (head %d, live here %d)", self.spec.name, self.name, max(self.records),
+                 gens.live.id)
+
+    # ---- following the log ------------------------------------------------------------------
+
+    def _follow(self) -> None:
+        backoff = 0.5
+        while not self._stop.is_set():
+            try:
+                if not self.joined:
+                    self._join()
+                rev = self.reconcile()
+                backoff = 0.5
+                for _ in self.etcd.watch(self.log.root, rev + 1, self._stop, idle=self.spec.tick_s):
+                    self.reconcile()          # on changes, and every tick (probe window, retries)
+            except Unavailable as e:
+                self._unreachable(e)
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 5.0)
+            except PreconditionFailed as e:  # cannot join: said in the status, looked at again later
+                log.error("fleet %s: %s", self.spec.name, e)
+                self._stop.wait(30)
+            except Exception:                # noqa: BLE001 - the follower must not die
+                log.exception("fleet %s: following the log failed", self.spec.name)
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 5.0)
+
+    def _unreachable(self, e: Exception) -> None:
+        if self.reachable or self.etcd_error != str(e):
+            log.warning("fleet %s: %s", self.spec.name, e)
+        self.reachable, self.etcd_error = False, str(e)
+        with self._cond:
+            self._cond.notify_all()
+
+    def refresh(self) -> int:
+        """Read what changed in etcd; returns the revision read at."""
+        new, rev = self.log.records(max(self.records) if self.records else -1)
+        self.records = {**self.records, **new}      # replaced, never changed in place: readers on
+        self.decided = self.log.rollouts()          # other threads see one version or the other
+        self.replicas = self.log.replicas()
+        self.reachable, self.etcd_error = True, ""
+        return rev
+
+    def reconcile(self) -> int:
+        rev = self.refresh()
+        live = self.rt.gens.live.id
+        t = rollout.target(self.records, live, self.name, self.decided)
+        if t is not None and t not in self._refused and self._retry_at.get(t, 0) <= time.monotonic():
+            self._install(t)
+        if self.error and self.rt.gens.live.id >= self.error["generation"]:
+            self.error = None
+        self._duties()
+        self._report()
+        with self._cond:
+            self._cond.notify_all()
+        return rev
+
+    def _install(self, t: int) -> None:
+        from ..generations import Record
+
+        live = self.rt.gens.live.id
+        rec = _record(Record, self.records[t])
+        skipped = tuple(_record(Record, self.records[i]) for i in range(live + 1, t) if i in self.records)
+        try:
+            self.rt.install_record(rec, skipped)
+            log.info("fleet %s: generation %d live on %s", self.spec.name, t, self.name)
+        except PreconditionFailed as e:
+            self._refused[t] = str(e)
+            self.error = {"generation": t, "message": str(e)}
+            log.warning("fleet %s: generation %d not installed here: %s", self.spec.name, t, e)
+        except Exception as e:                       # noqa: BLE001 - reported, tried again later
+            self._retry_at[t] = time.monotonic() + RETRY_S
+            self.error = {"generation": t, "message": f"{type(e).__name__}: {e}"}
+            log.exception("fleet %s: installing generation %d failed", self.spec.name, t)
+        self._report()                               # canaries' outcomes reach the others at once
+
+    def _duties(self) -> None:
+        """What any replica may do for the head's rollout: promote it, or fail and revert it."""
+        head = max(self.records)
+        rec = self.records[head]
+        if rollout.phase(rec, self.decided) != "canary":
+            return
+        canaries = rec["rollout"]["canaries"]
+        if all((self.replicas.get(n) or {}).get("live") == head for n in canaries):
+            self._all_live_since.setdefault(head, time.monotonic())
+        else:
+            self._all_live_since.pop(head, None)
+        v = rollout.judge(rec, self.replicas, self._all_live_since.get(head), time.monotonic(),
+                          self.spec.probe_window_s)
+        if v.action == "promote":
+            if self.log.decide(head, ROLLOUT_PROMOTED, self.name, v.why):
+                log.info("fleet %s: generation %d promoted: %s", self.spec.name, head, v.why)
+                self.decided = {**self.decided, head: {"phase": ROLLOUT_PROMOTED, "why": v.why}}
+        elif v.action == "fail":
+            target = self.records.get(rec.get("parent"))
+            if target is None:
+                return
+            revert = self.rt.gens.revert_record(
+                rec, target, selection={"method": "revert", "why": "canary", "canary": v.failed, "error": v.why},
+                requested_by=f"fleet rollout ({self.name})", reason="canary", replica=self.name)
+            if self.log.fail_and_revert(head, revert.to_journal(), self.name, v.why):
+                log.warning("fleet %s: rollout of generation %d failed (%s); the fleet reverts to %d as generation %d",
+                            self.spec.name, head, v.why, target["id"], revert.id)
+
+    # ---- reporting --------------------------------------------------------------------------
+
+    def state(self) -> dict:
+        gens = self.rt.gens
+        return {"replica": self.name, "live": gens.live.id, "health": "SERVING" if self.rt.serving else "NOT_SERVING",
+                "error": self.error, "fatal": self.fatal or None, **self.endpoints, "host": socket.gethostname(),
+                "pid": os.getpid(), "servable": gens.servable_ids()}
+
+    def _report(self, force: bool = False) -> None:
+        with self._report_lock:
+            if not self._lease:
+                return
+            state = self.state()
+            if state == self._reported and not force:
+                return
+            self.log.report(self.name, dict(state, updated=time.time()), self._lease)
+            self._reported = state
+
+    def _heartbeat_once(self) -> None:
+        if self._lease and self.etcd.keepalive(self._lease) > 0:
+            return
+        self._lease = self.etcd.grant(self.spec.lease_ttl_s)     # new, or the old one expired
+        self._report(force=True)
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(self.spec.lease_ttl_s / 3):
+            try:
+                self._heartbeat_once()
+                self._report()
+            except Unavailable as e:
+                self._unreachable(e)
+
+    # ---- writes (from the runtime) ------------------------------------------------------------
+
+    def _writable(self) -> None:
+        if self.fatal:
+            raise PreconditionFailed(self.fatal)
+        if not self.joined or not self.reachable:
+            raise Unavailable(f"fleet {self.spec.name}: {self.etcd_error or f'etcd at {self.spec.etcd} is unreachable'}"
+                              "; nothing changed (the replicas keep serving; try again when etcd answers)")
+
+    def publish(self, rec) -> None:
+        """Append a record this replica built (a transplant prepared on its live generation,
+        which must be the fleet's head); the rollout names its canaries."""
+        self._writable()
+        rec.replica = self.name
+        if rec.kind == "transplant" and self.spec.canaries > 0:
+            alive = [n for n, s in self.log.replicas().items() if s.get("health") == "SERVING"]
+            rec.rollout = {"canaries": rollout.pick_canaries(self.spec.canaries, alive, self.name),
+                           "window_s": self.spec.probe_window_s}
+        self.log.append(rec.to_journal())
+        self.records = {**self.records, rec.id: rec.to_journal()}
+        log.info("fleet %s: appended generation %d (%s)%s", self.spec.name, rec.id, rec.kind,
+                 f"; canaries {', '.join(rec.rollout['canaries'])}" if rec.rollout else "")
+
+    def revert(self, to: int | None, why: str, requested_by: str = "", reason: str = "", extra: dict | None = None):
+        """Append a revert of the fleet's head (to its parent, or to `to`), built from the log
+        alone: this replica need not serve the head. Returns the record."""
+        self._writable()
+        self.refresh()
+        head = max(self.records)
+        h = self.records[head]
+        if to is None:
+            if h.get("parent") is None:
+                raise PreconditionFailed("the fleet's head is generation 0 (the model as loaded): nothing to revert to")
+            to = int(h["parent"])
+        if to not in self.records:
+            raise NotFound(f"generation {to} does not exist in fleet {self.spec.name}; generations are 0..{head}")
+        if to == head:
+            raise PreconditionFailed(f"generation {to} is already the fleet's head")
+        rec = self.rt.gens.revert_record(h, self.records[to], selection={"method": "revert", "why": why,
+                                                                         **(extra or {})},
+                                         requested_by=requested_by, reason=reason, replica=self.name)
+        if rollout.phase(h, self.decided) == "canary":      # its rollout stops here too
+            if not self.log.fail_and_revert(head, rec.to_journal(), self.name, f"reverted ({why})"):
+                raise Conflict(f"fleet {self.spec.name} moved past generation {head} meanwhile; look again")
+        else:
+            self.log.append(rec.to_journal())
+        self.records = {**self.records, rec.id: rec.to_journal()}
+        log.info("fleet %s: appended generation %d (revert to %d, %s)", self.spec.name, rec.id, to, why)
+        return rec
+
+    def alert(self, gen: int, extra: dict) -> tuple[str, str, int | None]:
+        """An alert for generation `gen`: revert the fleet once. (action, reason, new id)."""
+        self._writable()
+        self.refresh()
+        head = max(self.records)
+        if gen != head:
+            return "none", f"generation {gen} is not the fleet's head (generation {head})", None
+        if any(r.get("kind") == "revert" and r.get("parent") == gen and r.get("selection", {}).get("why") == "alert"
+               for r in self.records.values()):
+            return "none", f"generation {gen} was already reverted for an alert", None
+        if self.records[gen].get("parent") is None:
+            return "none", "generation 0 is the model as loaded: nothing to revert to", None
+        try:
+            rec = self.revert(None, "alert", requested_by="alertmanager", reason="alert", extra=extra)
+        except Conflict:
+            return "none", f"another replica reverted generation {gen} first", None
+        return "reverted", f"generation {gen} reverted to {rec.reverted_to} across fleet {self.spec.name}", rec.id
+
+    def wait_installed(self, gen: int, timeout: float) -> tuple[str, str]:
+        """Until generation `gen` is live here ("installed"), its rollout failed or was
+        superseded ("failed"), this replica refused it ("refused"), or `timeout` passed."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                if self.rt.gens.live.id >= gen and gen in self.rt.gens.records and not self.rt.gens.records[gen].skipped:
+                    return "installed", ""
+                if gen in self._refused:
+                    return "refused", self._refused[gen]
+                d = self.decided.get(gen)
+                if d and d.get("phase") == ROLLOUT_FAILED:
+                    return "failed", d.get("why", "")
+                later = [r for i, r in self.records.items() if i > gen]
+                if later:
+                    return "failed", (f"generation {later[0]['id']} ({later[0].get('kind')}, "
+                                      f"{later[0].get('selection', {}).get('why') or later[0].get('reason') or ''}) "
+                                      f"superseded it before it reached this replica")
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return "timeout", self.progress(gen)
+                self._cond.wait(min(left, 1.0))
+
+    # ---- views -----------------------------------------------------------------------------------
+
+    def progress(self, gen: int) -> str:
+        rec = self.records.get(gen)
+        if rec is None:
+            return f"generation {gen} is not in the fleet log"
+        p = rollout.phase(rec, self.decided)
+        if p == "canary":
+            return rollout.judge(rec, self.replicas, self._all_live_since.get(gen), time.monotonic(),
+                                 self.spec.probe_window_s).why
+        behind = sorted(n for n, s in self.replicas.items() if (s.get("live") or 0) < gen)
+        if behind:
+            return f"not yet served by {', '.join(behind)}"
+        return f"served by all {len(self.replicas)} replicas reporting"
+
+    def view(self) -> dict:
+        """The fleet as this replica sees it (read fresh when etcd answers)."""
+        try:
+            self.refresh()
+        except Unavailable as e:
+            self._unreachable(e)
+        head = max(self.records) if self.records else -1
+        out = {"name": self.spec.name, "etcd": self.spec.etcd, "replica": self.name, "reachable": self.reachable,
+               "etcd_error": self.etcd_error, "fatal": self.fatal, "head": head, "replicas": self.replicas,
+               "rollout": None}
+        if head >= 0:
+            rec = self.records[head]
+            p = rollout.phase(rec, self.decided)
+            out["rollout"] = {"generation": head, "kind": rec.get("kind"), "phase": p,
+                              "canaries": (rec.get("rollout") or {}).get("canaries", []),
+                              "serving": sorted(n for n, s in self.replicas.items() if s.get("live") == head),
+                              "progress": self.progress(head)}
+        return out
+
+
+def _record(cls, doc: dict):
+    return cls(**{k: v for k, v in doc.items() if k in cls.__dataclass_fields__ and k != "skipped"})

@@ -1,0 +1,303 @@
+"""A fleet: three real `transplant serve` processes coordinated through a real etcd
+(Debian's etcd-server, started here on loopback), sharing one tensor store.
+
+Replica a is the canary (the first by name) and the only one with probes (zoo:copy,
+guarded); b and c have none, so a transplant the guard would refuse still gets past
+the replica it is sent to, and only the canary can stop it."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+import pytest
+
+import serverkit
+from serverkit import A, Clients
+
+ETCD = shutil.which("etcd")
+pytestmark = pytest.mark.skipif(ETCD is None, reason="etcd-server is not installed (bash deploy/setup.sh --test)")
+FLEET = "test"
+TOKEN = "fleet-test-token-0123456789"
+
+
+class EtcdServer:
+    """etcd on free loopback ports with its own data directory; stop() and start() keep the data."""
+
+    def __init__(self, tmp: Path):
+        self.dir = tmp / "etcd"
+        self.port, self.peer = serverkit.free_port(), serverkit.free_port()
+        self.endpoint = f"etcd://127.0.0.1:{self.port}"
+        self.proc = None
+
+    def start(self) -> "EtcdServer":
+        url, peer = f"http://127.0.0.1:{self.port}", f"http://127.0.0.1:{self.peer}"
+        self.proc = subprocess.Popen(
+            [ETCD, "--name", "t", "--data-dir", str(self.dir), "--listen-client-urls", url,
+             "--advertise-client-urls", url, "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+             "--initial-cluster", f"t={peer}"], stdout=open(self.dir.parent / "etcd.log", "ab"),
+            stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                urllib.request.urlopen(urllib.request.Request(f"{url}/v3/kv/range", b'{"key":"eA=="}'), timeout=1)
+                return self
+            except OSError:
+                time.sleep(0.2)
+        raise RuntimeError("etcd did not start")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=20)
+
+
+class Replica:
+    def __init__(self, name: str, cfg: dict, tmp: Path):
+        self.name, self.cfg, self.tmp = name, cfg, tmp
+        self.start()
+
+    def start(self) -> None:
+        self.proc, self.port, self.state = serverkit.spawn(self.cfg, self.tmp)
+        self.http = json.loads(sorted(self.tmp.glob("cfg-*.json"))[-1].read_text())["http_listen"]
+        self.c = Clients(self.port, TOKEN)
+
+    def kill9(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+        self.c.close()
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.c.close()
+
+    def live(self) -> int:
+        return self.c.admin("GetStatus", A.GetStatusRequest(), timeout=10).live_generation
+
+    def journal(self) -> dict[int, dict]:
+        recs = [json.loads(line) for line in (self.state / "journal.jsonl").read_text().splitlines()]
+        return {r["id"]: r for r in recs if r.get("type") == "generation"}
+
+    def alert(self, body: dict) -> dict:
+        req = urllib.request.Request(f"http://{self.http}/alerts", json.dumps(body).encode(),
+                                     {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return json.loads(r.read())
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory, broken_root):
+    tmp = tmp_path_factory.mktemp("fleet")
+    etcd = EtcdServer(tmp).start()
+    (tmp / "token").write_text(TOKEN + "\n")
+    reps = {}
+    try:
+        for name in ("a", "b", "c"):
+            d = tmp / name
+            d.mkdir()
+            probes = [{"task": "zoo:copy", "examples": 48, "interval_s": 3600, "guard": True}] if name == "a" else []
+            cfg = serverkit.config(d, "zoo:v2", [broken_root], watch_donor_roots=False, probes=probes,
+                                   admin_token_file=str(tmp / "token"),
+                                   fleet={"etcd": etcd.endpoint, "name": FLEET, "store": str(tmp / "store"),
+                                          "replica": name, "canaries": 1, "probe_window_s": 1.0, "lease_ttl_s": 4,
+                                          "tick_s": 0.3, "rollout_timeout_s": 60})
+            reps[name] = Replica(name, cfg, d)
+        yield etcd, reps
+    finally:
+        for r in reps.values():
+            r.stop()
+        etcd.stop()
+
+
+@pytest.fixture(scope="module")
+def broken_root(tmp_path_factory):
+    return serverkit.broken_donor(tmp_path_factory.mktemp("donors"))
+
+
+def converge(reps, gen: int, timeout: float = 60) -> float:
+    """Seconds until every replica serves `gen`."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if all(r.live() == gen for r in reps):
+            return time.monotonic() - t0
+        time.sleep(0.2)
+    raise AssertionError(f"not all replicas serve {gen}: {[(r.name, r.live()) for r in reps]}")
+
+
+def head(rep) -> int:
+    return rep.c.admin("GetFleet", A.GetFleetRequest(), timeout=10).head
+
+
+def transplant(rep, modules: str, donor: str = "v1"):
+    return rep.c.admin("Transplant", A.TransplantRequest(donor=donor, modules=modules.split(",")), timeout=120)
+
+
+def test_a_transplant_sent_to_one_replica_reaches_all_three(fleet):
+    _, reps = fleet
+    a, b, c = reps["a"], reps["b"], reps["c"]
+    before = head(c)
+    res = transplant(c, "layers.0.mlp.down")
+    gen = res.generation.id
+    assert gen == before + 1 and res.generation.live
+    took = converge(reps.values(), gen, timeout=30)
+    for r in reps.values():              # every answer tagged with the same fleet-wide id
+        assert {r.c.generate("abc", 4).generation for _ in range(3)} == {gen}
+        assert [g.id for g in r.c.admin("ListGenerations", A.ListGenerationsRequest()).generations][-1] == gen
+    f = b.c.admin("GetFleet", A.GetFleetRequest())
+    assert f.enabled and f.head == gen and f.etcd_reachable
+    assert f.rollout.phase == "promoted" and list(f.rollout.canaries) == ["a"]
+    assert sorted(f.rollout.serving) == ["a", "b", "c"]
+    assert {x.name: x.live_generation for x in f.replicas} == {"a": gen, "b": gen, "c": gen}
+    # the same record on every replica, the canary first
+    recs = {r.name: r.journal()[gen] for r in reps.values()}
+    assert len({json.dumps({k: v for k, v in x.items() if k != "skipped"}, sort_keys=True)
+                for x in recs.values()}) == 1
+    assert recs["a"]["replica"] == "c" and recs["a"]["rollout"]["canaries"] == ["a"]
+    print(f"all three serve generation {gen} {took:.1f} s after the Transplant call returned")
+
+
+def test_two_transplants_at_once_exactly_one_wins(fleet):
+    _, reps = fleet
+    b, c = reps["b"], reps["c"]
+    start = head(b)
+    barrier, out = threading.Barrier(2), {}
+
+    def send(rep, modules):
+        barrier.wait()
+        try:
+            out[rep.name] = transplant(rep, modules).generation.id
+        except grpc.RpcError as e:
+            out[rep.name] = e
+
+    ts = [threading.Thread(target=send, args=(b, "layers.1.mlp.down")),
+          threading.Thread(target=send, args=(c, "layers.2.mlp.down"))]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    won = [n for n, v in out.items() if isinstance(v, int)]
+    lost = [v for v in out.values() if not isinstance(v, int)]
+    assert len(won) == 1 and len(lost) == 1, out
+    assert out[won[0]] == start + 1
+    assert lost[0].code() == grpc.StatusCode.ABORTED
+    assert f"generation {start + 1}" in lost[0].details() and "appended first" in lost[0].details()
+    converge(reps.values(), start + 1)
+    assert head(b) == start + 1                  # nothing else was appended
+
+
+def test_an_alert_on_one_replica_reverts_the_fleet_once(fleet):
+    _, reps = fleet
+    a, b, c = reps["a"], reps["b"], reps["c"]
+    gen = head(a)
+    parent = a.journal()[gen]["parent"]
+    alert = {"alerts": [{"status": "firing", "fingerprint": "fp-1", "labels": {
+        "alertname": "TransplantQualityRegression", "generation": str(gen), "task": "zoo:copy"}}]}
+    answers = []
+    ts = [threading.Thread(target=lambda r=r: answers.append(r.alert(alert))) for r in (b, c)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    actions = sorted(d["decisions"][0]["action"] for d in answers)
+    assert actions == ["none", "reverted"], answers
+    new = next(d["decisions"][0]["generation"] for d in answers if d["decisions"][0]["action"] == "reverted")
+    assert new == gen + 1
+    converge(reps.values(), new)
+    # repeats, on any replica, and the resolved notification change nothing
+    again = a.alert(alert)["decisions"][0]
+    assert again["action"] == "none" and "not the fleet's head" in again["reason"]
+    resolved = {"alerts": [dict(alert["alerts"][0], status="resolved")]}
+    assert b.alert(resolved)["decisions"][0]["action"] == "none"
+    time.sleep(1)
+    assert head(a) == new
+    for r in reps.values():
+        rec = r.journal()[new]
+        assert rec["kind"] == "revert" and rec["reverted_to"] == parent and rec["selection"]["why"] == "alert"
+        assert rec["selection"]["fingerprint"] == "fp-1"
+        assert sum(1 for x in r.journal().values() if x.get("selection", {}).get("why") == "alert") == 1
+
+
+def test_a_canary_whose_probes_regress_is_reverted_before_the_others_install_it(fleet, broken_root):
+    _, reps = fleet
+    a, b, c = reps["a"], reps["b"], reps["c"]
+    start = head(c)
+    c.c.admin("RegisterDonor", A.RegisterDonorRequest(name="broken", path=str(broken_root / "broken")))
+    with pytest.raises(grpc.RpcError) as e:          # c has no probes: its own guard lets it through
+        transplant(c, "layers.*.mlp.down", donor="broken")
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "canary a could not install" in e.value.details() and "guard refused" in e.value.details()
+    bad, back = start + 1, start + 2
+    converge(reps.values(), back)
+    for r in reps.values():
+        j = r.journal()
+        assert j[bad]["kind"] == "transplant" and j[bad].get("skipped") is True, r.name   # never live anywhere
+        assert j[back]["kind"] == "revert" and j[back]["reverted_to"] == start
+        assert j[back]["selection"]["why"] == "canary" and j[back]["selection"]["canary"] == "a"
+        assert j[back]["state"] == j[start]["state"]
+    f = a.c.admin("GetFleet", A.GetFleetRequest())
+    assert f.head == back and all(x.error == "" for x in f.replicas)
+
+
+def test_with_etcd_down_replicas_serve_and_writes_are_unavailable(fleet):
+    etcd, reps = fleet
+    gen = head(reps["a"])
+    etcd.stop()
+    try:
+        for r in reps.values():
+            assert r.c.generate("abc", 4).generation == gen
+            health = r.c.admin("GetStatus", A.GetStatusRequest()).health
+            assert health == "SERVING"
+        with pytest.raises(grpc.RpcError) as e:
+            transplant(reps["b"], "layers.3.mlp.down")
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE and etcd.endpoint in e.value.details()
+        with pytest.raises(grpc.RpcError) as e:
+            reps["c"].c.admin("Revert", A.RevertRequest())
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+        f = reps["a"].c.admin("GetFleet", A.GetFleetRequest())
+        assert not f.etcd_reachable and etcd.endpoint in f.etcd_error
+        assert all(r.live() == gen for r in reps.values())
+    finally:
+        etcd.start()
+    deadline = time.monotonic() + 30
+    while not reps["b"].c.admin("GetFleet", A.GetFleetRequest()).etcd_reachable:
+        assert time.monotonic() < deadline, "the replicas did not see etcd come back"
+        time.sleep(0.3)
+    res = transplant(reps["b"], "layers.3.mlp.down")
+    converge(reps.values(), res.generation.id)
+
+
+def test_a_replica_killed_mid_rollout_catches_up_and_the_others_carry_on(fleet):
+    _, reps = fleet
+    a, b, c = reps["a"], reps["b"], reps["c"]
+    start = head(a)
+    done = {}
+    t = threading.Thread(target=lambda: done.update(r=transplant(c, "layers.0.attn.q")))
+    t.start()
+    deadline = time.monotonic() + 30
+    while head(a) == start:                          # appended: the canary phase has begun
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    b.kill9()
+    t.join()
+    gen = done["r"].generation.id
+    converge([a, c], gen)
+    f = a.c.admin("GetFleet", A.GetFleetRequest())
+    deadline = time.monotonic() + 15                 # b's lease expires: it drops out of the view
+    while "b" in {x.name for x in f.replicas}:
+        assert time.monotonic() < deadline, "a dead replica's report did not expire"
+        time.sleep(0.5)
+        f = a.c.admin("GetFleet", A.GetFleetRequest())
+    b.start()                                        # same state directory
+    converge([a, b, c], gen, timeout=30)
+    assert b.c.generate("abc", 4).generation == gen
+    assert b.journal()[gen]["state"] == a.journal()[gen]["state"]
