@@ -95,3 +95,35 @@ def test_kubernetes_manifests():
 def test_containerfile_runs_the_setup_and_serve():
     text = (DEPLOY / "Containerfile").read_text()
     assert "deploy/setup.sh" in text and '"serve"' in text and "EXPOSE 50051 9400" in text
+
+
+def test_fleet_manifests_and_rules(tmp_path):
+    docs = [d for f in sorted((DEPLOY / "k8s" / "fleet").glob("*.yaml")) for d in yaml.safe_load_all(f.read_text()) if d]
+    by_kind = {}
+    for d in docs:
+        by_kind.setdefault(d["kind"], []).append(d)
+    dep = next(d for d in by_kind["Deployment"] if d["metadata"]["name"] == "transplant")
+    assert dep["spec"]["replicas"] == 3 and dep["spec"]["strategy"]["type"] == "RollingUpdate"
+    etcd = by_kind["StatefulSet"][0]
+    assert etcd["spec"]["replicas"] == 3 and "etcd" in etcd["spec"]["template"]["spec"]["containers"][0]["image"]
+    pvc = next(d for d in by_kind["PersistentVolumeClaim"] if d["metadata"]["name"] == "transplant-store")
+    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
+    vols = {v["name"]: v for v in dep["spec"]["template"]["spec"]["volumes"]}
+    assert vols["store"]["persistentVolumeClaim"]["claimName"] == "transplant-store" and "emptyDir" in vols["state"]
+    from server.config import ServeConfig
+
+    cm = next(d for d in by_kind["ConfigMap"] if d["metadata"]["name"] == "transplant-fleet-config")
+    cfg = ServeConfig(**yaml.safe_load(cm["data"]["config.yaml"]))
+    mounts = {m["name"]: m["mountPath"] for m in dep["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]}
+    assert cfg.fleet and str(cfg.fleet.store) == mounts["store"] and str(cfg.state_dir) == mounts["state"]
+    assert "transplant-etcd-client" in cfg.fleet.etcd
+    rules = yaml.safe_load((DEPLOY / "prometheus" / "fleet-alerts.yml").read_text())
+    assert by_kind["PrometheusRule"][0]["spec"] == rules
+    alerts = [r for g in rules["groups"] for r in g["rules"] if "alert" in r]
+    rollback = [r["alert"] for r in alerts if r["labels"].get("action") == "rollback"]
+    assert rollback and set(rollback) <= set(cfg.rollback_alerts)
+    (tmp_path / "fleet.yml").write_text(yaml.safe_dump(rules))
+    assert "SUCCESS" in run(tool("promtool"), "check", "rules", str(tmp_path / "fleet.yml"))
+    names = _exported_names()
+    used = {m for r in rules["groups"][0]["rules"] for m in re.findall(r"\b(transplant_[a-z_]+)", r["expr"])}
+    assert used and used <= names, used - names

@@ -244,8 +244,14 @@ def test_a_canary_whose_probes_regress_is_reverted_before_the_others_install_it(
         assert j[back]["kind"] == "revert" and j[back]["reverted_to"] == start
         assert j[back]["selection"]["why"] == "canary" and j[back]["selection"]["canary"] == "a"
         assert j[back]["state"] == j[start]["state"]
-    f = a.c.admin("GetFleet", A.GetFleetRequest())
-    assert f.head == back and all(x.error == "" for x in f.replicas)
+    deadline = time.monotonic() + 10                 # the reports follow the installs
+    while True:
+        f = a.c.admin("GetFleet", A.GetFleetRequest())
+        if sorted(f.rollout.serving) == ["a", "b", "c"] or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert f.head == back and sorted(f.rollout.serving) == ["a", "b", "c"]
+    assert all(x.error == "" for x in f.replicas), f.replicas
 
 
 def test_with_etcd_down_replicas_serve_and_writes_are_unavailable(fleet):
@@ -301,3 +307,79 @@ def test_a_replica_killed_mid_rollout_catches_up_and_the_others_carry_on(fleet):
     converge([a, b, c], gen, timeout=30)
     assert b.c.generate("abc", 4).generation == gen
     assert b.journal()[gen]["state"] == a.journal()[gen]["state"]
+
+
+def test_a_replica_of_another_model_is_refused_by_name(fleet, tmp_path):
+    etcd, reps = fleet
+    cfg = serverkit.config(tmp_path, "zoo:v1", [], watch_donor_roots=False, probes=[],
+                           admin_token_file=str(reps["a"].tmp.parent / "token"),
+                           fleet={"etcd": etcd.endpoint, "name": FLEET, "store": str(tmp_path / "store"),
+                                  "replica": "intruder"})
+    with pytest.raises(RuntimeError, match="server exited"):
+        serverkit.spawn(cfg, tmp_path)
+    log = (tmp_path / "server.log").read_text()
+    assert "is not fleet test's" in log and "zoo:v1" in log and "Traceback" not in log
+    assert "intruder" not in {x.name for x in reps["a"].c.admin("GetFleet", A.GetFleetRequest()).replicas}
+
+
+# ---- the parts without servers -------------------------------------------------------------
+
+def test_rollout_policy():
+    from server.fleet import rollout as R
+
+    assert R.pick_canaries(1, ["c", "a", "b"]) == ["a"]
+    assert R.pick_canaries(0.5, ["c", "a", "b"]) == ["a", "b"]          # a fraction, rounded up
+    assert R.pick_canaries(0, ["a", "b"]) == [] and R.pick_canaries(5, ["b"], origin="a") == ["a", "b"]
+    t = {"id": 3, "parent": 2, "kind": "transplant", "rollout": {"canaries": ["a"]}}
+    recs = {2: {"id": 2, "kind": "revert"}, 3: t}
+    assert R.target(recs, 1, "a", {}) == 3                 # the canary installs the head at once
+    assert R.target(recs, 1, "b", {}) == 2                 # the rest wait, but take what came before
+    assert R.target(recs, 2, "b", {3: {"phase": "promoted"}}) == 3
+    assert R.target(recs, 2, "a", {3: {"phase": "failed"}}) is None
+    reps = {"a": {"live": 2, "error": {"generation": 3, "message": "the guard refused"}}}
+    v = R.judge(t, reps, None, 0.0, 5.0)
+    assert v.action == "fail" and v.failed == "a" and "guard refused" in v.why
+    reps = {"a": {"live": 3}}
+    assert R.judge(t, reps, None, 0.0, 5.0).action == "wait"
+    assert R.judge(t, reps, 10.0, 12.0, 5.0).action == "wait"
+    assert R.judge(t, reps, 10.0, 15.5, 5.0).action == "promote"
+    assert R.judge(t, {}, None, 0.0, 5.0).waiting_for == ["a"]      # a canary that does not report holds it
+
+
+def test_etcd_client_parts():
+    from server.fleet.etcd import _Chunked, parse_endpoint, prefix_end
+
+    assert parse_endpoint("etcd://10.0.0.1:2379") == ("10.0.0.1", 2379)
+    assert parse_endpoint("http://etcd:2379") == ("etcd", 2379)
+    for bad in ("etcd://host", "ftp://h:1", "etcd://h:1/x"):
+        with pytest.raises(ValueError, match="etcd://HOST:PORT"):
+            parse_endpoint(bad)
+    assert prefix_end("/a/") == "/a0"
+    c = _Chunked()
+    body = b'{"x":1}\n{"y":2}\n'
+    wire = b"%x\r\n%s\r\n" % (5, body[:5]) + b"%x\r\n%s\r\n" % (len(body) - 5, body[5:])
+    got = [line for i in range(len(wire)) for line in c.feed(wire[i:i + 1])]     # byte by byte
+    assert got == [b'{"x":1}', b'{"y":2}']
+
+
+def test_fleet_configuration_errors(tmp_path):
+    import argparse
+
+    from server.cli_serve import config_from_args, register
+    from transplant_core.errors import InvalidArgument
+
+    ap = argparse.ArgumentParser()
+    register(ap.add_subparsers())
+    with pytest.raises(InvalidArgument, match="--fleet-name needs --fleet etcd://HOST:PORT"):
+        config_from_args(ap.parse_args(["serve", "--fleet-name", "x"]))
+    with pytest.raises(InvalidArgument, match="etcd://HOST:PORT"):
+        config_from_args(ap.parse_args(["serve", "--fleet", "localhost", "--fleet-name", "x", "--fleet-store", "/s"]))
+    with pytest.raises(InvalidArgument, match="fleet.store"):
+        config_from_args(ap.parse_args(["serve", "--fleet", "etcd://h:2379", "--fleet-name", "x"]))
+    cfg = config_from_args(ap.parse_args(["serve", "--fleet", "etcd://h:2379", "--fleet-name", "x",
+                                          "--fleet-store", str(tmp_path), "--replica-name", "r1"]))
+    assert cfg.fleet.name == "x" and cfg.fleet.replica == "r1" and cfg.fleet.canaries == 1
+    f = tmp_path / "c.json"
+    f.write_text(json.dumps({"fleet": {"etcd": "etcd://h:1", "name": "n", "store": "/s", "canaries": 2}}))
+    cfg = config_from_args(ap.parse_args(["serve", "--config", str(f), "--replica-name", "r2"]))
+    assert cfg.fleet.canaries == 2 and cfg.fleet.replica == "r2" and cfg.fleet.etcd == "etcd://h:1"

@@ -138,8 +138,9 @@ class FleetAgent:
     def refresh(self) -> int:
         """Read what changed in etcd; returns the revision read at."""
         new, rev = self.log.records(max(self.records) if self.records else -1)
+        self.decided = self.log.rollouts()          # (outcomes first: a revert is never seen without its why)
         self.records = {**self.records, **new}      # replaced, never changed in place: readers on
-        self.decided = self.log.rollouts()          # other threads see one version or the other
+                                                    # other threads see one version or the other
         self.replicas = self.log.replicas()
         self.reachable, self.etcd_error = True, ""
         return rev
@@ -166,6 +167,8 @@ class FleetAgent:
         skipped = tuple(_record(Record, self.records[i]) for i in range(live + 1, t) if i in self.records)
         try:
             self.rt.install_record(rec, skipped)
+            if self.error and self.error["generation"] <= t:
+                self.error = None
             log.info("fleet %s: generation %d live on %s", self.spec.name, t, self.name)
         except PreconditionFailed as e:
             self._refused[t] = str(e)
@@ -318,11 +321,12 @@ class FleetAgent:
                 d = self.decided.get(gen)
                 if d and d.get("phase") == ROLLOUT_FAILED:
                     return "failed", d.get("why", "")
-                later = [r for i, r in self.records.items() if i > gen]
+                later = [r for i, r in sorted(self.records.items()) if i > gen]
                 if later:
+                    sel = later[0].get("selection", {})
                     return "failed", (f"generation {later[0]['id']} ({later[0].get('kind')}, "
-                                      f"{later[0].get('selection', {}).get('why') or later[0].get('reason') or ''}) "
-                                      f"superseded it before it reached this replica")
+                                      f"{sel.get('why') or later[0].get('reason') or ''}) superseded it before it "
+                                      f"reached this replica{': ' + sel['error'] if sel.get('error') else ''}")
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return "timeout", self.progress(gen)
