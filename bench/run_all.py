@@ -1,7 +1,7 @@
 """Every benchmark, each in its own process, then the closing table: each figure, its
 target, the measured ratio (median, min, max) and the command that measured it.
 
-    python -m bench.run_all               # the defaults (~25 min on 2 busy cores, plus continuous: 25-45 min)
+    python -m bench.run_all               # the defaults (~25 min on 2 busy cores, plus continuous: 45-90 min, fleet ~6)
     python -m bench.run_all --quick       # tiny settings, ~2 min
     python -m bench.run_all --only swap,memory --out results/
 """
@@ -15,7 +15,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-BENCHES = ("swap", "throughput", "swap_load", "lae_cost", "memory", "soak", "continuous")
+BENCHES = ("swap", "throughput", "swap_load", "lae_cost", "memory", "soak", "continuous", "fleet")
 ROOT = Path(__file__).resolve().parent.parent
 
 

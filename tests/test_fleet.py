@@ -7,7 +7,6 @@ the replica it is sent to, and only the canary can stop it."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -20,42 +19,13 @@ import grpc
 import pytest
 
 import serverkit
+from bench.fleet import EtcdProcess as EtcdServer   # etcd on free loopback ports, its own data dir
 from serverkit import A, Clients
 
 ETCD = shutil.which("etcd")
 pytestmark = pytest.mark.skipif(ETCD is None, reason="etcd-server is not installed (bash deploy/setup.sh --test)")
 FLEET = "test"
 TOKEN = "fleet-test-token-0123456789"
-
-
-class EtcdServer:
-    """etcd on free loopback ports with its own data directory; stop() and start() keep the data."""
-
-    def __init__(self, tmp: Path):
-        self.dir = tmp / "etcd"
-        self.port, self.peer = serverkit.free_port(), serverkit.free_port()
-        self.endpoint = f"etcd://127.0.0.1:{self.port}"
-        self.proc = None
-
-    def start(self) -> "EtcdServer":
-        url, peer = f"http://127.0.0.1:{self.port}", f"http://127.0.0.1:{self.peer}"
-        self.proc = subprocess.Popen(
-            [ETCD, "--name", "t", "--data-dir", str(self.dir), "--listen-client-urls", url,
-             "--advertise-client-urls", url, "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-             "--initial-cluster", f"t={peer}"], stdout=open(self.dir.parent / "etcd.log", "ab"),
-            stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                urllib.request.urlopen(urllib.request.Request(f"{url}/v3/kv/range", b'{"key":"eA=="}'), timeout=1)
-                return self
-            except OSError:
-                time.sleep(0.2)
-        raise RuntimeError("etcd did not start")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=20)
 
 
 class Replica:
@@ -144,7 +114,7 @@ def transplant(rep, modules: str, donor: str = "v1"):
 
 def test_a_transplant_sent_to_one_replica_reaches_all_three(fleet):
     _, reps = fleet
-    a, b, c = reps["a"], reps["b"], reps["c"]
+    b, c = reps["b"], reps["c"]
     before = head(c)
     res = transplant(c, "layers.0.mlp.down")
     gen = res.generation.id
@@ -229,7 +199,7 @@ def test_an_alert_on_one_replica_reverts_the_fleet_once(fleet):
 
 def test_a_canary_whose_probes_regress_is_reverted_before_the_others_install_it(fleet, broken_root):
     _, reps = fleet
-    a, b, c = reps["a"], reps["b"], reps["c"]
+    a, c = reps["a"], reps["c"]
     start = head(c)
     c.c.admin("RegisterDonor", A.RegisterDonorRequest(name="broken", path=str(broken_root / "broken")))
     with pytest.raises(grpc.RpcError) as e:          # c has no probes: its own guard lets it through
