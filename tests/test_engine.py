@@ -1,6 +1,5 @@
 """Continuous batching: rows that join and leave between decode steps compute exactly
 what they compute alone, and a short request never waits for a long one."""
-import threading
 import time
 
 import pytest
