@@ -391,7 +391,7 @@ class Runtime:
         before = [self.evaluate_on(parent.model, parent.id, t, n, held_out=t == held_out) for t in tasks]
         t0 = time.perf_counter()
         cand = self.gens.prepare(p)
-        verdict, shadow = self._judge(cand, parent, "transplant", p, requested_by)
+        verdict, shadow = self._judge(cand, parent, "transplant", p, requested_by, fleet=True)   # any guard mode
         rec = self.gens.stage(cand, "transplant", requested_by, reason, selection)
         seconds = time.perf_counter() - t0
         # installing it here needs no second build (if it is this record that wins the head)

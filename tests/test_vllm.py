@@ -349,3 +349,51 @@ def test_kill_9_and_restart_repatches_the_engine(tmp_path):
         c.close()
     finally:
         s.stop(5)
+
+
+def test_a_fleet_of_a_vllm_replica_and_an_embedded_one(tmp_path):
+    """The fleet works above the engine seam: a transplant sent to an embedded replica is
+    installed by a vLLM replica from the fleet log and the shared store, both answer with
+    the same generation and the same text, and an alert on the vLLM replica reverts both."""
+    import shutil
+    import urllib.request
+
+    from bench.fleet import EtcdProcess
+
+    if not shutil.which("etcd"):
+        pytest.fail("etcd is not installed: bash deploy/setup.sh --test")
+    etcd = EtcdProcess(tmp_path).start()
+    fleet = {"etcd": etcd.endpoint, "name": "mixed", "store": str(tmp_path / "store"), "canaries": 1,
+             "probe_window_s": 0, "tick_s": 0.2}
+    servers, clients = [], []
+    try:
+        for name, engine in (("a-vllm", "vllm"), ("b-embedded", "embedded")):
+            d = tmp_path / name
+            cfg = dict(vcfg(d, fleet=dict(fleet, replica=name)), engine=engine)
+            servers.append(start(cfg))
+            clients.append(Clients(servers[-1].grpc_port, servers[-1].token))
+        (v, e), (cv, ce) = servers, clients
+        res = ce.admin("Transplant", A.TransplantRequest(donor="v1", modules=["layers.0.attn.q", "layers.2.mlp.*"]))
+        gen = res.generation.id
+        assert res.generation.live and v.runtime.gens.live.id == gen        # a-vllm, the canary, went first
+        got_v, gens_v = served_texts(cv, PROMPTS)
+        got_e, gens_e = served_texts(ce, PROMPTS)
+        assert gens_v == gens_e == {gen} and got_v == got_e
+        alert = {"alerts": [{"status": "firing", "fingerprint": "fp", "labels": {
+            "alertname": "TransplantQualityRegression", "generation": str(gen)}}]}
+        req = urllib.request.Request(f"http://127.0.0.1:{v.http_port}/alerts", json.dumps(alert).encode(),
+                                     {"Authorization": f"Bearer {v.token}"})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            d = json.loads(r.read())["decisions"][0]
+        assert d["action"] == "reverted" and d["generation"] == gen + 1
+        deadline = time.monotonic() + 60
+        while not all(s.runtime.gens.live.id == gen + 1 for s in servers):
+            assert time.monotonic() < deadline, [s.runtime.gens.live.id for s in servers]
+            time.sleep(0.2)
+        assert served_texts(cv, PROMPTS)[0] == [x.text for x in hf(v, PROMPTS)] == served_texts(ce, PROMPTS)[0]
+    finally:
+        for c in clients:
+            c.close()
+        for s in servers:
+            s.stop(5)
+        etcd.stop()
