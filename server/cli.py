@@ -212,26 +212,45 @@ def cmd_eval(args) -> int:
 
 
 def cmd_apply(args) -> int:
+    """Select (a task + K needs both models loaded; --modules reads only the tables), then
+    write the target's folder with only the changed tensors' bytes replaced."""
+    import torch
+
     from transplant_core import transplant as tp
+    from transplant_core.checkpoint import Checkpoint
     from transplant_core.errors import InvalidArgument
-    from transplant_core.export import manifest, write_checkpoint
-    from transplant_core.workflow import explicit_modules, select
+    from transplant_core.export import manifest, write_checkpoint, write_transplanted
+    from transplant_core.workflow import compatibility, explicit_modules, select
 
     if bool(args.modules) == bool(args.task):
         raise InvalidArgument("give either --modules A,B,... or --task TASK with --k K")
-    target, donor, report = _load_pair(args)
     if args.modules:
+        tgt, don = Checkpoint.open(args.target, args.allow_pickle), Checkpoint.open(args.donor, args.allow_pickle)
+        report = compatibility(tgt.table, don.table)
         refs, selection = explicit_modules(args.modules, report), {"method": "explicit", "modules": args.modules}
     else:
+        target, donor, report = _load_pair(args)
         a, comparison = _analysis(args, target, donor, report)
         refs = select(a, args.k)
         selection = {"method": a.selector, "task": args.task, "k": args.k, "alignment": a.alignment,
                      "scores": {str(r): a.scores[r] for r in refs}, **_comparison_doc(comparison)}
-    p = tp.plan(target.table, _donor_source(donor), refs, args.alpha)
-    before = tp.checksums(target.model, p.keys)
-    tp.commit(target.model, p)
-    meta = manifest(args.target, args.donor, p, before, tp.checksums(target.model, p.keys), selection)
-    out = write_checkpoint(target.model, target.tokenizer, Path(args.out), meta, args.force)
+        del target, donor
+        tgt, don = Checkpoint.open(args.target, args.allow_pickle), Checkpoint.open(args.donor, args.allow_pickle)
+    if not tgt.tensors.all_safetensors:      # pickle weights (--allow-pickle): load, install, save
+        target, donor, _ = _load_pair(args)
+        p = tp.plan(target.table, _donor_source(donor), refs, args.alpha)
+        before = tp.checksums(target.model, p.keys)
+        tp.commit(target.model, p)
+        meta = manifest(args.target, args.donor, p, before, tp.checksums(target.model, p.keys), selection)
+        out = write_checkpoint(target.model, target.tokenizer, Path(args.out), meta, args.force)
+    else:
+        p = tp.plan(tgt.table, don.tensors, refs, args.alpha)
+        old = {k: tgt.tensors.get(k) for k in p.keys}
+        new = {k: (p.values[k] if p.alpha >= 1.0 else torch.lerp(old[k], p.values[k].to(old[k].dtype), p.alpha))
+               for k in p.keys}
+        meta = manifest(args.target, args.donor, p, {k: tp.tensor_digest(t) for k, t in old.items()},
+                        {k: tp.tensor_digest(t) for k, t in new.items()}, selection)
+        out = write_transplanted(tgt.path, tgt.tensors.locate, new, Path(args.out), meta, args.force)
     doc = {"out": str(out), "modules": [str(r) for r in refs], "alpha": p.alpha, "bytes": p.nbytes,
            "manifest": str(out / "transplant_manifest.json")}
     _emit(args, doc, lambda d: print(

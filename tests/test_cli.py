@@ -304,3 +304,58 @@ def test_selectors_offline(capsys, tiny_dirs, task_file, tmp_path):
     code, _, err = run(capsys, "analyze", "--target", t, "--donor", d, "--task", str(task_file),
                        "--selector", "all", "--quiet")
     assert code == 2 and "give --k" in err
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_apply_copies_the_target_and_rewrites_only_the_changed_bytes(capsys, tmp_path, dtype):
+    """A target saved the way hub repositories are (sharded with an index, a model card,
+    custom files, a subfolder): every file but the shards holding changed tensors is
+    byte-identical in the output, those shards differ only in the changed tensors' bytes
+    (same header, dtype, offsets), and the output loads with from_pretrained."""
+    from safetensors import safe_open
+
+    from tiny import build_tokenizer
+
+    tdir, ddir = tmp_path / "target", tmp_path / "donor"
+    make_model("llama", 0).to(dtype).save_pretrained(tdir, max_shard_size="20KB")
+    build_tokenizer().save_pretrained(tdir)
+    (tdir / "README.md").write_text("---\nlicense: apache-2.0\n---\n# A model card\n")
+    (tdir / "params.json").write_text('{"dim": 32}\n')
+    (tdir / "1_Pooling").mkdir()
+    (tdir / "1_Pooling" / "config.json").write_text('{"pooling_mode_mean_tokens": true}\n')
+    cfg = json.loads((tdir / "config.json").read_text())
+    (tdir / "config.json").write_text(json.dumps(dict(cfg, custom_note="kept as written"), indent=3))
+    (tdir / "consolidated.safetensors").write_bytes(b"not read: the index names the weight files")
+    make_model("llama", 1).to(dtype).save_pretrained(ddir)
+    build_tokenizer().save_pretrained(ddir)
+    shards = sorted(p.name for p in tdir.glob("*.safetensors"))
+    assert len(shards) >= 3 and (tdir / "model.safetensors.index.json").is_file()
+    out = tmp_path / "out"
+    code, text, err = run(capsys, "apply", "--target", str(tdir), "--donor", str(ddir), "--modules",
+                          "layers.1.mlp.up,layers.1.attn.q", "--out", str(out), "--json", "--quiet")
+    assert code == 0, err
+    man = json.loads((out / "transplant_manifest.json").read_text())
+    moved = {k for m in man["modules"] for k in m["keys"]}
+    files = {p.relative_to(tdir) for p in tdir.rglob("*") if p.is_file()}
+    assert {p.relative_to(out) for p in out.rglob("*") if p.is_file()} == files | {Path("transplant_manifest.json")}
+    index = json.loads((tdir / "model.safetensors.index.json").read_text())["weight_map"]
+    changed_files = {index[k] for k in moved}
+    assert sorted(man["rewritten_files"]) == sorted(changed_files) and len(changed_files) < len(shards)
+    for rel in files:
+        if str(rel) not in changed_files:
+            assert (out / rel).read_bytes() == (tdir / rel).read_bytes(), rel
+    for name in changed_files:
+        with safe_open(str(tdir / name), "pt") as t, safe_open(str(out / name), "pt") as o, \
+                safe_open(str(ddir / "model.safetensors"), "pt") as d:
+            assert t.metadata() == o.metadata() and list(t.keys()) == list(o.keys())
+            for k in t.keys():
+                want = d.get_tensor(k) if k in moved else t.get_tensor(k)
+                assert o.get_tensor(k).dtype == dtype and torch.equal(o.get_tensor(k), want), k
+        head = 8 + int.from_bytes((tdir / name).read_bytes()[:8], "little")
+        assert (out / name).read_bytes()[:head] == (tdir / name).read_bytes()[:head]   # same header
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    donor, target = AutoModelForCausalLM.from_pretrained(ddir), AutoModelForCausalLM.from_pretrained(tdir)
+    lp, dp, tp_ = dict(loaded.named_parameters()), dict(donor.named_parameters()), dict(target.named_parameters())
+    for k in lp:
+        assert torch.equal(lp[k], dp[k] if k in moved else tp_[k]), k
+    assert tp.checksums(loaded, sorted(moved)) == man["sha256_saved"]

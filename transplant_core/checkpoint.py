@@ -56,7 +56,21 @@ def resolve_model_path(spec: str) -> Path:
 
 
 def weight_files(path: Path, allow_pickle: bool = False) -> list[Path]:
-    """The weight files of a checkpoint dir: safetensors, or pickle when allowed."""
+    """The weight files of a checkpoint dir: safetensors, or pickle when allowed. Only the
+    model's own: the files its index names, else model.safetensors when present (Mistral
+    repositories also carry consolidated.safetensors, the same weights under other names)."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise InvalidArgument(f"{index} is not a safetensors index (weight_map): {e}") from None
+        missing = [n for n in names if not (path / n).is_file()]
+        if missing:
+            raise NotFound(f"{index} names weight files that are not there: {', '.join(missing)}")
+        return [path / n for n in names]
+    if (path / "model.safetensors").is_file():
+        return [path / "model.safetensors"]
     st = sorted(path.glob("*.safetensors"))
     if st:
         return st
@@ -136,6 +150,17 @@ class CheckpointTensors:
 
     def has(self, key: str) -> bool:
         return self._key(key) is not None
+
+    def locate(self, key: str) -> tuple[str, str]:
+        """(the safetensors file holding `key`, its name there)."""
+        k = self._key(key)
+        if k is None or not self._where[k]:
+            raise NotFound(f"tensor {key!r} is not in a safetensors file of checkpoint {self.name}")
+        return self._where[k], k
+
+    @property
+    def all_safetensors(self) -> bool:
+        return self._pickled is None
 
     def keys(self) -> list[str]:
         return list(self._where)

@@ -1,4 +1,13 @@
-"""Write a transplanted checkpoint that any engine can serve, with its manifest."""
+"""Write a transplanted checkpoint that any engine can serve, with its manifest.
+
+`write_transplanted` (safetensors targets): a byte-for-byte copy of the target folder
+(config, tokenizer, model card, index, custom files, subfolders: untouched), in which
+only the bytes of the changed tensors are overwritten in place, in the dtype and at the
+offsets the target stores them. Shards without a changed tensor stay byte-identical, the
+shard names and the index are the target's, and nothing is re-saved through
+transformers (which would rewrite config keys and tokenizer classes for its own
+version). Memory: the changed tensors only. `write_checkpoint` (the old way: save the
+loaded model) remains for pickle-only targets."""
 from __future__ import annotations
 
 import json
@@ -70,6 +79,96 @@ def _honour_umask(root: Path) -> None:
             os.chmod(os.path.join(dirpath, d), 0o777 & ~mask)
         for f in filenames:
             os.chmod(os.path.join(dirpath, f), 0o666 & ~mask)
+
+
+def _prepare_out(out: Path, force: bool) -> Path:
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not force:
+        raise AlreadyExists(f"output directory {out} exists and is not empty; choose another --out or pass --force")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+
+
+def _finish(tmp: Path, out: Path) -> None:
+    _honour_umask(tmp)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+
+
+def _st_header(path: Path) -> tuple[int, dict]:
+    """(offset of the data section, header) of a safetensors file."""
+    import struct
+
+    with open(path, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        return 8 + n, json.loads(f.read(n))
+
+
+_ST_CODES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
+
+
+def write_transplanted(src: Path, locate, new: dict, out: Path, meta: dict, force: bool = False) -> Path:
+    """Copy checkpoint folder `src` to `out` and overwrite the changed tensors in place.
+
+    `locate(key) -> (file, key in that file)`; `new` maps model keys to the tensors to
+    store (same shape and dtype as stored). Atomic: a temp folder renamed at the end."""
+    import torch
+
+    src, out = Path(src), Path(out)
+    by_file: dict[Path, dict[str, torch.Tensor]] = {}
+    for k, t in new.items():
+        f, fk = locate(k)
+        by_file.setdefault(Path(f), {})[fk] = t
+    tmp = _prepare_out(out, force)
+    try:
+        for root, dirs, files in os.walk(src):
+            dirs[:] = [d for d in dirs if not d.startswith(".cache")]
+            rel = Path(root).relative_to(src)
+            (tmp / rel).mkdir(parents=True, exist_ok=True)
+            for name in files:
+                shutil.copyfile(Path(root) / name, tmp / rel / name)   # byte for byte (sendfile)
+        rewritten = []
+        for f, tensors in sorted(by_file.items()):
+            dest = tmp / f.relative_to(src)
+            base, header = _st_header(dest)
+            with open(dest, "r+b") as fh:
+                for fk, t in tensors.items():
+                    h = header[fk]
+                    dtype = str(t.dtype).removeprefix("torch.")
+                    if h["dtype"] != _ST_CODES.get(dtype) or list(h["shape"]) != list(t.shape):
+                        raise ValueError(f"{f.name}: {fk} is stored as {h['dtype']} {h['shape']}, the new value "
+                                         f"is {dtype} {list(t.shape)}; not written")
+                    start, end = h["data_offsets"]
+                    data = t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+                    if data.nbytes != end - start:
+                        raise ValueError(f"{f.name}: {fk} holds {end - start} bytes, the new value {data.nbytes}")
+                    fh.seek(base + start)
+                    fh.write(data.data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            rewritten.append(str(f.relative_to(src)))
+        meta = dict(meta, sha256_saved=_saved_digests(tmp, src, locate, list(new)), rewritten_files=rewritten)
+        (tmp / MANIFEST).write_text(json.dumps(meta, indent=2) + "\n")
+        _finish(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _saved_digests(tmp: Path, src: Path, locate, keys: list[str]) -> dict[str, str]:
+    """sha256 of each changed tensor as written (read back from the output)."""
+    from safetensors import safe_open
+
+    from .transplant import tensor_digest
+
+    out = {}
+    for k in keys:
+        f, fk = locate(k)
+        with safe_open(str(tmp / Path(f).relative_to(src)), framework="pt") as h:
+            out[k] = tensor_digest(h.get_tensor(fk))
+    return out
 
 
 def write_checkpoint(model, tokenizer, out: Path, meta: dict, force: bool = False) -> Path:
