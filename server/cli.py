@@ -245,11 +245,14 @@ def cmd_apply(args) -> int:
         out = write_checkpoint(target.model, target.tokenizer, Path(args.out), meta, args.force)
     else:
         p = tp.plan(tgt.table, don.tensors, refs, args.alpha)
-        old = {k: tgt.tensors.get(k) for k in p.keys}
-        new = {k: (p.values[k] if p.alpha >= 1.0 else torch.lerp(old[k], p.values[k].to(old[k].dtype), p.alpha))
-               for k in p.keys}
-        meta = manifest(args.target, args.donor, p, {k: tp.tensor_digest(t) for k, t in old.items()},
-                        {k: tp.tensor_digest(t) for k, t in new.items()}, selection)
+        before, new = {}, {}
+        for k in p.keys:             # one target tensor in memory at a time
+            old = tgt.tensors.get(k)
+            before[k] = tp.tensor_digest(old)
+            new[k] = p.values[k] if p.alpha >= 1.0 else torch.lerp(old, p.values[k].to(old.dtype), p.alpha)
+            del old
+        meta = manifest(args.target, args.donor, p, before, {k: tp.tensor_digest(t) for k, t in new.items()},
+                        selection)
         out = write_transplanted(tgt.path, tgt.tensors.locate, new, Path(args.out), meta, args.force)
     doc = {"out": str(out), "modules": [str(r) for r in refs], "alpha": p.alpha, "bytes": p.nbytes,
            "manifest": str(out / "transplant_manifest.json")}

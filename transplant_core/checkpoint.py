@@ -181,10 +181,50 @@ class CheckpointTensors:
             raise NotFound(f"tensor {key!r} is not in checkpoint {self.name}")
         if self._pickled is not None and k in self._pickled:
             return self._pickled[k]
-        return self._handles[self._where[k]].get_tensor(k)
+        t = _pread(self._where[k], k)
+        return t if t is not None else self._handles[self._where[k]].get_tensor(k)
 
     def shapes(self, model_keys: list[str]) -> dict[str, tuple[tuple[int, ...], str]]:
         return {k: self.meta(k) for k in model_keys if self.has(k)}
+
+
+_ST_TORCH = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+             "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+             "BOOL": torch.bool}
+_HEADERS: dict[tuple[str, int, int], tuple[int, dict]] = {}
+
+
+def _pread(path: str, key: str) -> torch.Tensor | None:
+    """One tensor of a safetensors file read with plain reads into its own memory (None:
+    a dtype this does not know; the caller maps the file instead). A memory map would
+    also count the file's pages as the process's resident memory while they are read."""
+    import struct
+
+    st = os.stat(path)
+    cache_key = (path, st.st_mtime_ns, st.st_size)
+    if cache_key not in _HEADERS:
+        with open(path, "rb") as f:
+            n = struct.unpack("<Q", f.read(8))[0]
+            _HEADERS[cache_key] = (8 + n, json.loads(f.read(n)))
+    base, header = _HEADERS[cache_key]
+    h = header.get(key)
+    dtype = _ST_TORCH.get(h["dtype"]) if h else None
+    if dtype is None:
+        return None
+    start, end = h["data_offsets"]
+    out = torch.empty(tuple(h["shape"]), dtype=dtype)
+    buf = out.reshape(-1).view(torch.uint8).numpy() if out.numel() else None
+    if buf is None or buf.nbytes != end - start:
+        return None if buf is not None else out
+    with open(path, "rb", buffering=0) as f:
+        f.seek(base + start)
+        view, got = memoryview(buf), 0
+        while got < len(view):
+            n = f.readinto(view[got:])
+            if not n:
+                raise InvalidArgument(f"{path} is truncated: tensor {key} ends past the end of the file")
+            got += n
+    return out
 
 
 _ST_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64",
