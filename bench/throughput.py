@@ -31,7 +31,7 @@ def serial_generate(model, tokenizer, prompts: list[str], max_new_tokens: int) -
     t0 = time.perf_counter()
     with torch.no_grad():
         for p in prompts:
-            ids = torch.tensor([tokenizer(p, add_special_tokens=False)["input_ids"]])
+            ids = torch.tensor([tokenizer(p)["input_ids"]])
             out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                                  do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=eos)
             new = out[0, ids.shape[1]:].tolist()

@@ -200,7 +200,7 @@ class Runtime:
             raise InvalidArgument(f"top_p must be in [0, 1] (0 or 1 = disabled), got {top_p}")
         if len(stop) > MAX_STOP_SEQUENCES or any(not s or len(s) > MAX_STOP_CHARS for s in stop):
             raise InvalidArgument(f"at most {MAX_STOP_SEQUENCES} stop sequences of 1..{MAX_STOP_CHARS} characters")
-        ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        ids = self.tokenizer(prompt)["input_ids"]   # as the tokenizer makes them (BOS where expected)
         if not ids:
             raise InvalidArgument("prompt has no tokens")
         params = SamplingParams(n, float(temperature), float(top_p) if top_p > 0 else 1.0, seed, tuple(stop))

@@ -61,8 +61,28 @@ def _sample(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator | None
     return int(torch.multinomial(probs, 1, generator=gen))
 
 
-def _check_stop(row: _Row, eos_id: int | None, tok: int, tokenizer) -> None:
-    if eos_id is not None and tok == eos_id:
+def stop_ids(model, tokenizer) -> frozenset[int]:
+    """Every token that ends a reply: the tokenizer's EOS and each `eos_token_id` the
+    checkpoint's generation_config.json declares (Llama-3-Instruct's <|eot_id|>,
+    Qwen2-Instruct's <|im_end|>: a list there)."""
+    ids = set()
+    declared = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for v in (declared if isinstance(declared, (list, tuple)) else [declared]):
+        if isinstance(v, int):
+            ids.add(v)
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return frozenset(ids)
+
+
+def _prompt_ids(tokenizer, prompt: str) -> list[int]:
+    """A prompt's tokens as the tokenizer makes them by default: with the BOS token for
+    models that expect one (Llama, Gemma), as `model.generate` on its tokenizer's output."""
+    return tokenizer(prompt)["input_ids"]
+
+
+def _check_stop(row: _Row, eos_id: frozenset[int], tok: int, tokenizer) -> None:
+    if tok in eos_id:
         row.done = "eos"
         return
     row.ids.append(tok)
@@ -110,7 +130,7 @@ def generate(
     `cancelled(row)` lets a caller drop a row (its client went away)."""
     n = len(prompts)
     plist = params if isinstance(params, list) else [params] * n
-    ids = prompt_ids or [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    ids = prompt_ids or [_prompt_ids(tokenizer, p) for p in prompts]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     width = max(len(x) for x in ids)
     input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], dtype=torch.long)
@@ -120,7 +140,7 @@ def generate(
     for r in rows:
         if r.params.max_new_tokens <= 0:
             r.done = "length"
-    eos_id = tokenizer.eos_token_id
+    eos_id = stop_ids(model, tokenizer)
     cache_kw, extra = cache_argument(model), _last_logits_only(model)
     past, step_ids = None, input_ids
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -228,7 +248,7 @@ class DecodeBatch:
         self.last: torch.Tensor | None = None  # [rows]: each row's next input token
         self._cache_kw, self._extra = cache_argument(model), _last_logits_only(model)
         self._pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self._eos = tokenizer.eos_token_id
+        self._eos = stop_ids(model, tokenizer)
 
     def __len__(self) -> int:
         return len(self.rows)

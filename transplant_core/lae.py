@@ -106,7 +106,7 @@ def profile_forced(model, tokenizer, table: ModuleTable, prompts: list[str], tok
     """Run `model` once over prompt + given tokens and read position (prompt end - 1 + t)."""
     n_steps = valid.shape[1]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    p_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    p_ids = [tokenizer(p)["input_ids"] for p in prompts]
     width = max(len(x) for x in p_ids)
     # left-pad prompts to one width, right-pad continuations: step t sits at width-1+t for every row
     rows, masks = [], []

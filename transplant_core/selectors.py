@@ -193,7 +193,7 @@ def _answer_batch(tokenizer, prompts: list[str], answers: list[list[int]]) -> _B
     """prompt (left-padded) + answer (right-padded); position t is labelled with token t+1
     wherever that token belongs to the answer."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    p_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    p_ids = [tokenizer(p)["input_ids"] for p in prompts]
     width, tail = max(map(len, p_ids)), max(map(len, answers))
     rows, masks, labels = [], [], []
     for p, a in zip(p_ids, answers):
