@@ -129,8 +129,9 @@ class Generations:
     # ---- recovery ----------------------------------------------------------------
 
     def _base_checksums(self) -> dict[str, str]:
-        keys = [k for m in self.table.modules.values() for k in m.keys]
-        return tp.checksums(self.base, keys)
+        """sha256 of every parameter of the model as loaded (embeddings, norms and the head
+        too: a checkpoint whose head changed on disk is not the one generation 0 was)."""
+        return tp.checksums(self.base)
 
     def _recover(self) -> None:
         entries = self.journal.records
@@ -145,9 +146,15 @@ class Generations:
             raise PreconditionFailed(
                 f"state directory {self.dir} belongs to model {first.get('selection', {}).get('model')!r}, "
                 f"not {self.model_spec!r}; use another --state-dir for this model")
-        if first["checksums"] != self._base_checksums():
+        now = self._base_checksums()
+        recorded = first["checksums"]
+        if set(recorded) < set(now):         # written before every tensor was recorded: compare those
+            now = {k: now[k] for k in recorded}
+        if recorded != now:
+            changed = sorted(k for k in recorded if recorded[k] != now.get(k))
             raise PreconditionFailed(
-                f"the weights of {self.model_spec} changed on disk since generation 0 was recorded in {self.dir}; "
+                f"the weights of {self.model_spec} changed on disk since generation 0 was recorded in {self.dir} "
+                f"({', '.join(changed[:5])}{' ...' if len(changed) > 5 else ''}); "
                 "restore the original checkpoint or start with a new --state-dir")
         for e in entries:
             if e.get("type") == "generation":

@@ -359,3 +359,36 @@ def test_apply_copies_the_target_and_rewrites_only_the_changed_bytes(capsys, tmp
     for k in lp:
         assert torch.equal(lp[k], dp[k] if k in moved else tp_[k]), k
     assert tp.checksums(loaded, sorted(moved)) == man["sha256_saved"]
+
+
+def test_models_that_are_not_what_they_seem_are_refused_by_name(capsys, tmp_path, tiny_dirs):
+    """A bare LlamaModel (no head), a checkpoint missing its lm_head, a BERT encoder and a
+    remote-code checkpoint: every command refuses them with one clean line, exit 2."""
+    from safetensors.torch import load_file, save_file
+    from transformers import BertConfig, BertModel, LlamaModel
+
+    from tiny import build_tokenizer, make_config
+
+    bare = tmp_path / "bare"
+    LlamaModel(make_config("llama")).save_pretrained(bare)
+    build_tokenizer().save_pretrained(bare)
+    headless = save(make_model("llama", 0, tie_word_embeddings=False), tmp_path / "headless")
+    w = load_file(headless / "model.safetensors")
+    del w["lm_head.weight"]
+    save_file(w, headless / "model.safetensors", metadata={"format": "pt"})
+    bert = tmp_path / "bert"
+    BertModel(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         intermediate_size=64)).save_pretrained(bert)
+    remote = save(make_model("llama", 0), tmp_path / "remote")
+    cfg = json.loads((remote / "config.json").read_text())
+    cfg.update(model_type="my_custom_lm", auto_map={"AutoModelForCausalLM": "modeling_custom.CustomLM"})
+    (remote / "config.json").write_text(json.dumps(cfg))
+    t = str(tiny_dirs["target"])
+    cases = {bare: "not a causal language model", headless: "lm_head.weight", bert: "not a causal language model",
+             remote: "never runs a checkpoint's code"}
+    for path, why in cases.items():
+        for argv in (["inspect", str(path)], ["compat", t, str(path)], ["eval", str(path), "--task", "zoo:copy"],
+                     ["apply", "--target", t, "--donor", str(path), "--modules", "layers.0.mlp.up",
+                      "--out", str(tmp_path / "x")]):
+            code, out, err = run(capsys, *argv)
+            assert code == 2 and why in err and "Traceback" not in err, (path.name, argv[0], code, err)

@@ -93,10 +93,23 @@ def load_model(spec: str, allow_pickle: bool = False, dtype: torch.dtype | None 
     hf_logging.disable_progress_bar()   # our own progress is shown where work is long
     path = resolve_model_path(spec)
     files = weight_files(path, allow_pickle)
-    model = AutoModelForCausalLM.from_pretrained(
-        path, local_files_only=True, trust_remote_code=False,
-        use_safetensors=files[0].suffix == ".safetensors", dtype=dtype or "auto",
-    )
+    check_causal_lm(path)
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(
+            path, local_files_only=True, trust_remote_code=False,
+            use_safetensors=files[0].suffix == ".safetensors", dtype=dtype or "auto", output_loading_info=True,
+        )
+    except ValueError as e:
+        raise _clean(path, e) from None
+    problems = [f"{what}: {', '.join(keys[:8])}{f' (+{len(keys) - 8} more)' if len(keys) > 8 else ''}"
+                for what, keys in (("missing (would be randomly initialised)", sorted(info.get("missing_keys", []))),
+                                   ("unexpected (would be ignored)", sorted(info.get("unexpected_keys", []))),
+                                   ("of another shape", [str(k[0]) if isinstance(k, tuple) else str(k)
+                                                         for k in info.get("mismatched_keys", [])]))
+                if keys]
+    if problems:
+        raise InvalidArgument(f"{path} does not hold the weights of its {type(model).__name__}: "
+                              + "; ".join(problems) + ". Refusing it rather than serving random weights")
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     tokenizer.padding_side = "left"
@@ -109,11 +122,42 @@ def load_model(spec: str, allow_pickle: bool = False, dtype: torch.dtype | None 
     return model, tokenizer, path
 
 
+def _clean(path: Path, e: Exception) -> Exception:
+    """transformers' errors for checkpoints we never load, as one clean sentence."""
+    msg = str(e)
+    try:
+        custom = "auto_map" in json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        custom = False
+    if custom or "trust_remote_code" in msg or "custom code" in msg:
+        return UnsafeCheckpoint(f"{path} needs its own Python code to load (auto_map in config.json: "
+                                "trust_remote_code). transplant never runs a checkpoint's code; use a checkpoint of "
+                                "an architecture transformers ships")
+    return InvalidArgument(f"{path}: transformers cannot load it: {msg.splitlines()[0] if msg else type(e).__name__}")
+
+
+def check_causal_lm(path: Path) -> None:
+    """Refuse a checkpoint whose config does not describe a causal language model (an
+    encoder such as BERT, a bare LlamaModel without its head)."""
+    try:
+        cfg = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise InvalidArgument(f"{path}/config.json cannot be read: {e}") from None
+    archs = cfg.get("architectures") or []
+    if archs and not any(a.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")) for a in archs):
+        raise InvalidArgument(f"{path} is a {', '.join(archs)}, not a causal language model (no language-model "
+                              "head): transplant serves and edits models that generate text (…ForCausalLM)")
+
+
 def skeleton(path: Path) -> nn.Module:
     """The model's module tree on the meta device: structure without memory."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    check_causal_lm(path)
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    except ValueError as e:
+        raise _clean(path, e) from None
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config, trust_remote_code=False)
 
@@ -274,6 +318,11 @@ class Checkpoint:
         tensors = CheckpointTensors(path, allow_pickle, name=spec)
         skel = skeleton(path)
         keys = [k for k, _ in skel.named_parameters()]
+        missing = [k for k in keys if not tensors.has(k)]
+        if missing:
+            raise InvalidArgument(f"{path} does not hold the weights of its {type(skel).__name__}: missing "
+                                  f"{', '.join(missing[:8])}{f' (+{len(missing) - 8} more)' if len(missing) > 8 else ''}"
+                                  "; refusing it rather than using random weights")
         table = build_table(skel, tensors.shapes(keys))
         config = json.loads((path / "config.json").read_text())
         return cls(path, config, table, tensors)
