@@ -20,7 +20,7 @@ from .errors import openai_error
 
 log = logging.getLogger("transplant.http")
 MAX_BODY = 1 << 20
-DRAIN_LIMIT = 16 * MAX_BODY    # a larger body is refused without reading it (the connection closes)
+DRAIN_LIMIT = 64 * MAX_BODY    # a larger body is refused without reading it (the connection closes)
 API_ROUTES = {"/v1/completions": False, "/v1/chat/completions": True}
 
 

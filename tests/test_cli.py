@@ -392,3 +392,23 @@ def test_models_that_are_not_what_they_seem_are_refused_by_name(capsys, tmp_path
                       "--out", str(tmp_path / "x")]):
             code, out, err = run(capsys, *argv)
             assert code == 2 and why in err and "Traceback" not in err, (path.name, argv[0], code, err)
+
+
+def test_broken_safetensors_and_trainer_pickles_are_named_not_crashed(capsys, tmp_path, tiny_dirs):
+    import shutil
+
+    t = str(tiny_dirs["target"])
+    for name, mangle in (("truncated", lambda b: b[:len(b) // 2]),
+                         ("huge-header", lambda b: (1 << 40).to_bytes(8, "little") + b[8:])):
+        d = tmp_path / name
+        shutil.copytree(tiny_dirs["donor"], d)
+        (d / "model.safetensors").write_bytes(mangle((d / "model.safetensors").read_bytes()))
+        code, _, err = run(capsys, "compat", t, str(d))
+        assert code == 2 and f"{d / 'model.safetensors'} is not a valid safetensors file" in err, err
+        assert "Traceback" not in err and "SafetensorError" not in err
+    trainer = tmp_path / "trainer"
+    shutil.copytree(tiny_dirs["donor"], trainer)
+    (trainer / "training_args.bin").write_bytes(b"\x80\x04not a model")     # a Trainer folder's pickle
+    (trainer / "optimizer.pt").write_bytes(b"\x80\x04not a model")
+    code, out, err = run(capsys, "inspect", str(trainer), "--allow-pickle")
+    assert code == 0, err

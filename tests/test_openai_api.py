@@ -187,6 +187,8 @@ def test_body_limit_is_413_and_unknown_routes_404(served):
     s, _, client = served
     code, doc = post(s.http_port, "/v1/completions", b'{"model": "target", "prompt": "' + b"x" * (1 << 20) + b'"}')
     assert code == 413 and "limit" in doc["error"]["message"]
+    code, doc = post(s.http_port, "/alerts", b"x" * (50 << 20), {"Authorization": f"Bearer {s.token}"})
+    assert code == 413 and f"limit is {1 << 20}" in doc["error"]     # 50 MB: read away, answered, not reset
     code, doc = post(s.http_port, "/v1/embeddings", b"{}")
     assert code == 404
     assert client.completions.create(model="target", prompt="x", max_tokens=2).choices

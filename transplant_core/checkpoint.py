@@ -74,7 +74,9 @@ def weight_files(path: Path, allow_pickle: bool = False) -> list[Path]:
     st = sorted(path.glob("*.safetensors"))
     if st:
         return st
-    pk = sorted(p for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    # a Trainer folder's training_args.bin, optimizer.pt and rng_state.pth are not weights
+    pk = sorted(p for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES
+                and p.name.startswith(("pytorch_model", "model", "consolidated")))
     if pk and not allow_pickle:
         raise UnsafeCheckpoint(
             f"{path} has only pickle weights ({', '.join(p.name for p in pk)}); pickle can run code on load. "
@@ -120,6 +122,28 @@ def load_model(spec: str, allow_pickle: bool = False, dtype: torch.dtype | None 
 
         tokenizer.chat_template = CHAT_TEMPLATE
     return model, tokenizer, path
+
+
+def _open_safetensors(f: Path):
+    """safe_open, with a broken file (truncated, a header claiming more than the file
+    holds) refused by name as bad input rather than a library error."""
+    import struct
+
+    from safetensors import safe_open
+
+    size = f.stat().st_size
+    try:
+        with open(f, "rb") as fh:
+            n = struct.unpack("<Q", fh.read(8))[0]
+            if n > size - 8:
+                raise ValueError(f"its header claims {n} bytes but the file has {size}")
+            header = json.loads(fh.read(n))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        if 8 + n + end > size:
+            raise ValueError(f"it is truncated: the tensors end at byte {8 + n + end}, the file has {size}")
+        return safe_open(str(f), framework="pt")
+    except Exception as e:       # noqa: BLE001 - struct, JSON, key and safetensors errors alike
+        raise InvalidArgument(f"{f} is not a valid safetensors file: {e}") from None
 
 
 def _clean(path: Path, e: Exception) -> Exception:
@@ -175,7 +199,7 @@ class CheckpointTensors:
         self._pickled: dict[str, torch.Tensor] | None = None
         for f in weight_files(self.path, allow_pickle):
             if f.suffix == ".safetensors":
-                h = safe_open(str(f), framework="pt")
+                h = _open_safetensors(f)
                 self._handles[str(f)] = h
                 for k in h.keys():
                     self._where[k] = str(f)
