@@ -117,8 +117,11 @@ class DonorRegistry:
             if r.is_dir():
                 self._observer.schedule(Handler(), str(r), recursive=True)
         self._observer.start()
+        try:                # what is already there registers before the server says SERVING
+            self._reconcile(settle_s=0.0)
+        except Exception:   # noqa: BLE001 - a bad drop-in must not stop the server
+            log.exception("donor scan failed")
         threading.Thread(target=self._reconcile_loop, args=(settle_s,), name="donor-watch", daemon=True).start()
-        wake.set()
 
     def _candidates(self) -> dict[str, Path]:
         out = {}
@@ -126,7 +129,9 @@ class DonorRegistry:
             if not r.is_dir():
                 continue
             for d in sorted(p for p in r.iterdir() if p.is_dir() and not p.name.startswith(".")):
-                if (d / "config.json").is_file() and any(d.glob("*.safetensors")):
+                weights = any(d.glob("*.safetensors")) or (
+                    self.allow_pickle and any(d.glob("pytorch_model*.bin")))   # pickle: only when allowed
+                if (d / "config.json").is_file() and weights:
                     out[d.name] = d.resolve()
         return out
 

@@ -142,14 +142,16 @@ class Generations:
             self.records[0] = rec
             return
         first = entries[0]
-        if first.get("selection", {}).get("model") != self.model_spec:
-            raise PreconditionFailed(
-                f"state directory {self.dir} belongs to model {first.get('selection', {}).get('model')!r}, "
-                f"not {self.model_spec!r}; use another --state-dir for this model")
         now = self._base_checksums()
         recorded = first["checksums"]
         if set(recorded) < set(now):         # written before every tensor was recorded: compare those
             now = {k: now[k] for k in recorded}
+        # the weights say whether it is the same model; the spec only names it (a relative
+        # path, a symlink, a copy elsewhere are the same checkpoint)
+        if first.get("selection", {}).get("model") != self.model_spec and recorded != now:
+            raise PreconditionFailed(
+                f"state directory {self.dir} belongs to model {first.get('selection', {}).get('model')!r}, "
+                f"not {self.model_spec!r}; use another --state-dir for this model")
         if recorded != now:
             changed = sorted(k for k in recorded if recorded[k] != now.get(k))
             raise PreconditionFailed(

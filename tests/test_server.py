@@ -315,6 +315,29 @@ def test_watchdog_registers_dropped_in_checkpoints(models, tmp_path):
         s.stop(1)
 
 
+def test_a_state_dir_follows_the_weights_not_the_spelling_of_the_model_path(models, tmp_path):
+    from transplant_core.errors import PreconditionFailed
+
+    cfg = config(tmp_path, models / "target", [models / "donors"], watch_donor_roots=False)
+    start(cfg).stop(1)
+    (tmp_path / "alias").symlink_to(models / "target")
+    start(dict(cfg, model=str(tmp_path / "alias"))).stop(1)      # the same checkpoint, another name
+    with pytest.raises(PreconditionFailed, match="belongs to model"):
+        start(dict(cfg, model=str(models / "donors" / "other")))
+
+
+def test_donors_already_in_a_root_are_registered_before_serving(models, tmp_path):
+    root = tmp_path / "drop"
+    shutil.copytree(models / "donors" / "other", root / "present")
+    s = start(config(tmp_path, models / "target", [root], watch_donor_roots=True))
+    c = Clients(s.grpc_port, s.token)
+    try:                                     # at once: no second of `donors: none`
+        assert "present" in [d.name for d in c.admin("ListDonors", A.ListDonorsRequest()).donors]
+    finally:
+        c.close()
+        s.stop(1)
+
+
 def test_restart_keeps_history_and_rollback(models, tmp_path):
     cfg = config(tmp_path, models / "target", [models / "donors"], watch_donor_roots=False)
     s, c = start_with_other(models, cfg)
