@@ -130,7 +130,10 @@ def cmd_compat(args) -> int:
 def _load_pair(args):
     from transplant_core.workflow import compatibility, open_model
 
-    target, donor = open_model(args.target, args.allow_pickle), open_model(args.donor, args.allow_pickle)
+    from transplant_core.checkpoint import parse_dtype
+
+    dtype = parse_dtype(getattr(args, "dtype", None))
+    target, donor = open_model(args.target, args.allow_pickle, dtype), open_model(args.donor, args.allow_pickle, dtype)
     return target, donor, compatibility(target.table, donor.table)
 
 
@@ -200,7 +203,9 @@ def cmd_eval(args) -> int:
     from transplant_core.tasks import load_task
     from transplant_core.workflow import open_model
 
-    m = open_model(args.model, args.allow_pickle)
+    from transplant_core.checkpoint import parse_dtype
+
+    m = open_model(args.model, args.allow_pickle, parse_dtype(args.dtype))
     task = load_task(args.task, n=args.n, split=args.split)
     with _progress(len(task), f"eval {args.task}", args.quiet) as tick:
         r = evaluate(m.model, m.tokenizer, task, args.max_new_tokens, progress=tick)
@@ -238,13 +243,13 @@ def cmd_apply(args) -> int:
         tgt, don = Checkpoint.open(args.target, args.allow_pickle), Checkpoint.open(args.donor, args.allow_pickle)
     if not tgt.tensors.all_safetensors:      # pickle weights (--allow-pickle): load, install, save
         target, donor, _ = _load_pair(args)
-        p = tp.plan(target.table, _donor_source(donor), refs, args.alpha)
+        p = tp.plan(target.table, _donor_source(donor), refs, args.alpha, cast=args.cast)
         before = tp.checksums(target.model, p.keys)
         tp.commit(target.model, p)
         meta = manifest(args.target, args.donor, p, before, tp.checksums(target.model, p.keys), selection)
-        out = write_checkpoint(target.model, target.tokenizer, Path(args.out), meta, args.force)
+        out = write_checkpoint(target.model, target.tokenizer, Path(args.out), dict(meta, casts=p.casts), args.force)
     else:
-        p = tp.plan(tgt.table, don.tensors, refs, args.alpha)
+        p = tp.plan(tgt.table, don.tensors, refs, args.alpha, cast=args.cast)
         before, new = {}, {}
         for k in p.keys:             # one target tensor in memory at a time
             old = tgt.tensors.get(k)
@@ -253,12 +258,15 @@ def cmd_apply(args) -> int:
             del old
         meta = manifest(args.target, args.donor, p, before, {k: tp.tensor_digest(t) for k, t in new.items()},
                         selection)
-        out = write_transplanted(tgt.path, tgt.tensors.locate, new, Path(args.out), meta, args.force)
+        out = write_transplanted(tgt.path, tgt.tensors.locate, new, Path(args.out), dict(meta, casts=p.casts),
+                                 args.force)
     doc = {"out": str(out), "modules": [str(r) for r in refs], "alpha": p.alpha, "bytes": p.nbytes,
-           "manifest": str(out / "transplant_manifest.json")}
+           "manifest": str(out / "transplant_manifest.json"), "casts": p.casts}
     _emit(args, doc, lambda d: print(
         f"transplanted {len(d['modules'])} modules ({_fmt_bytes(d['bytes'])}) from {args.donor} into "
-        f"{args.target}, alpha {d['alpha']}: {', '.join(d['modules'])}\nwrote {d['out']} (manifest {d['manifest']})"))
+        f"{args.target}, alpha {d['alpha']}: {', '.join(d['modules'])}\nwrote {d['out']} (manifest {d['manifest']})"
+        + "".join(f"\n  cast {m} {c['from']} -> {c['to']}: largest error {c['max_abs_error']:.3g} "
+                  f"({c['max_rel_error']:.3g} of the largest value)" for m, c in d["casts"].items())))
     return 0
 
 
@@ -355,6 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="eval", choices=("eval", "dev", "test", "probe"),
                    help="split of a zoo task (default eval; ignored for a JSONL file)")
     p.add_argument("--max-new-tokens", type=int, default=32, help="decoding steps per answer (default 32)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                   help="compute in this dtype (default: the dtype the weights are stored in)")
     _common(p)
     p.set_defaults(fn=cmd_eval)
 
@@ -365,6 +375,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, default=1.0, help="blend factor in [0, 1]; 1 = full copy (paper)")
     p.add_argument("--out", required=True, help="directory to write the checkpoint into (must be empty or new)")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--cast", action="store_true",
+                   help="convert donor values stored in another dtype to the target's (the manifest records the "
+                        "largest rounding error per module); without it such modules are refused")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                   help="compute the --task analysis in this dtype (default: as stored; the output keeps the "
+                        "target's stored dtypes)")
     _common(p)
     p.set_defaults(fn=cmd_apply)
 

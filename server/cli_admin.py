@@ -64,6 +64,9 @@ def register(sub) -> None:
             q.add_argument("--eval", default="", help="tasks to measure before/after, comma separated")
             q.add_argument("--n", type=int, default=0, help="examples per quality measurement (default: the server's)")
         q.add_argument("--reason", default="", help="free text recorded with the generation")
+        q.add_argument("--cast", action="store_true",
+                       help="convert donor values stored in another dtype to the live model's (the rounding error "
+                            "is reported and journaled); without it such modules are refused")
     q = action("revert", "make an earlier generation live again (default: the parent)", _revert)
     q.add_argument("--to", type=int, help="generation id to make live again (default: the live one's parent)")
     q.add_argument("--reason", default="", help="free text recorded with the generation")
@@ -182,7 +185,7 @@ def _treq(args):
     evals = getattr(args, "eval", "")          # `plan` has no --eval/--n: a dry run measures nothing
     req = A.TransplantRequest(donor=args.donor, task=args.task, k=args.k, alignment=args.alignment,
                               eval_tasks=[t for t in evals.split(",") if t], eval_examples=getattr(args, "n", 0),
-                              reason=args.reason, selector=args.selector)
+                              reason=args.reason, selector=args.selector, cast=args.cast)
     if args.modules:
         req.modules.extend(m.strip() for m in args.modules.split(",") if m.strip())
     if args.alpha is not None:
@@ -207,6 +210,9 @@ def _plan(args) -> int:
             print(f" {mark}{i:>3}  {m['name']:<24}{float(m['score']):.6f}")
         if not d["ranked"]:
             print("  selected: " + ", ".join(d["selected"]))
+        for c in d.get("casts", []):
+            print(f"  cast {c['module']} {c['from_dtype']} -> {c['to_dtype']}: largest error "
+                  f"{float(c['max_abs_error']):.3g} ({float(c['max_rel_error']):.3g} of the largest value)")
     return _out(args, Client(args).PlanTransplant(_treq(args)), human)
 
 

@@ -25,6 +25,8 @@ def register(sub) -> None:
     p.add_argument("--engine", choices=("embedded", "vllm"),
                    help="what decodes: embedded (transformers, continuous batching; default) or vllm "
                         "(needs `bash deploy/setup.sh --vllm`)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                   help="the live model's dtype (default: the dtype its weights are stored in)")
     p.add_argument("--fleet", metavar="etcd://HOST:PORT",
                    help="join a fleet of replicas coordinated through etcd (with --fleet-name, --fleet-store)")
     p.add_argument("--fleet-name", metavar="NAME", help="the fleet to join (replicas of one model share it)")
@@ -59,7 +61,8 @@ def config_from_args(args):
         args.config, fleet=fleet or None, model=args.model, donors=donors, donor_roots=args.donor_root, task_roots=args.task_root,
         state_dir=args.state_dir, grpc_listen=args.grpc_listen, http_listen=args.http_listen,
         admin_token_file=args.token_file, tls_cert=args.tls_cert, tls_key=args.tls_key,
-        allow_pickle=args.allow_pickle, max_batch_size=args.max_batch_size, engine=args.engine)
+        allow_pickle=args.allow_pickle, max_batch_size=args.max_batch_size, engine=args.engine,
+        dtype=getattr(args, "dtype", None))
 
 
 def cmd_serve(args) -> int:

@@ -111,6 +111,7 @@ class ServeConfig(BaseModel):
 
     served_model_name: str | None = Field(None, pattern=r"^[^@\s]{1,128}$")   # `model` in requests (default: zoo:NAME or the folder name)
     inference_key_file: Path | None = None  # set: Inference (gRPC) and /v1 need 'Bearer <key>'; unset: open
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None   # the live model's; default: as stored
     engine: Literal["embedded", "vllm"] = "embedded"
     vllm: VllmSpec = VllmSpec()
     batching: Literal["continuous", "static"] = "continuous"

@@ -46,6 +46,7 @@ class TransplantArgs:
     eval_examples: int = 0
     reason: str = ""
     selector: str = ""
+    cast: bool = False
 
 
 @dataclass
@@ -84,7 +85,9 @@ class Runtime:
         cfg = self.cfg
         owner = claim(cfg.state_dir)      # before the (long) model load: a second server fails at once
         try:
-            self.loaded = open_model(cfg.model, cfg.allow_pickle)
+            from transplant_core.checkpoint import parse_dtype
+
+            self.loaded = open_model(cfg.model, cfg.allow_pickle, parse_dtype(cfg.dtype))
             self.tokenizer, self.table = self.loaded.tokenizer, self.loaded.table
             self.gens = Generations(self.loaded.model, self.table, cfg.state_dir, cfg.model, self._crash_hook,
                                     owner=owner, keep_servable=0 if cfg.engine == "vllm" else cfg.servable_generations,
@@ -342,9 +345,9 @@ class Runtime:
                            a.alignment or "free", k=a.k)
             refs = select(ranking, a.k)
             ranked = [(str(r), s, self.table[r].nbytes) for r, s in ranking.ranking()]
-            p = dataclasses.replace(tp.plan(self.table, donor.checkpoint.tensors, refs, a.alpha), donor=donor.name)
+            p = dataclasses.replace(tp.plan(self.table, donor.checkpoint.tensors, refs, a.alpha, cast=a.cast), donor=donor.name)
             return PlanResult(donor, p, ranked, live.id, selector, comparison)
-        p = dataclasses.replace(tp.plan(self.table, donor.checkpoint.tensors, refs, a.alpha), donor=donor.name)
+        p = dataclasses.replace(tp.plan(self.table, donor.checkpoint.tensors, refs, a.alpha, cast=a.cast), donor=donor.name)
         return PlanResult(donor, p, ranked, live.id)
 
     def transplant(self, a: TransplantArgs, requested_by: str = "") -> SwapResult:
@@ -357,6 +360,8 @@ class Runtime:
             selection = {"method": "explicit" if a.modules else (pr.selector or "lae"), "task": a.task, "k": a.k,
                          "alignment": a.alignment or "free",
                          "scores": {name: s for name, s, _ in pr.ranked[:a.k]} if pr.ranked else {}}
+            if pr.plan.casts:
+                selection["cast"] = pr.plan.casts          # journaled with the generation
             if a.task:
                 selection["selected_on"] = ("probe split" if a.task.startswith("zoo:") else
                                             "even-numbered examples (evaluated on the odd ones)")

@@ -81,7 +81,8 @@ def _donor(d) -> A.Donor:
 def _args(req) -> TransplantArgs:
     return TransplantArgs(req.donor, list(req.modules), req.task, req.k,
                           req.alpha if req.HasField("alpha") else 1.0, req.probe_prompts, req.max_new_tokens,
-                          req.alignment, list(req.eval_tasks), req.eval_examples, req.reason, req.selector)
+                          req.alignment, list(req.eval_tasks), req.eval_examples, req.reason, req.selector,
+                          req.cast)
 
 
 def _comparison(c) -> dict:
@@ -121,7 +122,10 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
                       mismatches=list(c.model_mismatches + c.mismatches),
                       ranked=[A.ModuleScore(name=n, score=s, bytes=b) for n, s, b in pr.ranked],
                       selected=[str(r) for r in pr.plan.refs], bytes=pr.plan.nbytes, alpha=pr.plan.alpha,
-                      selector=pr.selector, **_comparison(pr.comparison))
+                      selector=pr.selector, **_comparison(pr.comparison),
+                      casts=[A.CastError(module=m, from_dtype=c["from"], to_dtype=c["to"],
+                                         max_abs_error=c["max_abs_error"], max_rel_error=c["max_rel_error"])
+                             for m, c in pr.plan.casts.items()])
 
     def _swap_reply(self, res) -> A.TransplantResponse:
         return A.TransplantResponse(generation=_generation(res.record, self.rt.gens.live.id),

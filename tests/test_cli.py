@@ -412,3 +412,33 @@ def test_broken_safetensors_and_trainer_pickles_are_named_not_crashed(capsys, tm
     (trainer / "optimizer.pt").write_bytes(b"\x80\x04not a model")
     code, out, err = run(capsys, "inspect", str(trainer), "--allow-pickle")
     assert code == 0, err
+
+
+def test_a_bf16_target_takes_an_fp32_donor_only_with_cast(capsys, tmp_path):
+    """Loaded as stored; a dtype difference is listed by compat but stays transplantable
+    with --cast, which reports the rounding error per module in the output and manifest."""
+    from safetensors import safe_open
+
+    from transplant_core.checkpoint import load_model
+
+    tdir = save(make_model("llama", 0).to(torch.bfloat16), tmp_path / "bf16")
+    cfg = json.loads((tdir / "config.json").read_text())
+    (tdir / "config.json").write_text(json.dumps(dict(cfg, torch_dtype="float32", dtype="float32")))
+    assert load_model(str(tdir))[0].dtype == torch.bfloat16           # as stored, not as config says
+    ddir = save(make_model("llama", 1), tmp_path / "fp32")
+    code, out, _ = run(capsys, "compat", str(tdir), str(ddir))
+    assert "dtype target bfloat16 vs donor float32 (transplantable with --cast" in out
+    argv = ["apply", "--target", str(tdir), "--donor", str(ddir), "--modules", "layers.0.mlp.up", "--quiet"]
+    code, _, err = run(capsys, *argv, "--out", str(tmp_path / "no"))
+    assert code == 2 and "pass --cast" in err
+    code, out, err = run(capsys, *argv, "--out", str(tmp_path / "yes"), "--cast", "--json")
+    assert code == 0, err
+    doc = json.loads(out)
+    c = doc["casts"]["layers.0.mlp.up"]
+    assert c["from"] == "float32" and c["to"] == "bfloat16" and 0 < c["max_rel_error"] < 2 ** -7
+    assert json.loads((tmp_path / "yes" / "transplant_manifest.json").read_text())["casts"] == doc["casts"]
+    key = "model.layers.0.mlp.up_proj.weight"
+    with safe_open(str(tmp_path / "yes" / "model.safetensors"), "pt") as o, \
+            safe_open(str(ddir / "model.safetensors"), "pt") as d:
+        assert o.get_tensor(key).dtype == torch.bfloat16
+        assert torch.equal(o.get_tensor(key), d.get_tensor(key).to(torch.bfloat16))

@@ -730,3 +730,27 @@ def test_selectors_in_the_live_server(server):
         code, details = code_of(lambda: c.admin("Transplant", bad))
         assert code == grpc.StatusCode.INVALID_ARGUMENT and words in details
     assert s.runtime.gens.live.id == 1
+
+
+def test_a_donor_in_another_dtype_needs_cast_and_the_error_is_journaled(models, tmp_path):
+    root = tmp_path / "donors"
+    save(make_model("llama", 1).to(torch.bfloat16), root / "half")
+    s = start(config(tmp_path, models / "target", [root], watch_donor_roots=False))
+    c = Clients(s.grpc_port, s.token)
+    try:
+        c.admin("RegisterDonor", A.RegisterDonorRequest(name="half", path=str(root / "half")))
+        req = A.TransplantRequest(donor="half", modules=["layers.0.mlp.up"])
+        code, details = code_of(lambda: c.admin("Transplant", req))
+        assert code == grpc.StatusCode.FAILED_PRECONDITION and "pass --cast" in details
+        assert s.runtime.gens.live.id == 0
+        plan = c.admin("PlanTransplant", A.TransplantRequest(donor="half", modules=["layers.0.mlp.up"], cast=True))
+        assert [(x.module, x.from_dtype, x.to_dtype) for x in plan.casts] == [("layers.0.mlp.up", "bfloat16", "float32")]
+        assert plan.casts[0].max_abs_error == 0.0          # bf16 -> fp32 is exact
+        res = c.admin("Transplant", A.TransplantRequest(donor="half", modules=["layers.0.mlp.up"], cast=True))
+        sel = json.loads(res.generation.selection_json)
+        assert sel["cast"]["layers.0.mlp.up"]["to"] == "float32"
+        live = dict(s.runtime.gens.live.model.named_parameters())["model.layers.0.mlp.up_proj.weight"]
+        assert live.dtype == torch.float32
+    finally:
+        c.close()
+        s.stop(1)

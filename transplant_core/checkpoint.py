@@ -96,6 +96,7 @@ def load_model(spec: str, allow_pickle: bool = False, dtype: torch.dtype | None 
     path = resolve_model_path(spec)
     files = weight_files(path, allow_pickle)
     check_causal_lm(path)
+    dtype = dtype or stored_dtype(files)     # as stored, not as config.json's torch_dtype says
     try:
         model, info = AutoModelForCausalLM.from_pretrained(
             path, local_files_only=True, trust_remote_code=False,
@@ -122,6 +123,37 @@ def load_model(spec: str, allow_pickle: bool = False, dtype: torch.dtype | None 
 
         tokenizer.chat_template = CHAT_TEMPLATE
     return model, tokenizer, path
+
+
+def stored_dtype(files: list[Path]) -> torch.dtype | None:
+    """The floating dtype most of a checkpoint's weights are stored in (None: pickle)."""
+    import math
+    import struct
+
+    counts: dict[torch.dtype, int] = {}
+    for f in files:
+        if f.suffix != ".safetensors":
+            return None
+        with open(f, "rb") as fh:
+            n = struct.unpack("<Q", fh.read(8))[0]
+            try:
+                header = json.loads(fh.read(n))
+            except ValueError:
+                return None
+        for k, v in header.items():
+            dt = _ST_TORCH.get(v.get("dtype")) if k != "__metadata__" and isinstance(v, dict) else None
+            if dt is not None and dt.is_floating_point:
+                counts[dt] = counts.get(dt, 0) + math.prod(v.get("shape", [])) * (torch.finfo(dt).bits // 8)
+    return max(counts, key=counts.get) if counts else None
+
+
+def parse_dtype(name: str | None) -> torch.dtype | None:
+    """--dtype float32|bfloat16|float16 (None: as stored)."""
+    if not name:
+        return None
+    if name not in ("float32", "bfloat16", "float16"):
+        raise InvalidArgument(f"dtype {name!r}: choose float32, bfloat16 or float16 (default: as stored)")
+    return getattr(torch, name)
 
 
 def _open_safetensors(f: Path):

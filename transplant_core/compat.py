@@ -51,6 +51,10 @@ def check(target: ModuleTable, donor: ModuleTable) -> CompatReport:
             continue
         here = _pair_problems(ref, target.modules[ref], donor.modules[ref])
         problems.extend(here)
+        t, d = target.modules[ref], donor.modules[ref]
+        if t.dtype != d.dtype:       # listed, but the module stays transplantable: with an explicit cast
+            problems.append(f"{ref}: dtype target {t.dtype} vs donor {d.dtype} (transplantable with --cast, "
+                            "which converts the donor's values and reports the rounding error)")
         if not here and not model_problems:
             ok.append(ref)
     return CompatReport(target.arch, donor.arch, tuple(ok), tuple(problems), tuple(model_problems))
@@ -60,8 +64,6 @@ def _pair_problems(ref, t, d) -> list[str]:
     out = []
     if t.weight_shape != d.weight_shape:
         out.append(f"{ref}: weight shape target {list(t.weight_shape)} vs donor {list(d.weight_shape)}")
-    if t.dtype != d.dtype:
-        out.append(f"{ref}: dtype target {t.dtype} vs donor {d.dtype}")
     if (t.bias_shape is None) != (d.bias_shape is None):
         has = "target" if t.bias_shape else "donor"
         out.append(f"{ref}: bias only in the {has}")

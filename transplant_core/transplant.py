@@ -28,6 +28,9 @@ class Plan:
     alpha: float
     modules: tuple[ModuleInfo, ...]
     values: dict[str, torch.Tensor] = field(repr=False)
+    # modules whose donor values were cast to the target's dtype (cast=True):
+    # {module: {"from", "to", "max_abs_error", "max_rel_error"}}
+    casts: dict[str, dict] = field(default_factory=dict)
 
     @property
     def refs(self) -> list[ModuleRef]:
@@ -54,7 +57,7 @@ class Snapshot:
 
 
 def plan(table: ModuleTable, donor: TensorSource, refs: list[ModuleRef], alpha: float = 1.0,
-         known_finite: bool = False) -> Plan:
+         known_finite: bool = False, cast: bool = False) -> Plan:
     """Validate a transplant of `refs` from `donor` into the model `table` describes.
 
     Every problem is collected before raising, so one error lists them all. Reads
@@ -67,6 +70,7 @@ def plan(table: ModuleTable, donor: TensorSource, refs: list[ModuleRef], alpha: 
     modules = table.require(refs)
     problems: list[str] = []
     values: dict[str, torch.Tensor] = {}
+    casts: dict[str, dict] = {}
     for m in modules:
         for key, shape in ((m.weight_key, m.weight_shape), (m.bias_key, m.bias_shape)):
             if key is None:
@@ -77,8 +81,17 @@ def plan(table: ModuleTable, donor: TensorSource, refs: list[ModuleRef], alpha: 
             d_shape, d_dtype = donor.meta(key)
             if tuple(d_shape) != tuple(shape):
                 problems.append(f"{m.ref}: {key} shape target {list(shape)} vs donor {list(d_shape)}")
+            elif d_dtype != m.dtype and not cast:
+                problems.append(f"{m.ref}: {key} dtype target {m.dtype} vs donor {d_dtype}; pass --cast (cast: "
+                                "true) to convert the donor's values, with the rounding error reported")
             elif d_dtype != m.dtype:
-                problems.append(f"{m.ref}: {key} dtype target {m.dtype} vs donor {d_dtype}")
+                orig = donor.get(key)
+                values[key] = orig.to(getattr(torch, m.dtype))
+                err = _cast_error(orig, values[key])
+                prev = casts.setdefault(str(m.ref), {"from": d_dtype, "to": m.dtype, "max_abs_error": 0.0,
+                                                     "max_rel_error": 0.0})
+                prev["max_abs_error"] = max(prev["max_abs_error"], err[0])
+                prev["max_rel_error"] = max(prev["max_rel_error"], err[1])
             else:
                 values[key] = donor.get(key)
         if m.bias_key is None and donor.has(f"{m.path}.bias"):
@@ -88,7 +101,16 @@ def plan(table: ModuleTable, donor: TensorSource, refs: list[ModuleRef], alpha: 
     bad = [] if known_finite else [k for k, v in values.items() if not _all_finite(v)]
     if bad:
         raise NonFiniteWeights(f"donor {donor.name} has NaN or infinite values in {', '.join(bad)}; refusing to install them")
-    return Plan(donor.name, float(alpha), tuple(modules), values)
+    return Plan(donor.name, float(alpha), tuple(modules), values, casts)
+
+
+def _cast_error(orig: torch.Tensor, cast: torch.Tensor) -> tuple[float, float]:
+    """(largest absolute error, that over the largest magnitude of the original) of a cast."""
+    o = orig.double()
+    err = (cast.double() - o).abs()
+    scale = float(o.abs().max()) if o.numel() else 0.0
+    m = float(err.max()) if err.numel() else 0.0
+    return m, (m / scale if scale else 0.0)
 
 
 def _all_finite(t: torch.Tensor) -> bool:

@@ -25,8 +25,9 @@ class Loaded:
     table: ModuleTable
 
 
-def open_model(spec: str, allow_pickle: bool = False) -> Loaded:
-    model, tok, path = load_model(spec, allow_pickle)
+def open_model(spec: str, allow_pickle: bool = False, dtype=None) -> Loaded:
+    """The model loaded in the dtype its weights are stored in, unless `dtype` says otherwise."""
+    model, tok, path = load_model(spec, allow_pickle, dtype)
     return Loaded(spec, model, tok, path, build_table(model))
 
 
