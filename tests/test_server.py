@@ -295,7 +295,7 @@ def test_watchdog_registers_dropped_in_checkpoints(models, tmp_path):
         for f in (models / "donors" / "other").iterdir():
             shutil.copy(f, dest / f.name)
         names = []
-        for _ in range(100):
+        for _ in range(300):      # up to 30 s: a loaded machine
             names = [d.name for d in c.admin("ListDonors", A.ListDonorsRequest()).donors]
             if "fresh" in names:
                 break
@@ -304,7 +304,7 @@ def test_watchdog_registers_dropped_in_checkpoints(models, tmp_path):
         d = next(d for d in c.admin("ListDonors", A.ListDonorsRequest()).donors if d.name == "fresh")
         assert d.origin == "watch" and d.compatible and d.compatible_modules == 14
         shutil.rmtree(dest)
-        for _ in range(100):
+        for _ in range(300):      # up to 30 s: a loaded machine
             names = [d.name for d in c.admin("ListDonors", A.ListDonorsRequest()).donors]
             if "fresh" not in names:
                 break
