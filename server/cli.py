@@ -96,16 +96,21 @@ def cmd_inspect(args) -> int:
              "dtype": m.dtype, "bytes": m.nbytes} for m in (ck.table[r] for r in ck.table.refs())]
     doc = {"model": args.model, "path": str(ck.path), "arch": ck.table.arch, "table": ck.table.source,
            "layers": ck.table.num_layers, "vocab_size": ck.table.vocab_size, "modules": mods,
-           "transplantable_bytes": sum(m["bytes"] for m in mods), "weight_file_bytes": ck.weight_bytes}
+           "transplantable_bytes": sum(m["bytes"] for m in mods), "weight_file_bytes": ck.weight_bytes,
+           "not_transplantable": list(ck.table.skipped)}
 
     def human(d):
         print(f"{d['model']} -> {d['path']}\n{d['arch']} ({d['table']}), {d['layers']} layers, "
               f"vocab {d['vocab_size']}, {len(mods)} transplantable modules "
               f"({_fmt_bytes(d['transplantable_bytes'])} of {_fmt_bytes(d['weight_file_bytes'])})")
-        print(f"{'name':<24}{'group':<11}{'shape (out x in)':<18}{'bias':<6}{'dtype':<10}bytes")
+        wn = max([24] + [len(m["name"]) + 2 for m in mods])            # long names keep the columns
+        ws = max([18] + [len("x".join(map(str, m["shape"]))) + 2 for m in mods])
+        print(f"{'name':<{wn}}{'group':<11}{'shape (out x in)':<{ws}}{'bias':<6}{'dtype':<10}bytes")
         for m in mods:
-            print(f"{m['name']:<24}{m['group']:<11}{'x'.join(map(str, m['shape'])):<18}"
+            print(f"{m['name']:<{wn}}{m['group']:<11}{'x'.join(map(str, m['shape'])):<{ws}}"
                   f"{'yes' if m['bias'] else 'no':<6}{m['dtype']:<10}{_fmt_bytes(m['bytes'])}")
+        if d["not_transplantable"]:
+            print(f"not transplantable (per layer): {', '.join(d['not_transplantable'])}")
     _emit(args, doc, human)
     return 0
 
@@ -116,13 +121,16 @@ def cmd_compat(args) -> int:
 
     t, d = open_donor(args.target, args.allow_pickle), open_donor(args.donor, args.allow_pickle)
     report = check(t.table, d.table)
-    doc = dict(report.to_dict(), target=args.target, donor=args.donor)
+    doc = dict(report.to_dict(), target=args.target, donor=args.donor,
+               not_transplantable=sorted(set(t.table.skipped) | set(d.table.skipped)))
 
     def human(x):
         verdict = "compatible" if x["ok"] else ("partly compatible" if x["usable"] else "NOT compatible")
         print(f"{x['target']} <- {x['donor']}: {verdict}; {len(x['compatible'])} transplantable module pairs")
         for m in x["mismatches"]:
             print(f"  mismatch: {m}")
+        if x["not_transplantable"]:
+            print(f"  skipped, not transplantable (per layer): {', '.join(x['not_transplantable'])}")
     _emit(args, doc, human)
     return 0 if report.ok else 1
 

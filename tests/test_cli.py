@@ -442,3 +442,14 @@ def test_a_bf16_target_takes_an_fp32_donor_only_with_cast(capsys, tmp_path):
             safe_open(str(ddir / "model.safetensors"), "pt") as d:
         assert o.get_tensor(key).dtype == torch.bfloat16
         assert torch.equal(o.get_tensor(key), d.get_tensor(key).to(torch.bfloat16))
+
+
+def test_moe_experts_and_router_are_reported_as_skipped(capsys, tmp_path):
+    a = save(make_model("mixtral", 0), tmp_path / "a")
+    b = save(make_model("mixtral", 1), tmp_path / "b")
+    code, out, _ = run(capsys, "compat", str(a), str(b))
+    assert code == 0 and "skipped, not transplantable (per layer):" in out and "expert" in out
+    code, out, _ = run(capsys, "inspect", str(a), "--json")
+    doc = json.loads(out)
+    assert {m["name"].split(".", 2)[2] for m in doc["modules"]} == {"attn.q", "attn.k", "attn.v", "attn.o"}
+    assert any("expert" in k for k in doc["not_transplantable"])

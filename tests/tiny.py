@@ -23,7 +23,13 @@ ARCH_CONFIGS = {
     "gpt_neox": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                      max_position_embeddings=128),
     "opt": dict(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
-                max_position_embeddings=128, word_embed_proj_dim=32),   # not in the table: generic fallback
+                max_position_embeddings=128, word_embed_proj_dim=32),
+    "stablelm": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=4, max_position_embeddings=128),
+    "falcon": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4),
+    "mixtral": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, num_local_experts=2, num_experts_per_tok=1, max_position_embeddings=128),
+    "bloom": dict(hidden_size=32, n_layer=2, n_head=4),      # not in the table: the generic fallback
 }
 
 

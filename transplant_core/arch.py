@@ -69,6 +69,9 @@ class ModuleTable:
     layers_path: str
     vocab_size: int | None
     modules: dict[ModuleRef, ModuleInfo] = field(default_factory=dict)
+    # weight matrices of the decoder layers no module kind covers (MoE experts and router),
+    # as paths relative to a layer: listed by inspect and compat, never transplanted
+    skipped: tuple[str, ...] = ()
 
     def __contains__(self, ref: ModuleRef) -> bool:
         return ref in self.modules
@@ -158,4 +161,8 @@ def build_table(model: nn.Module, shapes: dict[str, tuple[tuple[int, ...], str]]
                 bias_shape=shapes[bkey][0] if bkey in shapes else None,
                 transposed=conv1d or type(mod).__name__ == "Conv1D",
             )
-    return ModuleTable(model_type, source, layers_path, getattr(config, "vocab_size", None), modules)
+    covered = {k for m in modules.values() for k in m.keys}
+    prefix = f"{layers_path}.0."
+    skipped = tuple(sorted(k[len(prefix):] for k, p in model.named_parameters()     # the model's own layout
+                           if k.startswith(prefix) and p.dim() >= 2 and f"{k}" not in covered))
+    return ModuleTable(model_type, source, layers_path, getattr(config, "vocab_size", None), modules, skipped)

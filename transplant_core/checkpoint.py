@@ -374,7 +374,12 @@ class Checkpoint:
         tensors = CheckpointTensors(path, allow_pickle, name=spec)
         skel = skeleton(path)
         keys = [k for k, _ in skel.named_parameters()]
-        missing = [k for k in keys if not tensors.has(k)]
+        # the head must be there (a model saved without it would generate from random
+        # weights); other keys may be stored under another layout that transformers
+        # converts on load (Mixtral's per-expert tensors), which a full load checks
+        head = skel.get_output_embeddings()
+        head_keys = [k for k, p in skel.named_parameters() if head is not None and any(p is q for q in head.parameters())]
+        missing = [k for k in head_keys if not tensors.has(k)]
         if missing:
             raise InvalidArgument(f"{path} does not hold the weights of its {type(skel).__name__}: missing "
                                   f"{', '.join(missing[:8])}{f' (+{len(missing) - 8} more)' if len(missing) > 8 else ''}"
