@@ -281,7 +281,7 @@ class CheckpointTensors:
             raise NotFound(f"tensor {key!r} is not in checkpoint {self.name}")
         if self._pickled is not None and k in self._pickled:
             return self._pickled[k]
-        t = _pread(self._where[k], k)
+        t = read_tensor(self._where[k], k)
         return t if t is not None else self._handles[self._where[k]].get_tensor(k)
 
     def shapes(self, model_keys: list[str]) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -294,7 +294,7 @@ _ST_TORCH = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
 _HEADERS: dict[tuple[str, int, int], tuple[int, dict]] = {}
 
 
-def _pread(path: str, key: str) -> torch.Tensor | None:
+def read_tensor(path: str, key: str) -> torch.Tensor | None:
     """One tensor of a safetensors file read with plain reads into its own memory (None:
     a dtype this does not know; the caller maps the file instead). A memory map would
     also count the file's pages as the process's resident memory while they are read."""

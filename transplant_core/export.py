@@ -158,16 +158,15 @@ def write_transplanted(src: Path, locate, new: dict, out: Path, meta: dict, forc
 
 
 def _saved_digests(tmp: Path, src: Path, locate, keys: list[str]) -> dict[str, str]:
-    """sha256 of each changed tensor as written (read back from the output)."""
-    from safetensors import safe_open
-
+    """sha256 of each changed tensor as written (read back from the output, one at a time,
+    with plain reads: no mapped pages)."""
+    from .checkpoint import read_tensor
     from .transplant import tensor_digest
 
     out = {}
     for k in keys:
         f, fk = locate(k)
-        with safe_open(str(tmp / Path(f).relative_to(src)), framework="pt") as h:
-            out[k] = tensor_digest(h.get_tensor(fk))
+        out[k] = tensor_digest(read_tensor(str(tmp / Path(f).relative_to(src)), fk))
     return out
 
 
