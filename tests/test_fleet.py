@@ -353,3 +353,32 @@ def test_fleet_configuration_errors(tmp_path):
     f.write_text(json.dumps({"fleet": {"etcd": "etcd://h:1", "name": "n", "store": "/s", "canaries": 2}}))
     cfg = config_from_args(ap.parse_args(["serve", "--config", str(f), "--replica-name", "r2"]))
     assert cfg.fleet.canaries == 2 and cfg.fleet.replica == "r2" and cfg.fleet.etcd == "etcd://h:1"
+
+
+def test_a_bad_object_in_the_store_is_reported_and_the_rollout_stops(fleet):
+    """A record whose tensor object does not match its digest (a corrupted store): the
+    canary refuses it, names the object, and the fleet reverts before anyone serves it."""
+    from server.fleet.etcd import Etcd
+    from server.fleet.log import FleetLog
+
+    etcd, reps = fleet
+    a = reps["a"]
+    log = FleetLog(Etcd(etcd.endpoint), FLEET)
+    head = log.head()
+    recs, _ = log.records(head - 1)
+    h = recs[head]
+    key = "model.layers.1.mlp.up_proj.weight"
+    digest = "0" * 64
+    store = Path(a.cfg["fleet"]["store"]) / "objects"
+    shutil.copy(next(store.glob("*.safetensors")), store / f"{digest}.safetensors")   # bytes of another tensor
+    bad = dict(h, id=head + 1, parent=head, kind="transplant", donor="corrupt", modules=["layers.1.mlp.up"],
+               checksums={key: digest}, state={**h["state"], key: digest}, replica="test",
+               rollout={"canaries": ["a"]}, selection={"method": "explicit"}, reverted_to=None)
+    log.append(bad)
+    back = head + 2
+    converge(reps.values(), back)
+    for r in reps.values():
+        j = r.journal()
+        assert j[head + 1].get("skipped") is True and j[back]["selection"]["why"] == "canary", r.name
+        assert "does not match its digest" in j[back]["selection"]["error"]
+        assert j[back]["state"] == h["state"]
