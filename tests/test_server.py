@@ -754,3 +754,20 @@ def test_a_donor_in_another_dtype_needs_cast_and_the_error_is_journaled(models, 
     finally:
         c.close()
         s.stop(1)
+
+
+def test_restart_refuses_a_checkpoint_whose_head_or_norms_changed(models, tmp_path):
+    """Generation 0 records every tensor of the base, not just the transplantable ones."""
+    from safetensors.torch import load_file, save_file
+
+    from transplant_core.errors import PreconditionFailed
+
+    target = tmp_path / "target"
+    shutil.copytree(models / "target", target)
+    cfg = config(tmp_path, target, [models / "donors"], watch_donor_roots=False)
+    start(cfg).stop(1)
+    w = load_file(target / "model.safetensors")
+    w["model.norm.weight"] = w["model.norm.weight"] * 2
+    save_file(w, target / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(PreconditionFailed, match=r"changed on disk .*model\.norm\.weight"):
+        start(cfg)
