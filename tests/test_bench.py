@@ -50,6 +50,7 @@ def test_pick_modules_spreads_distinct_names():
     ("soak", ["--cycles", "4"]),
     ("continuous", ["--repeats", "1", "--mixed-range", "8,64", "--http-requests", "2"]),
     ("fleet", ["--repeats", "1"]),
+    ("apply", ["--repeats", "1"]),
 ])
 def test_benchmark_runs_on_tiny(name, extra, tmp_path, capsys):
     import importlib
