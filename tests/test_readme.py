@@ -80,8 +80,14 @@ def test_every_readme_command_runs_as_shown(tmp_path):
                 p = subprocess.Popen(["bash", "-c", c], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True, start_new_session=True)
                 time.sleep(5)
-                os.killpg(p.pid, signal.SIGINT)
-                out, err = p.communicate(timeout=30)
+                # SIGTERM: a shell started in the background (CI under `&`) hands its children
+                # SIGINT ignored, so Ctrl-C's signal would not reach the view
+                os.killpg(p.pid, signal.SIGTERM)
+                try:
+                    out, err = p.communicate(timeout=30)
+                except subprocess.TimeoutExpired:
+                    os.killpg(p.pid, signal.SIGKILL)
+                    out, err = p.communicate()
                 assert "generation" in out.lower(), (out, err)
                 continue
             r = run(c, tmp_path, env)
