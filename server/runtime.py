@@ -414,6 +414,7 @@ class Runtime:
         record; its rollout failing is an error, a timeout returns the record as appended."""
         outcome, why = self.fleet.wait_installed(rec.id, self.cfg.fleet.rollout_timeout_s)
         if outcome in ("failed", "refused"):
+            self._prepared.pop(rec.id, None)       # never installed here: drop the candidate
             raise PreconditionFailed(f"generation {rec.id} was appended to fleet {self.cfg.fleet.name} but did not "
                                      f"go live here: {why}; see `transplant admin fleet`")
         after = []
@@ -444,6 +445,7 @@ class Runtime:
                 prepared = None                 # another replica's record won this id
             prepared = prepared[:3] if prepared else None
             p = prepared[0].plan if prepared else self.gens.state_plan(rec.state, rec.id)
+            self._prepared = {k: v for k, v in self._prepared.items() if k > rec.id}   # superseded ones go
             res = self._swap(p, rec.kind, [], 0, rec.requested_by, rec.reason, rec.selection, rec.reverted_to,
                              record=rec, skipped=skipped, prepared=prepared)
             self._install_seconds = {rec.id: res.seconds}

@@ -49,6 +49,7 @@ class FleetAgent:
         self._lease = 0
         self._reported: dict | None = None
         self._report_lock = threading.Lock()
+        self._refresh_lock = threading.Lock()        # one reader of etcd's state at a time
         self._cond = threading.Condition()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -137,13 +138,14 @@ class FleetAgent:
 
     def refresh(self) -> int:
         """Read what changed in etcd; returns the revision read at."""
-        new, rev = self.log.records(max(self.records) if self.records else -1)
-        self.decided = self.log.rollouts()          # (outcomes first: a revert is never seen without its why)
-        self.records = {**self.records, **new}      # replaced, never changed in place: readers on
+        with self._refresh_lock:
+            new, rev = self.log.records(max(self.records) if self.records else -1)
+            self.decided = self.log.rollouts()      # (outcomes first: a revert is never seen without its why)
+            self.records = {**self.records, **new}  # replaced, never changed in place: readers on
                                                     # other threads see one version or the other
-        self.replicas = self.log.replicas()
-        self.reachable, self.etcd_error = True, ""
-        return rev
+            self.replicas = self.log.replicas()
+            self.reachable, self.etcd_error = True, ""
+            return rev
 
     def reconcile(self) -> int:
         rev = self.refresh()
@@ -170,13 +172,13 @@ class FleetAgent:
             if self.error and self.error["generation"] <= t:
                 self.error = None
             log.info("fleet %s: generation %d live on %s", self.spec.name, t, self.name)
-        except PreconditionFailed as e:
+        except PreconditionFailed as e:          # a verdict (guard, digest): final, fails a canary phase
             self._refused[t] = str(e)
             self.error = {"generation": t, "message": str(e)}
             log.warning("fleet %s: generation %d not installed here: %s", self.spec.name, t, e)
         except Exception as e:                       # noqa: BLE001 - reported, tried again later
             self._retry_at[t] = time.monotonic() + RETRY_S
-            self.error = {"generation": t, "message": f"{type(e).__name__}: {e}"}
+            self.error = {"generation": t, "message": f"{type(e).__name__}: {e}", "retryable": True}
             log.exception("fleet %s: installing generation %d failed", self.spec.name, t)
         self._report()                               # canaries' outcomes reach the others at once
 
@@ -239,6 +241,8 @@ class FleetAgent:
                 self._report()
             except Unavailable as e:
                 self._unreachable(e)
+            except Exception:                    # noqa: BLE001 - the lease must outlive odd replies
+                log.exception("fleet %s: renewing the lease failed", self.spec.name)
 
     # ---- writes (from the runtime) ------------------------------------------------------------
 
@@ -253,6 +257,10 @@ class FleetAgent:
         """Append a record this replica built (a transplant prepared on its live generation,
         which must be the fleet's head); the rollout names its canaries."""
         self._writable()
+        head = max(self.records)
+        if rollout.phase(self.records[head], self.decided) == "canary":
+            raise PreconditionFailed(f"generation {head} is still in its canary phase "
+                                     f"({self.progress(head)}); wait for it to be promoted, or revert it first")
         rec.replica = self.name
         if rec.kind == "transplant" and self.spec.canaries > 0:
             alive = [n for n, s in self.log.replicas().items() if s.get("health") == "SERVING"]
@@ -263,12 +271,16 @@ class FleetAgent:
         log.info("fleet %s: appended generation %d (%s)%s", self.spec.name, rec.id, rec.kind,
                  f"; canaries {', '.join(rec.rollout['canaries'])}" if rec.rollout else "")
 
-    def revert(self, to: int | None, why: str, requested_by: str = "", reason: str = "", extra: dict | None = None):
+    def revert(self, to: int | None, why: str, requested_by: str = "", reason: str = "", extra: dict | None = None,
+               expect: int | None = None, _again: bool = True):
         """Append a revert of the fleet's head (to its parent, or to `to`), built from the log
-        alone: this replica need not serve the head. Returns the record."""
+        alone: this replica need not serve the head. `expect`: only if the head is still
+        that generation (an alert's). Returns the record."""
         self._writable()
         self.refresh()
         head = max(self.records)
+        if expect is not None and head != expect:
+            raise Conflict(f"the fleet's head moved from generation {expect} to {head} meanwhile")
         h = self.records[head]
         if to is None:
             if h.get("parent") is None:
@@ -283,6 +295,8 @@ class FleetAgent:
                                          requested_by=requested_by, reason=reason, replica=self.name)
         if rollout.phase(h, self.decided) == "canary":      # its rollout stops here too
             if not self.log.fail_and_revert(head, rec.to_journal(), self.name, f"reverted ({why})"):
+                if _again:                                   # promoted meanwhile: revert it as promoted
+                    return self.revert(to, why, requested_by, reason, extra, expect=head, _again=False)
                 raise Conflict(f"fleet {self.spec.name} moved past generation {head} meanwhile; look again")
         else:
             self.log.append(rec.to_journal())
@@ -303,7 +317,7 @@ class FleetAgent:
         if self.records[gen].get("parent") is None:
             return "none", "generation 0 is the model as loaded: nothing to revert to", None
         try:
-            rec = self.revert(None, "alert", requested_by="alertmanager", reason="alert", extra=extra)
+            rec = self.revert(None, "alert", requested_by="alertmanager", reason="alert", extra=extra, expect=gen)
         except Conflict:
             return "none", f"another replica reverted generation {gen} first", None
         return "reverted", f"generation {gen} reverted to {rec.reverted_to} across fleet {self.spec.name}", rec.id

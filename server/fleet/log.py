@@ -18,7 +18,7 @@ import json
 import time
 
 from . import etcd as E
-from .etcd import Etcd
+from .etcd import Etcd, Unavailable
 
 ROLLOUT_PROMOTED, ROLLOUT_FAILED = "promoted", "failed"
 
@@ -70,10 +70,16 @@ class FleetLog:
         """Append `record` (its id = head + 1, its parent the head); Conflict when the head
         moved, naming the record that won."""
         rid, parent = int(record["id"]), int(record["parent"])
-        ok, resp = self.etcd.txn([E.value_is(self._head, str(parent)), E.absent(self._log(rid))],
-                                 [E.put(self._log(rid), _dump(record)), E.put(self._head, str(rid))],
-                                 [E.get(self._head)])
-        if ok:
+        mine = _dump(record)
+        try:
+            ok, resp = self.etcd.txn([E.value_is(self._head, str(parent)), E.absent(self._log(rid))],
+                                     [E.put(self._log(rid), mine), E.put(self._head, str(rid))],
+                                     [E.get(self._head)])
+        except Unavailable:
+            if self._landed(rid, mine):        # the reply was lost, not the append
+                return
+            raise
+        if ok or self._landed(rid, mine):      # (a resent request finds its own first try)
             return
         head = int(resp[0][0].value) if resp and resp[0] else -1
         won = self.etcd.get(self._log(head)) if head >= 0 else None
@@ -84,6 +90,13 @@ class FleetLog:
                   f"{w.get('replica') or '?'})"
         raise Conflict(f"generation {head}{who} was appended first: the fleet's head is {head}, not {parent}; "
                        f"nothing changed here; plan again against generation {head}")
+
+    def _landed(self, rid: int, mine: str) -> bool:
+        try:
+            kv = self.etcd.get(self._log(rid))
+        except Unavailable:
+            return False
+        return kv is not None and kv.value.decode() == mine
 
     # ---- rollouts ---------------------------------------------------------------------------
 

@@ -69,7 +69,7 @@ def judge(rec: dict, replicas: dict[str, dict], all_live_since: float | None, no
     canaries = rec["rollout"]["canaries"]
     for name in canaries:
         err = (replicas.get(name) or {}).get("error") or {}
-        if err.get("generation") == gen:
+        if err.get("generation") == gen and not err.get("retryable"):   # a verdict, not a passing error
             return Verdict("fail", f"canary {name} could not install generation {gen}: {err.get('message', '')}",
                            failed=name)
     waiting = [n for n in canaries if (replicas.get(n) or {}).get("live") != gen]
