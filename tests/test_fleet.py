@@ -217,7 +217,8 @@ def test_a_canary_whose_probes_regress_is_reverted_before_the_others_install_it(
     deadline = time.monotonic() + 10                 # the reports follow the installs
     while True:
         f = a.c.admin("GetFleet", A.GetFleetRequest())
-        if sorted(f.rollout.serving) == ["a", "b", "c"] or time.monotonic() > deadline:
+        settled = sorted(f.rollout.serving) == ["a", "b", "c"] and all(x.error == "" for x in f.replicas)
+        if settled or time.monotonic() > deadline:
             break
         time.sleep(0.2)
     assert f.head == back and sorted(f.rollout.serving) == ["a", "b", "c"]

@@ -214,8 +214,10 @@ class FleetAgent:
 
     def state(self) -> dict:
         gens = self.rt.gens
-        return {"replica": self.name, "live": gens.live.id, "health": "SERVING" if self.rt.serving else "NOT_SERVING",
-                "error": self.error, "fatal": self.fatal or None, **self.endpoints, "host": socket.gethostname(),
+        live = gens.live.id
+        error = self.error if self.error and self.error["generation"] > live else None   # past it: moot
+        return {"replica": self.name, "live": live, "health": "SERVING" if self.rt.serving else "NOT_SERVING",
+                "error": error, "fatal": self.fatal or None, **self.endpoints, "host": socket.gethostname(),
                 "pid": os.getpid(), "servable": gens.servable_ids()}
 
     def _report(self, force: bool = False) -> None:
