@@ -105,6 +105,7 @@ class ServerProcess:
         return time.perf_counter() - t0
 
     def _wait_serving(self, timeout: float = 600) -> None:
+        import grpc
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
         stub = health_pb2_grpc.HealthStub(self.client.channel)
@@ -115,7 +116,7 @@ class ServerProcess:
             try:
                 if stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1).status == 1:
                     return
-            except Exception:          # noqa: BLE001 - not up yet
+            except grpc.RpcError:      # not listening yet
                 pass
             time.sleep(0.05)
         raise TimeoutError(f"server {self.name} did not become SERVING")
