@@ -230,3 +230,102 @@ def test_missing_path_and_pickle_refused(tmp_path, tiny_dirs):
         CheckpointTensors(pk)
     assert CheckpointTensors(pk, allow_pickle=True).has("x")
     save_file({"a": torch.ones(2)}, str(tmp_path / "w.safetensors"))
+
+
+# ---- low-rank transplants --------------------------------------------------------------
+
+def _pair_table():
+    target, donor = make_model("llama", 0), make_model("llama", 1)
+    return target, donor, build_table(target)
+
+
+def test_lowrank_moves_each_weight_by_its_top_singular_directions():
+    target, donor, table = _pair_table()
+    refs = [ModuleRef(0, "mlp.down"), ModuleRef(1, "attn.q")]
+    full = tp.plan(table, ModelTensors(donor), refs)
+    p = tp.lowrank(full, ModelTensors(target), rank=3)
+    assert p.unit == "lowrank" and p.ranks == {"layers.0.mlp.down": 3, "layers.1.attn.q": 3}
+    params, dparams = dict(target.named_parameters()), dict(donor.named_parameters())
+    for m in p.modules:
+        b, a = p.factors[m.weight_key]
+        out, inp = m.weight_shape
+        assert b.shape == (out, 3) and a.shape == (3, inp) and b.dtype == a.dtype == torch.float32
+        delta = dparams[m.weight_key].detach() - params[m.weight_key].detach()
+        u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+        best = (u[:, :3] * s[:3]) @ vh[:3]                       # Eckart-Young: the best rank-3 move
+        assert torch.allclose(b @ a, best, atol=1e-5)
+        assert p.energy[str(m.ref)] == pytest.approx(float((s[:3] ** 2).sum() / (s ** 2).sum()), rel=1e-5)
+    # the factors are a fraction of the modules' bytes
+    assert p.stored_bytes < p.nbytes / 2
+    before = tp.checksums(target)
+    snap = tp.commit(target, p)
+    for m in p.modules:
+        b, a = p.factors[m.weight_key]
+        assert torch.allclose(params[m.weight_key].detach(), snap.tensors[m.weight_key] + b @ a, atol=1e-5)
+    tp.revert(target, table, snap)
+    assert tp.checksums(target) == before                        # bitwise
+
+
+def test_lowrank_at_full_rank_reaches_the_donor_and_blends_with_alpha():
+    target, donor, table = _pair_table()
+    ref = ModuleRef(0, "mlp.up")
+    info = table[ref]
+    p = tp.lowrank(tp.plan(table, ModelTensors(donor), [ref]), ModelTensors(target), rank=10_000)
+    assert p.ranks[str(ref)] == min(info.weight_shape) and p.energy[str(ref)] == pytest.approx(1.0)
+    want = dict(donor.named_parameters())[info.weight_key].detach()
+    old = dict(target.named_parameters())[info.weight_key].detach().clone()
+    assert torch.allclose(p.value(info.weight_key, old), want, atol=1e-5)
+    half = tp.lowrank(tp.plan(table, ModelTensors(donor), [ref], alpha=0.5), ModelTensors(target), rank=10_000)
+    assert torch.allclose(half.value(info.weight_key, old), (old + want) / 2, atol=1e-5)
+
+
+def test_lowrank_budget_is_shared_by_singular_value_per_parameter():
+    target, donor, table = _pair_table()
+    refs = table.refs()
+    full = tp.plan(table, ModelTensors(donor), refs)
+    budget = 3000
+    p = tp.lowrank(full, ModelTensors(target), budget=budget)
+    used = sum(r * sum(table[ModuleRef.parse(name)].weight_shape) for name, r in p.ranks.items())
+    assert 0 < used <= budget and all(r > 0 for r in p.ranks.values())
+    cheapest = min(sum(table[r].weight_shape) for r in refs)
+    assert budget - used < cheapest or len(p.ranks) == len(refs)
+    # no direction left out is worth more per parameter than the least one taken
+    svs = {str(r): torch.linalg.svd(full.values[table[r].weight_key].float()
+                                    - dict(target.named_parameters())[table[r].weight_key].detach(),
+                                    full_matrices=False)[1] for r in refs}
+    cost = {str(r): sum(table[r].weight_shape) for r in refs}
+    taken = min(float(svs[n][i]) ** 2 / cost[n] for n, r in p.ranks.items() for i in range(r))
+    skipped = [float(svs[n][p.ranks.get(n, 0)]) ** 2 / cost[n] for n in svs
+               if p.ranks.get(n, 0) < svs[n].numel() and cost[n] <= budget - used]
+    assert all(v <= taken + 1e-9 for v in skipped)
+    assert {str(m.ref) for m in p.modules} == set(p.ranks)          # modules given no rank are dropped
+
+
+@pytest.mark.parametrize("kw, msg", [({}, "rank or a parameter budget"), ({"rank": 2, "budget": 10}, "not both"),
+                                     ({"rank": 0}, "rank must be"), ({"rank": 1.5}, "rank must be"),
+                                     ({"budget": -3}, "budget must be"), ({"budget": 5}, "holds no rank")])
+def test_lowrank_bad_arguments_are_refused(kw, msg):
+    target, donor, table = _pair_table()
+    full = tp.plan(table, ModelTensors(donor), [ModuleRef(0, "mlp.down")])
+    with pytest.raises(InvalidArgument, match=msg):
+        tp.lowrank(full, ModelTensors(target), **kw)
+
+
+def test_lowrank_update_is_the_same_bits_whatever_the_thread_count():
+    g = torch.Generator().manual_seed(3)
+    old = torch.randn(96, 80, generator=g)
+    b, a = torch.randn(96, 7, generator=g), torch.randn(7, 80, generator=g)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = tp.lowrank_update(old, b, a, 0.7)
+        torch.set_num_threads(max(2, threads))
+        two = tp.lowrank_update(old, b, a, 0.7)
+    finally:
+        torch.set_num_threads(threads)
+    assert tp.tensor_digest(one) == tp.tensor_digest(two)
+    assert torch.allclose(one, old + 0.7 * (b @ a), atol=1e-4)
+    half = tp.lowrank_update(old.bfloat16(), b, a)
+    assert half.dtype == torch.bfloat16
+    with pytest.raises(InvalidArgument, match="do not fit"):
+        tp.lowrank_update(old, a, b)

@@ -4,6 +4,12 @@ Nothing is mutated until the whole plan validates. A commit snapshots the tensor
 it replaces, copies with `param.data.copy_()` so parameter identity survives (hooks,
 optimisers and views stay attached), and restores the snapshot if anything fails
 half way. Revert is a transplant whose donor is the snapshot.
+
+What a plan does to one tensor is written once, in `Plan.value`: a full copy of the
+donor's value, an alpha blend of it with the current one, or (a low-rank plan, see
+`lowrank`) the current weight moved by alpha times the product of two thin factors
+B·A, the top singular directions of the donor's difference. The runtime, `apply`,
+the journal (which stores the factors, not the product) and every engine use it.
 """
 from __future__ import annotations
 
@@ -31,6 +37,39 @@ class Plan:
     # modules whose donor values were cast to the target's dtype (cast=True):
     # {module: {"from", "to", "max_abs_error", "max_rel_error"}}
     casts: dict[str, dict] = field(default_factory=dict)
+    # a low-rank plan: weight key -> (B, A), float32, B (out x r) holding the singular
+    # values, A (r x in): the weight becomes W + alpha * B @ A (biases stay in `values`)
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
+    # a low-rank plan: module -> share of the squared Frobenius norm of the weight
+    # difference its factors hold (1.0 = exact)
+    energy: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def unit(self) -> str:
+        """"module" (whole modules copied or blended) or "lowrank" (weights moved by factors)."""
+        return "lowrank" if self.factors else "module"
+
+    @property
+    def ranks(self) -> dict[str, int]:
+        """module -> rank of its factors (a low-rank plan)."""
+        return {str(m.ref): int(self.factors[m.weight_key][0].shape[1]) for m in self.modules
+                if m.weight_key in self.factors}
+
+    @property
+    def stored_bytes(self) -> int:
+        """Bytes that describe the change: the factors and copied values (a full copy: the modules' bytes)."""
+        ts = [self.values[k] for k in self.keys if k not in self.factors]
+        ts += [t for ba in self.factors.values() for t in ba]
+        return sum(t.numel() * t.element_size() for t in ts)
+
+    def value(self, key: str, old: torch.Tensor) -> torch.Tensor:
+        """What tensor `key` becomes when its current value is `old` (same dtype and device
+        as `old`). May return the plan's own tensor (a full copy on the same device/dtype)."""
+        if key in self.factors:
+            b, a = self.factors[key]
+            return lowrank_update(old, b.to(old.device), a.to(old.device), self.alpha)
+        v = self.values[key].to(device=old.device, dtype=old.dtype)
+        return torch.lerp(old, v, self.alpha) if self.alpha < 1.0 else v
 
     @property
     def refs(self) -> list[ModuleRef]:
@@ -124,6 +163,86 @@ def _all_finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(t).all())
 
 
+def lowrank_update(old: torch.Tensor, b: torch.Tensor, a: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+    """old + alpha * (b @ a), in old's dtype, the same bits on every machine: the product
+    is summed one rank-1 term at a time in float32 with elementwise multiplies and adds
+    (each correctly rounded, in a fixed order), never by a matrix multiply, whose
+    summation order depends on the library, the CPU and the thread count. A replica or a
+    restart that rebuilds a weight from its journaled factors gets the digest the
+    journal recorded."""
+    if old.dim() != 2 or b.dim() != 2 or a.dim() != 2 or b.shape[1] != a.shape[0] \
+            or (b.shape[0], a.shape[1]) != tuple(old.shape):
+        raise InvalidArgument(f"low-rank factors {list(b.shape)} x {list(a.shape)} do not fit a weight of shape "
+                              f"{list(old.shape)}")
+    b, a = b.float(), a.float()
+    delta = torch.zeros(old.shape, dtype=torch.float32, device=old.device)
+    for i in range(b.shape[1]):
+        delta.add_(b[:, i:i + 1] * a[i:i + 1, :])
+    if alpha != 1.0:
+        delta = delta * float(alpha)
+    return (old.float() + delta).to(old.dtype)
+
+
+def lowrank(p: Plan, current: TensorSource, rank: int | None = None, budget: int | None = None) -> Plan:
+    """The low-rank version of a validated full-copy plan: each module's weight moves by
+    the top singular directions of (donor - current), as factors B (out x r, scaled by
+    the singular values) and A (r x in); biases are copied as before. Either `rank`, the
+    same for every module (capped at the module's full rank), or `budget`, a number of
+    factor parameters (r x (out + in) per module) shared across the modules by taking the
+    singular directions with the most squared singular value per parameter first; a
+    module that gets none is dropped from the plan. `current`: the weights the plan will
+    be installed on (the live generation's, the target checkpoint's)."""
+    if (rank is None) == (budget is None):
+        raise InvalidArgument("a low-rank transplant needs a rank or a parameter budget (not both)")
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+        raise InvalidArgument(f"rank must be an integer >= 1, got {rank!r}")
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 1):
+        raise InvalidArgument(f"the parameter budget must be an integer >= 1, got {budget!r}")
+    if p.factors:
+        raise InvalidArgument("the plan is already low-rank")
+    svd: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+    for m in p.modules:
+        w = current.get(m.weight_key)
+        delta = p.values[m.weight_key].float() - w.detach().float().to(p.values[m.weight_key].device)
+        u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+        svd[str(m.ref)] = (u, s, vh)
+    if rank is not None:
+        ranks = {name: min(rank, int(s.numel())) for name, (_, s, _) in svd.items()}
+    else:
+        ranks = _share_budget({str(m.ref): (svd[str(m.ref)][1], sum(m.weight_shape)) for m in p.modules}, budget)
+    modules = tuple(m for m in p.modules if ranks[str(m.ref)] > 0)
+    factors, energy = {}, {}
+    for m in modules:
+        u, s, vh = svd[str(m.ref)]
+        r = ranks[str(m.ref)]
+        factors[m.weight_key] = ((u[:, :r] * s[:r]).contiguous(), vh[:r].contiguous())
+        total = float((s.double() ** 2).sum())
+        energy[str(m.ref)] = float((s[:r].double() ** 2).sum()) / total if total else 1.0
+    keep = {k for m in modules for k in m.keys}
+    values = {k: v for k, v in p.values.items() if k in keep and k not in factors}
+    casts = {name: c for name, c in p.casts.items() if name in energy}
+    return Plan(p.donor, p.alpha, modules, values, casts, factors, energy)
+
+
+def _share_budget(spectra: dict[str, tuple[torch.Tensor, int]], budget: int) -> dict[str, int]:
+    """Ranks per module within `budget` parameters: singular directions by squared
+    singular value per parameter, largest first, each costing its module's out + in."""
+    cheapest = min(cost for _, cost in spectra.values())
+    if budget < cheapest:
+        raise InvalidArgument(f"a parameter budget of {budget} holds no rank of any selected module "
+                              f"(the cheapest rank costs {cheapest} parameters: out + in)")
+    order = sorted(((float(s[i]) ** 2 / cost, -i, name) for name, (s, cost) in spectra.items()
+                    for i in range(int(s.numel())) if float(s[i]) > 0), reverse=True)
+    ranks = dict.fromkeys(spectra, 0)
+    left = budget
+    for _, neg_i, name in order:
+        cost = spectra[name][1]
+        if ranks[name] == -neg_i and cost <= left:
+            ranks[name] += 1
+            left -= cost
+    return ranks
+
+
 def commit(model: nn.Module, p: Plan) -> Snapshot:
     """Install the plan into `model` in place; return the snapshot that undoes it."""
     params = dict(model.named_parameters())
@@ -135,9 +254,7 @@ def commit(model: nn.Module, p: Plan) -> Snapshot:
     try:
         with torch.no_grad():
             for k in p.keys:
-                new = p.values[k].to(params[k].device)
-                if p.alpha < 1.0:
-                    new = torch.lerp(snap[k], new.to(snap[k].dtype), p.alpha)
+                new = p.value(k, snap[k])
                 done.append(k)
                 params[k].data.copy_(new)
     except BaseException:
@@ -189,11 +306,8 @@ def derive(model: nn.Module, p: Plan, share: bool = False) -> tuple[nn.Module, d
     new: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         for k in p.keys:
-            old = params[k]
-            v = p.values[k].to(device=old.device, dtype=old.dtype)
-            if p.alpha < 1.0:
-                v = torch.lerp(old.detach(), v, p.alpha)
-            elif not share and v.data_ptr() == p.values[k].data_ptr():   # .to() did not copy
+            v = p.value(k, params[k].detach())
+            if not share and k in p.values and v.data_ptr() == p.values[k].data_ptr():   # the plan's own tensor
                 v = v.clone(memory_format=torch.contiguous_format)
             new[k] = v
     root = _shallow(model)
