@@ -227,16 +227,23 @@ def cmd_eval(args) -> int:
 def cmd_apply(args) -> int:
     """Select (a task + K needs both models loaded; --modules reads only the tables), then
     write the target's folder with only the changed tensors' bytes replaced."""
-    import torch
-
     from transplant_core import transplant as tp
-    from transplant_core.checkpoint import Checkpoint
+    from transplant_core.checkpoint import Checkpoint, ModelTensors
     from transplant_core.errors import InvalidArgument
     from transplant_core.export import manifest, write_checkpoint, write_transplanted
     from transplant_core.workflow import compatibility, explicit_modules, select
 
     if bool(args.modules) == bool(args.task):
         raise InvalidArgument("give either --modules A,B,... or --task TASK with --k K")
+    if args.rank < 0 or args.budget < 0:
+        raise InvalidArgument("--rank and --budget must be >= 1 (leave both out for whole modules)")
+    if args.rank and args.budget:
+        raise InvalidArgument("give --rank or --budget, not both")
+
+    def low(p, current):
+        return tp.lowrank(p, current, rank=args.rank or None, budget=args.budget or None) \
+            if args.rank or args.budget else p
+
     if args.modules:
         tgt, don = Checkpoint.open(args.target, args.allow_pickle), Checkpoint.open(args.donor, args.allow_pickle)
         report = compatibility(tgt.table, don.table)
@@ -251,28 +258,32 @@ def cmd_apply(args) -> int:
         tgt, don = Checkpoint.open(args.target, args.allow_pickle), Checkpoint.open(args.donor, args.allow_pickle)
     if not tgt.tensors.all_safetensors:      # pickle weights (--allow-pickle): load, install, save
         target, donor, _ = _load_pair(args)
-        p = tp.plan(target.table, _donor_source(donor), refs, args.alpha, cast=args.cast)
+        p = low(tp.plan(target.table, _donor_source(donor), refs, args.alpha, cast=args.cast),
+                ModelTensors(target.model))
         before = tp.checksums(target.model, p.keys)
         tp.commit(target.model, p)
         meta = manifest(args.target, args.donor, p, before, tp.checksums(target.model, p.keys), selection)
         out = write_checkpoint(target.model, target.tokenizer, Path(args.out), dict(meta, casts=p.casts), args.force)
     else:
-        p = tp.plan(tgt.table, don.tensors, refs, args.alpha, cast=args.cast)
+        p = low(tp.plan(tgt.table, don.tensors, refs, args.alpha, cast=args.cast), tgt.tensors)
         before, new = {}, {}
         for k in p.keys:             # one target tensor in memory at a time
             old = tgt.tensors.get(k)
             before[k] = tp.tensor_digest(old)
-            new[k] = p.values[k] if p.alpha >= 1.0 else torch.lerp(old, p.values[k].to(old.dtype), p.alpha)
+            new[k] = p.value(k, old)
             del old
         meta = manifest(args.target, args.donor, p, before, {k: tp.tensor_digest(t) for k, t in new.items()},
                         selection)
         out = write_transplanted(tgt.path, tgt.tensors.locate, new, Path(args.out), dict(meta, casts=p.casts),
                                  args.force)
-    doc = {"out": str(out), "modules": [str(r) for r in refs], "alpha": p.alpha, "bytes": p.nbytes,
-           "manifest": str(out / "transplant_manifest.json"), "casts": p.casts}
+    doc = {"out": str(out), "modules": [str(r) for r in p.refs], "alpha": p.alpha, "bytes": p.nbytes,
+           "manifest": str(out / "transplant_manifest.json"), "casts": p.casts, "unit": p.unit,
+           **({"ranks": p.ranks, "energy": p.energy, "stored_bytes": p.stored_bytes} if p.factors else {})}
     _emit(args, doc, lambda d: print(
         f"transplanted {len(d['modules'])} modules ({_fmt_bytes(d['bytes'])}) from {args.donor} into "
         f"{args.target}, alpha {d['alpha']}: {', '.join(d['modules'])}\nwrote {d['out']} (manifest {d['manifest']})"
+        + "".join(f"\n  low-rank {m}: rank {r}, {d['energy'][m]:.1%} of the difference" for m, r in
+                  d.get("ranks", {}).items())
         + "".join(f"\n  cast {m} {c['from']} -> {c['to']}: largest error {c['max_abs_error']:.3g} "
                   f"({c['max_rel_error']:.3g} of the largest value)" for m, c in d["casts"].items())))
     return 0
@@ -381,6 +392,12 @@ def build_parser() -> argparse.ArgumentParser:
     _analysis_flags(p, task_required=False)
     p.add_argument("--modules", help="explicit names or globs, comma separated (instead of --task/--k)")
     p.add_argument("--alpha", type=float, default=1.0, help="blend factor in [0, 1]; 1 = full copy (paper)")
+    p.add_argument("--rank", type=int, default=0,
+                   help="low-rank transplant: move each selected weight by the top RANK singular directions of "
+                        "(donor - target) instead of copying it whole (biases are copied)")
+    p.add_argument("--budget", type=int, default=0, metavar="PARAMS",
+                   help="low-rank transplant within PARAMS factor parameters (rank x (out + in) per module) shared "
+                        "across the selected modules (instead of --rank)")
     p.add_argument("--out", required=True, help="directory to write the checkpoint into (must be empty or new)")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
     p.add_argument("--cast", action="store_true",

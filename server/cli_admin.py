@@ -67,6 +67,12 @@ def register(sub) -> None:
         q.add_argument("--cast", action="store_true",
                        help="convert donor values stored in another dtype to the live model's (the rounding error "
                             "is reported and journaled); without it such modules are refused")
+        q.add_argument("--rank", type=int, default=0,
+                       help="low-rank transplant: move each selected weight by the top RANK singular directions of "
+                            "(donor - live) instead of copying it whole; journaled as factors")
+        q.add_argument("--budget", type=int, default=0, metavar="PARAMS",
+                       help="low-rank transplant within PARAMS factor parameters shared across the selected modules "
+                            "(instead of --rank)")
     q = action("revert", "make an earlier generation live again (default: the parent)", _revert)
     q.add_argument("--to", type=int, help="generation id to make live again (default: the live one's parent)")
     q.add_argument("--reason", default="", help="free text recorded with the generation")
@@ -186,6 +192,9 @@ def _treq(args):
     req = A.TransplantRequest(donor=args.donor, task=args.task, k=args.k, alignment=args.alignment,
                               eval_tasks=[t for t in evals.split(",") if t], eval_examples=getattr(args, "n", 0),
                               reason=args.reason, selector=args.selector, cast=args.cast)
+    if args.rank < 0 or args.budget < 0:
+        raise SystemExit("transplant admin: error: --rank and --budget must be >= 0")
+    req.rank, req.param_budget = args.rank, args.budget
     if args.modules:
         req.modules.extend(m.strip() for m in args.modules.split(",") if m.strip())
     if args.alpha is not None:
@@ -213,6 +222,11 @@ def _plan(args) -> int:
         for c in d.get("casts", []):
             print(f"  cast {c['module']} {c['from_dtype']} -> {c['to_dtype']}: largest error "
                   f"{float(c['max_abs_error']):.3g} ({float(c['max_rel_error']):.3g} of the largest value)")
+        if d.get("unit") == "lowrank":
+            print(f"  low-rank: {d['stored_bytes']} bytes of factors and biases for {d['bytes']} bytes of modules")
+            for r in d.get("ranks", []):
+                print(f"    {r['module']:<24}rank {r['rank']:>4}  holds {float(r.get('energy', 0)):.1%} of the "
+                      f"difference  {r['factor_bytes']} of {r['bytes']} bytes")
     return _out(args, Client(args).PlanTransplant(_treq(args)), human)
 
 
@@ -229,8 +243,11 @@ def _swap_human(d) -> None:
         what = f"revert to generation {g.get('reverted_to', '?')}"
     else:
         what = f"{g['kind']} from {g['donor'] or 'snapshot'}"
+    ranks = g.get("ranks") or {}
+    lowrank = f", low-rank (ranks {', '.join(f'{m} {r}' for m, r in sorted(ranks.items()))}; " \
+              f"{g.get('stored_bytes', 0)} bytes stored)" if ranks else ""
     print(f"generation {g['id']} ({what}) is live (parent {g.get('parent')}, "
-          f"{len(g['modules'])} modules, swap {float(d['swap_seconds']) * 1e3:.1f} ms)")
+          f"{len(g['modules'])} modules{lowrank}, swap {float(d['swap_seconds']) * 1e3:.1f} ms)")
     _quality_lines(d)
 
 
@@ -252,7 +269,8 @@ def _history_lines(d) -> list[str]:
     for g in d["generations"]:
         when = time.strftime("%H:%M:%S", time.localtime(float(g["created_unix"])))
         mark = "*" if g["live"] else " "
-        what = {"load": "as loaded", "transplant": f"from {g['donor']}: {len(g['modules'])} modules",
+        low = " low-rank" if g.get("ranks") else ""
+        what = {"load": "as loaded", "transplant": f"from {g['donor']}: {len(g['modules'])}{low} modules",
                 "revert": f"revert to {g.get('reverted_to')}"}.get(g["kind"], g["kind"])
         q = ", ".join(f"{x['task']} {x['accuracy']:.2f}" for x in g["quality"][-3:])
         reason = json.loads(g["selection_json"] or "{}").get("why") or g["reason"]

@@ -18,6 +18,12 @@ generation, never a mix):
   4. swap the live pointer
 On restart the base is reloaded, its checksums verified, and the last committed
 generation's tensors read back from the store (each verified against its digest).
+
+A low-rank generation stores its factors, not the weights they make: the record's
+`derived` maps each such weight's digest to its recipe (the digest of the value it
+was applied to, the digests of B and A, the rank and alpha), and a weight missing from
+the store is rebuilt from it (transplant_core.lowrank_update gives the same bits on
+every machine) and verified against its digest like any stored tensor.
 The live tensors and the ones the last commit replaced stay in memory, so a revert
 to the parent neither reads nor hashes anything.
 """
@@ -82,6 +88,9 @@ class Record:
     replica: str = ""             # fleet: the replica that appended it to the fleet log
     rollout: dict | None = None   # fleet: {"canaries": [...]} of a transplant's canary phase
     skipped: bool = False         # fleet: in the log, never live here (superseded before it could be)
+    ranks: dict[str, int] = field(default_factory=dict)    # low-rank: module -> rank of its factors
+    derived: dict[str, dict] = field(default_factory=dict)  # low-rank: weight digest -> recipe (see above)
+    stored_bytes: int = 0         # bytes this generation added to describe its change (factors, values)
 
     def to_journal(self) -> dict:
         return {"type": "generation", **{k: v for k, v in self.__dict__.items() if k != "quality"}}
@@ -112,6 +121,7 @@ class Generations:
             self.records: dict[int, Record] = {}
             self._overrides: dict[str, torch.Tensor] = {}   # live generation's tensors that differ from base
             self._recent: dict[str, torch.Tensor] = {}      # digest -> tensor: live overrides + last replaced
+            self._recipes: dict[str, dict] = {}             # digest -> how to rebuild it (low-rank)
             self.live = Live(0, base)
             self._base_params = {k: p.detach() for k, p in base.named_parameters()}
             self._recover()
@@ -162,6 +172,7 @@ class Generations:
             if e.get("type") == "generation":
                 fields = {k: v for k, v in e.items() if k in Record.__dataclass_fields__}
                 self.records[e["id"]] = Record(**fields)
+                self._recipes.update(self.records[e["id"]].derived)
             elif e.get("type") == "quality" and e["generation"] in self.records:
                 self.records[e["generation"]].quality.append(e["quality"])
         last = max(i for i, r in self.records.items() if not r.skipped)
@@ -231,6 +242,8 @@ class Generations:
             t = self._recent.get(digest)
             if t is None:
                 t = self._read_object(digest)
+            if t is None and digest in self._recipes:
+                t = self._rebuild(digest)
             if t is None:
                 if legacy is None:
                     legacy = self._read_legacy(gen)
@@ -240,6 +253,59 @@ class Generations:
                                              f"the tensor store in {self.object_dir}")
             out[k] = self._typed(k, t)
         return out
+
+    def _value(self, k: str, digest: str) -> torch.Tensor:
+        """Tensor `k` by digest: the base's, a recent one, a stored one, or rebuilt."""
+        if digest == self.records[0].checksums.get(k):
+            return self._base_params[k]
+        t = self._recent.get(digest)
+        if t is None:
+            t = self._read_object(digest)
+        if t is None and digest in self._recipes:
+            t = self._rebuild(digest)
+        if t is None:
+            raise PreconditionFailed(f"tensor {k} ({digest[:12]}) is missing from the tensor store in {self.object_dir}")
+        return self._typed(k, t)
+
+    def _rebuild(self, digest: str) -> torch.Tensor:
+        """A low-rank weight from its recipe: the value it was applied to (itself stored,
+        recent, the base's or rebuilt) moved by its factors; verified against `digest`."""
+        r = self._recipes[digest]
+        k, rank = r["key"], int(r["rank"])
+        old = self._value(k, r["of"])
+        out, inp = old.shape
+        b, a = self._factor(r["B"], (out, rank)), self._factor(r["A"], (rank, inp))
+        t = tp.lowrank_update(old, b, a, float(r["alpha"]))
+        if tp.tensor_digest(t) != digest:
+            raise PreconditionFailed(f"tensor {k} rebuilt from its low-rank factors does not match its digest "
+                                     f"{digest[:12]}; the store in {self.object_dir} is damaged")
+        return t
+
+    def _factor(self, digest: str, shape: tuple[int, int]) -> torch.Tensor:
+        t = self._recent.get(digest)
+        if t is None:
+            t = self._read_object(digest)
+        if t is None:
+            raise PreconditionFailed(f"low-rank factor {digest[:12]} is missing from the tensor store in "
+                                     f"{self.object_dir}")
+        return t.reshape(-1).view(torch.uint8).view(torch.float32).reshape(shape)
+
+    def _store_change(self, c: "Candidate") -> tuple[dict[str, str], dict[str, dict]]:
+        """Write what describes candidate `c`'s change to the store (write-ahead): the full
+        values of copied tensors, the factors of low-rank weights. Returns ({key: digest of
+        its new value}, {digest: recipe} for the low-rank weights)."""
+        p, params = c.plan, dict(c.model.named_parameters())
+        base_sums, parent_state = self.records[0].checksums, self.records[c.parent].state
+        full = {k: params[k].detach() for k in p.keys if k not in p.factors}
+        parts = {f"{k}#{n}": t for k, (b, a) in p.factors.items() for n, t in (("B", b), ("A", a))}
+        stored = self._store({**full, **parts}, skip=base_sums)
+        digests, derived = {k: stored[k] for k in full}, {}
+        for k, (b, _) in p.factors.items():
+            digests[k] = d = tp.tensor_digest(params[k].detach())
+            if d != base_sums.get(k):
+                derived[d] = {"key": k, "of": parent_state.get(k, base_sums[k]), "B": stored[f"{k}#B"],
+                              "A": stored[f"{k}#A"], "rank": int(b.shape[1]), "alpha": p.alpha}
+        return digests, derived
 
     def _typed(self, k: str, t: torch.Tensor) -> torch.Tensor:
         """The store is addressed by bytes alone, so two tensors with equal bytes but another
@@ -323,13 +389,14 @@ class Generations:
                                          f"on {c.parent}; plan again")
             p, params = c.plan, dict(c.model.named_parameters())
             base_sums, parent_state = self.records[0].checksums, self.records[c.parent].state
+            derived = {}
             if record is not None:           # the fleet's record names every value by digest
                 digests = {k: record.state.get(k, base_sums.get(k)) for k in p.keys}
             elif reverted_to is not None:    # the values are that generation's: stored, digests known
                 known = self.state_checksums(reverted_to)
                 digests = {k: known[k] for k in p.keys}
             else:                            # hash and store in one pass (write-ahead)
-                digests = self._store({k: params[k].detach() for k in p.keys}, skip=base_sums)
+                digests, derived = self._store_change(c)
             state, overrides = dict(parent_state), dict(self._overrides)
             for k in p.keys:
                 if digests[k] == base_sums.get(k):
@@ -347,7 +414,8 @@ class Generations:
                 gen = max(self.records) + 1
                 rec = Record(gen, c.parent, kind, p.donor, [str(r) for r in p.refs], p.alpha, selection or {},
                              digests, state, requested_by=requested_by, reason=reason, created=time.time(),
-                             reverted_to=reverted_to, bytes=p.nbytes)
+                             reverted_to=reverted_to, bytes=p.nbytes, ranks=p.ranks, derived=derived,
+                             stored_bytes=0 if reverted_to is not None else p.stored_bytes)
             if state and record is None:    # every object the record names is durable, even one an
                 fsync_dir(self.object_dir)  # earlier failed commit renamed in
             self._crash("after_tensors")
@@ -356,9 +424,11 @@ class Generations:
                     s.skipped = True
                     self.journal.append(s.to_journal())
                     self.records[s.id] = s
+                    self._recipes.update(s.derived)
             self.journal.append(rec.to_journal())                # commit point
             self._crash("after_journal")
             self.records[gen] = rec
+            self._recipes.update(rec.derived)
             # keep the live tensors and the ones just replaced in memory: reverting to
             # the parent then reads and hashes nothing
             recent = {state[k]: t for k, t in overrides.items()}
@@ -382,10 +452,12 @@ class Generations:
             raise PreconditionFailed(f"generation {to} is already live")
         return self.state_plan(target.state, to), to
 
-    def state_plan(self, state: dict[str, str], gen: int) -> tp.Plan:
+    def state_plan(self, state: dict[str, str], gen: int, derived: dict | None = None) -> tp.Plan:
         """The plan that makes the live weights those of a generation whose override set is
-        `state` (a revert's target, or a record from the fleet log), read from memory or
-        the store and verified against their digests."""
+        `state` (a revert's target, or a record from the fleet log, with the recipes of
+        its low-rank weights: `derived`), read from memory or the store, or rebuilt, and
+        verified against their digests."""
+        self._recipes.update(derived or {})      # facts about digests: true whether or not it commits
         want = self._load_state(state, gen)
         keys = set(want) | set(self._overrides)
         refs = sorted({m.ref for m in self.table.modules.values() if any(k in keys for k in m.keys)})
@@ -416,14 +488,14 @@ class Generations:
         """The record committing candidate `c` would write, its tensors already durable in
         the store, without committing it (a fleet appends it to its log first)."""
         with self.lock:
-            digests = self._store({k: t.detach() for k, t in dict(c.model.named_parameters()).items()
-                                   if k in set(c.plan.keys)}, skip=self.records[0].checksums)
+            digests, derived = self._store_change(c)
             if any(digests[k] != self.records[0].checksums.get(k) for k in c.plan.keys):
                 fsync_dir(self.object_dir)
             state = self._next_state(c, digests)
             return Record(c.parent + 1, c.parent, kind, c.plan.donor, [str(r) for r in c.plan.refs], c.plan.alpha,
                           selection or {}, digests, state, requested_by=requested_by, reason=reason,
-                          created=time.time(), bytes=c.plan.nbytes)
+                          created=time.time(), bytes=c.plan.nbytes, ranks=c.plan.ranks, derived=derived,
+                          stored_bytes=c.plan.stored_bytes)
 
     def _next_state(self, c: "Candidate", digests: dict[str, str]) -> dict[str, str]:
         base_sums = self.records[0].checksums
@@ -450,6 +522,7 @@ class Generations:
         or named by records a journal repair dropped) move to tensors/orphans/, out of
         the way but recoverable by hand."""
         named = {d for r in self.records.values() for d in r.state.values()}
+        named |= {d for r in self._recipes.values() for d in (r["B"], r["A"])}
         for f in self.object_dir.iterdir():
             if f.name.endswith(".tmp"):
                 if not self.shared or f".{_HOST}.{os.getpid()}." in f.name or _dead_writer(f.name):

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from transplant_core import transplant as tp
+from transplant_core.checkpoint import ModelTensors
 from transplant_core.errors import Incompatible, InvalidArgument, NotFound, PreconditionFailed
 from transplant_core.evaluate import evaluate
 from transplant_core.generation import DecodeBatch, SamplingParams, SpliceUnsupported
@@ -47,6 +48,8 @@ class TransplantArgs:
     reason: str = ""
     selector: str = ""
     cast: bool = False
+    rank: int = 0                 # > 0: a low-rank transplant, this rank in every module
+    param_budget: int = 0         # > 0: a low-rank transplant, factor parameters shared across modules
 
 
 @dataclass
@@ -345,10 +348,19 @@ class Runtime:
                            a.alignment or "free", k=a.k)
             refs = select(ranking, a.k)
             ranked = [(str(r), s, self.table[r].nbytes) for r, s in ranking.ranking()]
-            p = dataclasses.replace(tp.plan(self.table, donor.checkpoint.tensors, refs, a.alpha, cast=a.cast), donor=donor.name)
-            return PlanResult(donor, p, ranked, live.id, selector, comparison)
-        p = dataclasses.replace(tp.plan(self.table, donor.checkpoint.tensors, refs, a.alpha, cast=a.cast), donor=donor.name)
-        return PlanResult(donor, p, ranked, live.id)
+            return PlanResult(donor, self._plan(a, donor, refs, live), ranked, live.id, selector, comparison)
+        return PlanResult(donor, self._plan(a, donor, refs, live), ranked, live.id)
+
+    def _plan(self, a: TransplantArgs, donor: Donor, refs, live) -> tp.Plan:
+        """The validated plan: whole modules, or (a rank or a parameter budget) the live
+        generation's weights moved by the low-rank factors of their difference to the donor's."""
+        if a.rank < 0 or a.param_budget < 0:
+            raise InvalidArgument("rank and param_budget must be >= 0 (0 = a full-module transplant)")
+        p = dataclasses.replace(tp.plan(self.table, donor.checkpoint.tensors, refs, a.alpha, cast=a.cast),
+                                donor=donor.name)
+        if a.rank or a.param_budget:
+            p = tp.lowrank(p, ModelTensors(live.model), rank=a.rank or None, budget=a.param_budget or None)
+        return p
 
     def transplant(self, a: TransplantArgs, requested_by: str = "") -> SwapResult:
         if a.selector == "all":
@@ -362,6 +374,9 @@ class Runtime:
                          "scores": {name: s for name, s, _ in pr.ranked[:a.k]} if pr.ranked else {}}
             if pr.plan.casts:
                 selection["cast"] = pr.plan.casts          # journaled with the generation
+            if pr.plan.factors:
+                selection["lowrank"] = {"rank": a.rank, "param_budget": a.param_budget, "ranks": pr.plan.ranks,
+                                        "energy": pr.plan.energy}
             if a.task:
                 selection["selected_on"] = ("probe split" if a.task.startswith("zoo:") else
                                             "even-numbered examples (evaluated on the odd ones)")
@@ -444,7 +459,7 @@ class Runtime:
             if prepared is not None and (prepared[0].parent != self.gens.live.id or prepared[3] != rec.state):
                 prepared = None                 # another replica's record won this id
             prepared = prepared[:3] if prepared else None
-            p = prepared[0].plan if prepared else self.gens.state_plan(rec.state, rec.id)
+            p = prepared[0].plan if prepared else self.gens.state_plan(rec.state, rec.id, rec.derived)
             self._prepared = {k: v for k, v in self._prepared.items() if k > rec.id}   # superseded ones go
             res = self._swap(p, rec.kind, [], 0, rec.requested_by, rec.reason, rec.selection, rec.reverted_to,
                              record=rec, skipped=skipped, prepared=prepared)

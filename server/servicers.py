@@ -68,7 +68,8 @@ def _generation(rec: Record, live: int) -> A.Generation:
                         alpha=rec.alpha, selection_json=json.dumps(rec.selection, sort_keys=True),
                         checksums=rec.checksums, quality=[_quality(q) for q in rec.quality],
                         requested_by=rec.requested_by, reason=rec.reason, created_unix=rec.created,
-                        reverted_to=rec.reverted_to, bytes=rec.bytes, live=rec.id == live)
+                        reverted_to=rec.reverted_to, bytes=rec.bytes, live=rec.id == live, ranks=rec.ranks,
+                        stored_bytes=rec.stored_bytes)
 
 
 def _donor(d) -> A.Donor:
@@ -82,7 +83,13 @@ def _args(req) -> TransplantArgs:
     return TransplantArgs(req.donor, list(req.modules), req.task, req.k,
                           req.alpha if req.HasField("alpha") else 1.0, req.probe_prompts, req.max_new_tokens,
                           req.alignment, list(req.eval_tasks), req.eval_examples, req.reason, req.selector,
-                          req.cast)
+                          req.cast, req.rank, req.param_budget)
+
+
+def _ranks(p) -> list:
+    return [A.ModuleRank(module=str(m.ref), rank=p.ranks[str(m.ref)], energy=p.energy[str(m.ref)],
+                         factor_bytes=sum(t.numel() * t.element_size() for t in p.factors[m.weight_key]),
+                         bytes=m.nbytes) for m in p.modules if m.weight_key in p.factors]
 
 
 def _comparison(c) -> dict:
@@ -125,7 +132,8 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
                       selector=pr.selector, **_comparison(pr.comparison),
                       casts=[A.CastError(module=m, from_dtype=c["from"], to_dtype=c["to"],
                                          max_abs_error=c["max_abs_error"], max_rel_error=c["max_rel_error"])
-                             for m, c in pr.plan.casts.items()])
+                             for m, c in pr.plan.casts.items()],
+                      unit=pr.plan.unit, ranks=_ranks(pr.plan), stored_bytes=pr.plan.stored_bytes)
 
     def _swap_reply(self, res) -> A.TransplantResponse:
         return A.TransplantResponse(generation=_generation(res.record, self.rt.gens.live.id),

@@ -107,9 +107,18 @@ def test_guard_refuses_a_harmful_transplant(tmp_path, broken_donor):
         assert live_sums(s) == sums and s.runtime.gens.live.id == 0
         events = [r for r in s.runtime.gens.journal.records if r.get("type") == "event"]
         assert events[-1]["reason"] == "guard" and events[-1]["violations"][0]["task"] == "zoo:copy"
+        # a low-rank move is judged the same way: at full rank it is the broken weights
+        with pytest.raises(grpc.RpcError) as e:
+            c.admin("Transplant", A.TransplantRequest(donor="broken", modules=["layers.*.mlp.down"], rank=10_000))
+        assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "guard refused" in e.value.details()
+        assert live_sums(s) == sums and s.runtime.gens.live.id == 0 and not s.runtime.gens.records[0].derived
         # a harmless change (one module from the sibling v1) goes through
         ok = c.admin("Transplant", A.TransplantRequest(donor="v1", modules=["layers.0.attn.q"]))
         assert ok.generation.id == 1
+        # and a low-rank one, probed before and after it went live like any generation
+        low = c.admin("Transplant", A.TransplantRequest(donor="v1", modules=["layers.1.attn.*"], rank=4))
+        assert low.generation.id == 2 and set(low.generation.ranks.values()) == {4}
+        assert {(q.task, q.generation) for q in low.generation.quality} >= {("zoo:copy", 2)}
     finally:
         c.close()
         s.stop(1)

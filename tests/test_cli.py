@@ -453,3 +453,37 @@ def test_moe_experts_and_router_are_reported_as_skipped(capsys, tmp_path):
     doc = json.loads(out)
     assert {m["name"].split(".", 2)[2] for m in doc["modules"]} == {"attn.q", "attn.k", "attn.v", "attn.o"}
     assert any("expert" in k for k in doc["not_transplantable"])
+
+
+def test_apply_rank_writes_the_weights_the_runtime_would_install(capsys, tiny_dirs, tmp_path):
+    from safetensors import safe_open
+
+    from transplant_core.checkpoint import Checkpoint
+    from transplant_core.refs import ModuleRef
+
+    t, d, out = str(tiny_dirs["target"]), str(tiny_dirs["donor"]), tmp_path / "low"
+    code, stdout, _ = run(capsys, "apply", "--target", t, "--donor", d, "--modules", "layers.0.mlp.down,layers.1.attn.q",
+                          "--rank", "3", "--out", str(out), "--json")
+    doc = json.loads(stdout)
+    assert code == 0 and doc["unit"] == "lowrank" and doc["ranks"] == {"layers.0.mlp.down": 3, "layers.1.attn.q": 3}
+    assert doc["stored_bytes"] == 3 * (32 + 64) * 4 + 3 * (32 + 32) * 4 and all(0 < e < 1 for e in doc["energy"].values())
+    manifest = json.loads((out / "transplant_manifest.json").read_text())
+    assert manifest["unit"] == "lowrank" and manifest["lowrank"]["ranks"] == doc["ranks"]
+    tgt, don = Checkpoint.open(t), Checkpoint.open(d)
+    p = tp.lowrank(tp.plan(tgt.table, don.tensors, [ModuleRef.parse(m) for m in doc["ranks"]]), tgt.tensors, rank=3)
+    with safe_open(str(out / "model.safetensors"), framework="pt") as f:
+        for k in f.keys():
+            old = tgt.tensors.get(k)
+            want = p.value(k, old) if k in p.keys else old
+            assert tp.tensor_digest(f.get_tensor(k)) == tp.tensor_digest(want), k      # Plan.value: one definition
+    assert AutoModelForCausalLM.from_pretrained(str(out)) is not None
+    code, stdout, _ = run(capsys, "apply", "--target", t, "--donor", d, "--modules", "layers.*.mlp.*", "--budget", "700",
+                          "--out", str(tmp_path / "budget"), "--json")
+    doc = json.loads(stdout)
+    assert code == 0 and 0 < sum(r * 96 for r in doc["ranks"].values()) <= 700
+    for extra, msg in ((["--rank", "2", "--budget", "100"], "not both"), (["--rank", "-1"], ">= 1"),
+                       (["--budget", "10"], "holds no rank")):
+        code, _, err = run(capsys, "apply", "--target", t, "--donor", d, "--modules", "layers.0.mlp.up", *extra,
+                           "--out", str(tmp_path / "bad"))
+        assert code == 2 and msg in err, err
+    assert not (tmp_path / "bad").exists()

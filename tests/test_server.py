@@ -771,3 +771,70 @@ def test_restart_refuses_a_checkpoint_whose_head_or_norms_changed(models, tmp_pa
     save_file(w, target / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(PreconditionFailed, match=r"changed on disk .*model\.norm\.weight"):
         start(cfg)
+
+
+def test_a_lowrank_generation_is_journaled_as_factors_and_reverts_bitwise(models, tmp_path):
+    """rank / param_budget: the live weights move by the factors of their difference to
+    the donor's; the store holds the factors (not the weights), a restart rebuilds the
+    same bits from them, and reverts are bitwise."""
+    cfg = config(tmp_path, models / "target", [models / "donors"], watch_donor_roots=False)
+    objects = tmp_path / "state" / "tensors" / "objects"
+    s, c = start_with_other(models, cfg)
+    try:
+        sums0 = live_sums(s)
+        mlp = ["layers.*.mlp.*"]
+        plan = c.admin("PlanTransplant", A.TransplantRequest(donor="other", modules=mlp, rank=2))
+        assert plan.unit == "lowrank" and len(plan.ranks) == 6 and live_sums(s) == sums0
+        assert all(r.rank == 2 and 0 < r.energy < 1 and r.factor_bytes == (64 + 32) * 2 * 4 and r.bytes == 64 * 32 * 4
+                   for r in plan.ranks)
+        assert plan.stored_bytes == 6 * (64 + 32) * 2 * 4 and plan.bytes == 6 * 64 * 32 * 4
+        r = c.admin("Transplant", A.TransplantRequest(donor="other", modules=mlp, rank=2))
+        g = r.generation
+        assert g.id == 1 and dict(g.ranks) == {x.module: 2 for x in plan.ranks} and g.stored_bytes == plan.stored_bytes
+        rec = s.runtime.gens.records[1]
+        assert json.loads(g.selection_json)["lowrank"]["ranks"] == dict(g.ranks)
+        # the store holds 12 factors, not the 6 weights they make
+        names = {p.stem for p in objects.iterdir()}
+        assert len(names) == 12 and not names & set(rec.state.values())
+        assert {d for x in rec.derived.values() for d in (x["B"], x["A"])} == names
+        live = dict(s.runtime.gens.live.model.named_parameters())
+        base = dict(s.runtime.gens.base.named_parameters())
+        for digest, recipe in rec.derived.items():
+            k = recipe["key"]
+            b = s.runtime.gens._factor(recipe["B"], (base[k].shape[0], 2))
+            a = s.runtime.gens._factor(recipe["A"], (2, base[k].shape[1]))
+            assert tp.tensor_digest(tp.lowrank_update(base[k].detach(), b, a)) == digest == tp.tensor_digest(live[k])
+            assert not torch.equal(live[k], base[k])
+        out = c.generate("the quick brown", 12)
+        assert out.generation == 1 and out.text == greedy(s.runtime.gens.live.model, build_tokenizer(),
+                                                          ["the quick brown"], 12)[0].text
+        # a parameter budget shares ranks by singular value per parameter
+        bud = c.admin("PlanTransplant", A.TransplantRequest(donor="other", modules=mlp + ["layers.*.attn.*"],
+                                                             param_budget=1000))
+        assert sum(x.rank * (x.factor_bytes // (4 * x.rank)) for x in bud.ranks) <= 1000 and bud.ranks
+        for bad, msg in (({"rank": 1, "param_budget": 500}, "not both"), ({"param_budget": 3}, "holds no rank")):
+            code, details = code_of(lambda: c.admin("Transplant", A.TransplantRequest(donor="other", modules=mlp,
+                                                                                        **bad)))
+            assert code == grpc.StatusCode.INVALID_ARGUMENT and msg in details
+        c.admin("Transplant", A.TransplantRequest(donor="other", modules=["layers.0.attn.q"]))   # generation 2
+        want, text = live_sums(s), c.generate("hello", 8).text
+    finally:
+        c.close()
+        s.stop(1)
+    s = start(cfg)                      # restart: generation 2's low-rank weights rebuilt from the factors
+    c = Clients(s.grpc_port, s.token)
+    try:
+        assert s.runtime.gens.live.id == 2 and live_sums(s) == want and c.generate("hello", 8).text == text
+        c.admin("Revert", A.RevertRequest(to_generation=0))
+        assert live_sums(s) == sums0                                # bitwise
+        c.admin("Revert", A.RevertRequest(to_generation=1))
+        assert live_sums(s) == s.runtime.gens.state_checksums(1)
+    finally:
+        c.close()
+        s.stop(1)
+    factor = objects / f"{next(iter(rec.derived.values()))['B']}.safetensors"
+    data = bytearray(factor.read_bytes())
+    data[-1] ^= 0xFF
+    factor.write_bytes(bytes(data))
+    with pytest.raises(Exception, match="does not match its digest"):
+        start(cfg)

@@ -98,7 +98,7 @@ class LowRank:
             info = self.table[ref]
             us, vh = self._factors(info.weight_key)
             w = self.params[info.weight_key].detach()
-            values[info.weight_key] = (w.float() + us[:, :rank] @ vh[:rank]).to(w.dtype)
+            values[info.weight_key] = tp.lowrank_update(w, us[:, :rank], vh[:rank])   # as the runtime does
             if info.bias_key:
                 values[info.bias_key] = self.src.get(info.bias_key)
         return DictTensors(values, name=f"donor (rank-{rank} weight differences)")

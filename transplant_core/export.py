@@ -45,6 +45,8 @@ def manifest(target: str, donor: str, p: Plan, before: dict[str, str], after: di
         "donor": donor,
         "alpha": p.alpha,
         "bytes": p.nbytes,
+        "unit": p.unit,
+        **({"lowrank": {"ranks": p.ranks, "energy": p.energy, "factor_bytes": p.stored_bytes}} if p.factors else {}),
         "modules": [{"name": str(m.ref), "keys": list(m.keys),
                      "sha256_before": {k: before[k] for k in m.keys},
                      "sha256_after": {k: after[k] for k in m.keys}} for m in p.modules],
