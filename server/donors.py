@@ -97,8 +97,10 @@ class DonorRegistry:
         return d
 
     def list(self) -> list[Donor]:
+        """The registered donors, less those whose folder is gone from disk (deleted between
+        two watchdog passes: listed again if it comes back, dropped at the next pass)."""
         with self._lock:
-            return [self._donors[k] for k in sorted(self._donors)]
+            return [self._donors[k] for k in sorted(self._donors) if self._donors[k].path.is_dir()]
 
     # ---- watching the roots ----------------------------------------------------------
 

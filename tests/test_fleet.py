@@ -136,6 +136,27 @@ def test_a_transplant_sent_to_one_replica_reaches_all_three(fleet):
     print(f"all three serve generation {gen} {took:.1f} s after the Transplant call returned")
 
 
+def test_a_lowrank_transplant_reaches_every_replica_as_factors(fleet):
+    """b appends a low-rank generation: its factors go to the shared store, and a (the
+    canary) and c rebuild the weights from them, to the digests b recorded."""
+    etcd, reps = fleet
+    b = reps["b"]
+    res = b.c.admin("Transplant", A.TransplantRequest(donor="v1", modules=["layers.1.mlp.*"], rank=4), timeout=120)
+    gen = res.generation.id
+    assert set(res.generation.ranks.values()) == {4} and len(res.generation.ranks) == 3
+    converge(reps.values(), gen, timeout=30)
+    recs = {r.name: r.journal()[gen] for r in reps.values()}
+    assert len({json.dumps({k: v for k, v in x.items() if k != "skipped"}, sort_keys=True)
+                for x in recs.values()}) == 1
+    rec = recs["a"]
+    assert len(rec["derived"]) == 3 and set(rec["derived"]) <= set(rec["state"].values())
+    objects = {p.stem for p in (Path(b.cfg["fleet"]["store"]) / "objects").iterdir()}
+    assert {d for x in rec["derived"].values() for d in (x["B"], x["A"])} <= objects
+    assert not set(rec["derived"]) & objects                 # the weights themselves were never stored
+    texts = {r.name: [r.c.generate(p, 8).text for p in ("add:12+30=", "rev:abc=")] for r in reps.values()}
+    assert texts["a"] == texts["b"] == texts["c"]
+
+
 def test_two_transplants_at_once_exactly_one_wins(fleet):
     _, reps = fleet
     b, c = reps["b"], reps["c"]

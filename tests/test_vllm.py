@@ -88,6 +88,19 @@ def test_swap_equals_transformers_and_revert_is_exact(served, modules):
     assert gens == {back} and after == before          # the char tokenizer: equal text is equal token ids
 
 
+def test_a_lowrank_swap_on_vllm_equals_transformers_and_reverts_exactly(served):
+    s, c = served
+    before, _ = served_texts(c, PROMPTS)
+    r = c.admin("Transplant", A.TransplantRequest(donor="v1", modules=["layers.*.mlp.down", "layers.0.attn.q"],
+                                                   rank=4))
+    assert set(r.generation.ranks.values()) == {4} and r.generation.stored_bytes < r.generation.bytes
+    texts, gens = served_texts(c, PROMPTS)
+    assert gens == {r.generation.id} and texts == [x.text for x in hf(s, PROMPTS)]
+    back = c.admin("Revert", A.RevertRequest()).generation.id
+    after, gens = served_texts(c, PROMPTS)
+    assert gens == {back} and after == before
+
+
 def test_an_incomplete_fused_group_is_refused_by_our_check(served):
     s, c = served
     q = "model.layers.0.self_attn.q_proj.weight"

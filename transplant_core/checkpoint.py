@@ -390,4 +390,8 @@ class Checkpoint:
 
     @property
     def weight_bytes(self) -> int:
-        return sum(f.stat().st_size for f in weight_files(self.path, allow_pickle=True))
+        """Bytes of the weight files on disk (0 if the folder has gone since it was opened)."""
+        try:
+            return sum(f.stat().st_size for f in weight_files(self.path, allow_pickle=True))
+        except (OSError, InvalidArgument, NotFound):
+            return 0
