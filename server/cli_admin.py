@@ -73,6 +73,11 @@ def register(sub) -> None:
         q.add_argument("--budget", type=int, default=0, metavar="PARAMS",
                        help="low-rank transplant within PARAMS factor parameters shared across the selected modules "
                             "(instead of --rank)")
+        q.add_argument("--retention-floor", type=float, default=0.0, metavar="F",
+                       help="with --task/--k: measure Recovery and retention of the top-K for K up to --k and take "
+                            "the largest Recovery whose retention (worst retained task) stays >= F, e.g. 0.95")
+        q.add_argument("--retain", default="", help="tasks whose retention --retention-floor measures, comma "
+                                                    "separated (default: the server's probe tasks)")
     q = action("revert", "make an earlier generation live again (default: the parent)", _revert)
     q.add_argument("--to", type=int, help="generation id to make live again (default: the live one's parent)")
     q.add_argument("--reason", default="", help="free text recorded with the generation")
@@ -195,6 +200,8 @@ def _treq(args):
     if args.rank < 0 or args.budget < 0:
         raise SystemExit("transplant admin: error: --rank and --budget must be >= 0")
     req.rank, req.param_budget = args.rank, args.budget
+    req.retention_floor = args.retention_floor
+    req.retain.extend(t.strip() for t in args.retain.split(",") if t.strip())
     if args.modules:
         req.modules.extend(m.strip() for m in args.modules.split(",") if m.strip())
     if args.alpha is not None:
@@ -222,6 +229,13 @@ def _plan(args) -> int:
         for c in d.get("casts", []):
             print(f"  cast {c['module']} {c['from_dtype']} -> {c['to_dtype']}: largest error "
                   f"{float(c['max_abs_error']):.3g} ({float(c['max_rel_error']):.3g} of the largest value)")
+        if d.get("front"):
+            print(f"  Recovery vs retention ({d['front_why']}):")
+            for p in d["front"]:
+                rec, ret = p.get("recovery"), p.get("retention")
+                print(f"   {'*' if p['chosen'] else ' '} K={p['k']:<4}Recovery "
+                      f"{'undefined' if rec is None else format(float(rec), '.1f') + '%':>9}  retention "
+                      f"{'-' if ret is None else format(float(ret), '.3f'):>6}{'  (front)' if p['on_front'] else ''}")
         if d.get("unit") == "lowrank":
             print(f"  low-rank: {d['stored_bytes']} bytes of factors and biases for {d['bytes']} bytes of modules")
             for r in d.get("ranks", []):
@@ -248,6 +262,9 @@ def _swap_human(d) -> None:
               f"{g.get('stored_bytes', 0)} bytes stored)" if ranks else ""
     print(f"generation {g['id']} ({what}) is live (parent {g.get('parent')}, "
           f"{len(g['modules'])} modules{lowrank}, swap {float(d['swap_seconds']) * 1e3:.1f} ms)")
+    chose = json.loads(g.get("selection_json") or "{}").get("front", {}).get("why")
+    if chose:
+        print(f"  {chose}")
     _quality_lines(d)
 
 

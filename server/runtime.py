@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from transplant_core import front
 from transplant_core import transplant as tp
 from transplant_core.checkpoint import ModelTensors
 from transplant_core.errors import Incompatible, InvalidArgument, NotFound, PreconditionFailed
@@ -50,6 +51,8 @@ class TransplantArgs:
     cast: bool = False
     rank: int = 0                 # > 0: a low-rank transplant, this rank in every module
     param_budget: int = 0         # > 0: a low-rank transplant, factor parameters shared across modules
+    retention_floor: float = 0.0  # > 0: K = the largest Recovery (up to k) whose retention stays >= this
+    retain: list[str] = field(default_factory=list)   # the tasks retention is measured on (default: probes)
 
 
 @dataclass
@@ -60,6 +63,8 @@ class PlanResult:
     base_generation: int
     selector: str = ""
     comparison: object | None = None            # workflow.Comparison for selector "all"
+    front: list = field(default_factory=list)   # retention_floor: front.Point per K measured
+    front_why: str = ""
 
 
 @dataclass
@@ -346,10 +351,40 @@ class Runtime:
                 selector = comparison.chosen
             ranking = rank(shadow, self.tokenizer, self.table, donor_model, probe, donor.compat, steps, selector,
                            a.alignment or "free", k=a.k)
-            refs = select(ranking, a.k)
+            points, why, k = [], "", a.k
+            if a.retention_floor:
+                points, why, k = self._front(a, donor, donor_model, ranking, live, probe, steps)
+            refs = select(ranking, k)
             ranked = [(str(r), s, self.table[r].nbytes) for r, s in ranking.ranking()]
-            return PlanResult(donor, self._plan(a, donor, refs, live), ranked, live.id, selector, comparison)
+            return PlanResult(donor, self._plan(a, donor, refs, live), ranked, live.id, selector, comparison,
+                              points, why)
+        if a.retention_floor or a.retain:
+            raise InvalidArgument("a retention floor chooses K along a task's ranking: give a task and k, not modules")
         return PlanResult(donor, self._plan(a, donor, refs, live), ranked, live.id)
+
+    def _front(self, a: TransplantArgs, donor: Donor, donor_model, ranking, live, probe: Task, steps: int):
+        """Measure Recovery (on the selection prompts) and retention (on the retained tasks'
+        selection prompts) of the top-K for K up to a.k, each built off to the side; return
+        the points, why, and the K with the largest Recovery whose retention stays at the floor."""
+        if not 0.0 < a.retention_floor <= 1.0:
+            raise InvalidArgument(f"retention_floor must be in (0, 1] (0 = off), got {a.retention_floor!r}")
+        retain = list(dict.fromkeys(a.retain or [p.task for p in self.cfg.probes if p.task != a.task]))
+        if not retain:
+            raise InvalidArgument("a retention floor needs tasks to retain: give retain (--retain TASK,...) or "
+                                  "configure probes")
+        n = a.probe_prompts or self.cfg.probe_prompts
+        tasks = {t: self.selection_task(t, n) for t in retain}
+        order = [r for r, _ in ranking.ranking()]
+
+        def build(k: int):
+            return tp.derive(live.model, self._plan(a, donor, order[:k], live))[0]
+
+        points = front.measure(build, live.model, donor_model, self.tokenizer, probe, tasks,
+                               front.ks_up_to(min(a.k, len(order))), self.cfg.eval_max_new_tokens)
+        chosen, why = front.choose(points, a.retention_floor)
+        if chosen is None:
+            raise PreconditionFailed(f"{why}; lower the floor or retain fewer tasks; nothing changed")
+        return points, f"{why} (retained: {', '.join(retain)})", chosen.k
 
     def _plan(self, a: TransplantArgs, donor: Donor, refs, live) -> tp.Plan:
         """The validated plan: whole modules, or (a rank or a parameter budget) the live
@@ -369,11 +404,15 @@ class Runtime:
         with self.gens.lock:
             pr = self.plan(a)
             tasks = list(dict.fromkeys(([a.task] if a.task else []) + list(a.eval_tasks)))
-            selection = {"method": "explicit" if a.modules else (pr.selector or "lae"), "task": a.task, "k": a.k,
+            k = next((p.k for p in pr.front if p.chosen), a.k)     # a retention floor chose K
+            selection = {"method": "explicit" if a.modules else (pr.selector or "lae"), "task": a.task, "k": k,
                          "alignment": a.alignment or "free",
-                         "scores": {name: s for name, s, _ in pr.ranked[:a.k]} if pr.ranked else {}}
+                         "scores": {name: s for name, s, _ in pr.ranked[:k]} if pr.ranked else {}}
             if pr.plan.casts:
                 selection["cast"] = pr.plan.casts          # journaled with the generation
+            if pr.front:
+                selection["front"] = {"floor": a.retention_floor, "retain": a.retain, "why": pr.front_why,
+                                      "points": [p.to_dict() for p in pr.front]}
             if pr.plan.factors:
                 selection["lowrank"] = {"rank": a.rank, "param_budget": a.param_budget, "ranks": pr.plan.ranks,
                                         "energy": pr.plan.energy}

@@ -83,7 +83,7 @@ def _args(req) -> TransplantArgs:
     return TransplantArgs(req.donor, list(req.modules), req.task, req.k,
                           req.alpha if req.HasField("alpha") else 1.0, req.probe_prompts, req.max_new_tokens,
                           req.alignment, list(req.eval_tasks), req.eval_examples, req.reason, req.selector,
-                          req.cast, req.rank, req.param_budget)
+                          req.cast, req.rank, req.param_budget, req.retention_floor, list(req.retain))
 
 
 def _ranks(p) -> list:
@@ -133,7 +133,8 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
                       casts=[A.CastError(module=m, from_dtype=c["from"], to_dtype=c["to"],
                                          max_abs_error=c["max_abs_error"], max_rel_error=c["max_rel_error"])
                              for m, c in pr.plan.casts.items()],
-                      unit=pr.plan.unit, ranks=_ranks(pr.plan), stored_bytes=pr.plan.stored_bytes)
+                      unit=pr.plan.unit, ranks=_ranks(pr.plan), stored_bytes=pr.plan.stored_bytes,
+                      front=[A.FrontPoint(**p.to_dict()) for p in pr.front], front_why=pr.front_why)
 
     def _swap_reply(self, res) -> A.TransplantResponse:
         return A.TransplantResponse(generation=_generation(res.record, self.rt.gens.live.id),

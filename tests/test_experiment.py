@@ -385,3 +385,18 @@ def test_lowrank_moves_each_module_by_rank_r(pair):
     snap = tp.commit(target, tp.plan(table, src, [ref]))
     tp.revert(target, table, snap)
     assert tp.model_digest(target) == before
+
+
+def test_the_front_marks_what_nothing_beats_and_choose_respects_the_floor():
+    from transplant_core.front import Point, choose, ks_up_to, pareto
+
+    pts = [Point(1, 31.0, 1.0), Point(2, 62.0, 0.5), Point(4, 62.0, 0.6), Point(8, 80.0, 0.0), Point(14, 96.0, 0.0),
+           Point(20, None, 1.0)]
+    assert [p.k for p in pareto(pts)] == [1, 4, 14]
+    best, why = choose(pts, 0.55)
+    assert best.k == 4 and best.chosen and "K=4" in why          # 2 and 4 tie on Recovery: the higher retention
+    best, _ = choose(pts, 0.0)
+    assert best.k == 14
+    none, why = choose([Point(1, 10.0, 0.2)], 0.9)
+    assert none is None and "no K keeps retention" in why
+    assert ks_up_to(1) == [1] and ks_up_to(28) == [1, 2, 3, 4, 6, 8, 11, 15, 21, 28]

@@ -838,3 +838,52 @@ def test_a_lowrank_generation_is_journaled_as_factors_and_reverts_bitwise(models
     factor.write_bytes(bytes(data))
     with pytest.raises(Exception, match="does not match its digest"):
         start(cfg)
+
+
+def test_a_retention_floor_picks_k_on_the_recovery_retention_front(tmp_path):
+    """Cross-generation (v2 <- v1 on add): add and rev conflict. With a floor, the plan
+    measures Recovery and retention of the top-K for K up to k off to the side and takes
+    the largest Recovery whose retention stays at the floor; the generation it makes
+    keeps that retention when measured again."""
+    from transplant_core import front
+    from transplant_core.evaluate import evaluate
+
+    s = start(config(tmp_path, "zoo:v2", [tmp_path / "donors"], watch_donor_roots=False, probes=[]))
+    c = Clients(s.grpc_port, s.token)
+    T = A.TransplantRequest
+    try:
+        sums0 = live_sums(s)
+        args = dict(donor="v1", task="zoo:add", k=14, selector="taylor", probe_prompts=32, retention_floor=0.95,
+                    retain=["zoo:rev"])
+        plan = c.admin("PlanTransplant", T(**args))
+        assert live_sums(s) == sums0
+        pts = list(plan.front)
+        assert [p.k for p in pts] == front.ks_up_to(14) == [1, 2, 3, 4, 6, 8, 11, 14]
+        chosen = [p for p in pts if p.chosen]
+        assert len(chosen) == 1 and chosen[0].on_front and chosen[0].retention >= 0.95
+        best = chosen[0]
+        feasible = [p for p in pts if p.retention >= 0.95]
+        assert all(p.recovery <= best.recovery for p in feasible)
+        for p in pts:                    # the front: nobody beats a front point on both
+            beaten = any(q.recovery >= p.recovery and q.retention >= p.retention and
+                         (q.recovery > p.recovery or q.retention > p.retention) for q in pts)
+            assert p.on_front == (not beaten)
+        assert list(plan.selected) == [m.name for m in plan.ranked[:best.k]] and f"K={best.k}" in plan.front_why
+        r = c.admin("Transplant", T(**args))
+        sel = json.loads(r.generation.selection_json)
+        assert list(r.generation.modules) == list(plan.selected) and sel["k"] == best.k
+        assert [p["k"] for p in sel["front"]["points"]] == [p.k for p in pts] and sel["front"]["floor"] == 0.95
+        # measured again on the live generation: the retention the plan promised
+        rt = s.runtime
+        rev = rt.selection_task("zoo:rev", 32)
+        after = evaluate(rt.gens.live.model, rt.tokenizer, rev, rt.cfg.eval_max_new_tokens).accuracy
+        before = evaluate(rt.gens.materialize(0), rt.tokenizer, rev, rt.cfg.eval_max_new_tokens).accuracy
+        assert after / before == pytest.approx(best.retention) and after / before >= 0.95
+        for bad, words in ((T(donor="v1", modules=["layers.0.mlp.up"], retention_floor=0.9), "not modules"),
+                           (T(donor="v1", task="zoo:add", k=4, retention_floor=1.5), "(0, 1]"),
+                           (T(donor="v1", task="zoo:add", k=4, retention_floor=0.9), "needs tasks to retain")):
+            code, details = code_of(lambda: c.admin("PlanTransplant", bad))
+            assert code == grpc.StatusCode.INVALID_ARGUMENT and words in details, details
+    finally:
+        c.close()
+        s.stop(1)
