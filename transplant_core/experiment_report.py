@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from .experiment_numbers import EXTRAS, UNITS
+from .front import choose, front_rows
 from .refs import ModuleRef
 
 COLORS = {"lae": "tab:blue", "random": "tab:gray", "dw": "tab:orange", "lae_tf": "tab:cyan",
@@ -152,6 +153,16 @@ def _section(doc: dict, L: int, plots: dict) -> list[str]:
     if doc["setting"]["retain"]:
         out += ["", "### Retention on each other task (accuracy after / before; test split of each task)", ""]
         out += _retention_table(rows, key, list(doc["setting"]["retain"]))
+    if doc["setting"]["retain"]:
+        out += ["", "### Recovery against retention: the front", ""]
+        out += [f"Each K as a point (test Recovery, worst retention over {', '.join(doc['setting']['retain'])}); the "
+                "front is the K no other K of the same method beats on both. The last column is what a plan with "
+                "`--retention-floor 0.95` would take along that front (descriptive: chosen on test numbers; the "
+                "held-out choice is the table of retention-safe K above).", ""]
+        out += _table(["method", "front: K (Recovery, retention min)", "largest Recovery with retention >= 0.95"],
+                      [[f"`{m}`", ", ".join(f"{p.k} ({_num(p.recovery, '.1f')}%, {_num(p.retention, '.2f')})"
+                                            for p in pts if p.on_front), _floor_cell(pts, 0.95)]
+                       for m in methods for pts in [front_rows(doc["rows"], m, L)] if pts])
     out += ["", "### Composition of the top-K (attention / FFN modules)", ""]
     ks = sorted({r["k"] for r in rows})
     comp = {(r["method"], r["k"]): r["composition"] for r in rows if r["composition"]}
@@ -163,7 +174,7 @@ def _section(doc: dict, L: int, plots: dict) -> list[str]:
     if lae_top:
         out += ["", f"LAE's top {lae_top['k']}: " + ", ".join(f"`{x}`" for x in lae_top["modules"])]
     out += ["", "### Plots", ""]
-    for name in ("curves", "selectors", "retention", "scores", "selector_scores"):
+    for name in ("curves", "selectors", "retention", "front", "scores", "selector_scores"):
         p = plots.get(f"{name}_L{L}")
         if p:
             out += [f"![{name}, max new tokens {L}]({p})", ""]
@@ -348,6 +359,42 @@ def retention_plot(doc, L, path: Path, methods) -> Path | None:
     return path
 
 
+def _floor_cell(pts, floor: float) -> str:
+    best, _ = choose([type(p)(**{**p.to_dict(), "chosen": False}) for p in pts], floor)
+    return "no K" if best is None else f"K={best.k}: {_num(best.recovery, '.1f')}%, retention {_num(best.retention, '.2f')}"
+
+
+def front_plot(doc, L, path: Path, methods) -> Path | None:
+    """Recovery (test) against retention (worst other task) for every K, one line per
+    method through its front, the other K as faint points."""
+    if not doc["setting"]["retain"]:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for m in methods:
+        pts = [p for p in front_rows(doc["rows"], m, L) if p.recovery is not None and p.retention is not None]
+        if not pts:
+            continue
+        c, ls = _style(m)
+        ax.plot([p.retention for p in pts], [p.recovery for p in pts], "o", color=c, ms=2.5, alpha=0.35)
+        fr = sorted((p for p in pts if p.on_front), key=lambda p: p.retention)
+        ax.plot([p.retention for p in fr], [p.recovery for p in fr], "o", ls=ls or "-", color=c, ms=4, label=m)
+        for p in fr:
+            ax.annotate(str(p.k), (p.retention, p.recovery), fontsize=6, xytext=(2, 2), textcoords="offset points")
+    ax.axvline(0.95, color="k", ls=":", lw=1)
+    ax.set_xlabel("retention, worst other task (test)")
+    ax.set_ylabel("Recovery % (test)")
+    st = doc["setting"]
+    ax.set_title(f"{st['target']} <- {st['donor']} on {st['task']}, max new tokens {L}: front per method "
+                 "(labels: K)", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def selector_scores_plot(doc, L, path: Path) -> Path:
     """Rank of every module under every selector (1 = transplanted first)."""
     plt = _plt()
@@ -393,6 +440,10 @@ def write(doc: dict, out: Path) -> dict[str, str]:
         p = retention_plot(doc, L, out / f"retention_L{L}.png", key)
         if p:
             plots[f"retention_L{L}"] = p.name
+        p = front_plot(doc, L, out / f"front_L{L}.png", [m for m in ["random"] + st["methods"]
+                                                          if not m.endswith(EXTRAS)])
+        if p:
+            plots[f"front_L{L}"] = p.name
         lae_scores = {ModuleRef.parse(k): v for k, v in doc["scores"]["lae"][str(L)].items()}
         plots[f"scores_L{L}"] = score_heatmap(lae_scores, out / f"scores_L{L}.png",
                                               f"LAE scores, {st['donor']} vs {st['target']} on {st['task']}, L={L}").name
@@ -443,4 +494,19 @@ def summary_markdown(docs: dict[str, dict]) -> str:
     lines += _table(["setting", "max new tokens", "method", "mean accuracy over K", "minus random", "minus lae",
                      "minus dw", "K for Recovery >= 80% (full set)"], body)
     lines += ["", "`+x` rows are left out where no non-linear parameter differs (they equal their base method)."]
+    lines += ["", "Recovery against retention (worst other task), test split: the largest Recovery whose retention "
+                  "stays >= 0.95 along each method's front (what `--retention-floor 0.95` takes; descriptive, chosen "
+                  "on test), and the front's K:", ""]
+    body = []
+    for name, doc in docs.items():
+        if not doc["setting"]["retain"]:
+            continue
+        for L in doc["setting"]["lengths"]:
+            for m in ["random"] + [x for x in doc["setting"]["methods"] if not x.endswith(EXTRAS)]:
+                pts = front_rows(doc["rows"], m, L)
+                if pts:
+                    body.append([name, str(L), f"`{m}`", _floor_cell(pts, 0.95),
+                                 ", ".join(str(p.k) for p in pts if p.on_front)])
+    lines += _table(["setting", "max new tokens", "method", "largest Recovery with retention >= 0.95", "front K"],
+                    body)
     return "\n".join(lines) + "\n"
