@@ -316,7 +316,8 @@ def _common(p: argparse.ArgumentParser, json_flag: bool = True, quiet: bool = Tr
         p.add_argument("--allow-pickle", action="store_true", help="accept .bin/.pt weights (pickle can run code)")
 
 
-SELECTOR_CHOICES = ("lae", "lae_tf", "lae_kind", "dw", "dwx", "taylor", "swap", "loo", "greedy", "greedy_keep", "all")
+SELECTOR_CHOICES = ("lae", "lae_tf", "lae_kind", "dw", "dwx", "taylor", "swap", "loo", "greedy", "greedy_keep", "layer",
+                    "layer_ends", "all")
 
 
 def _pair(p: argparse.ArgumentParser) -> None:

@@ -108,7 +108,8 @@ def register(sub) -> None:
                    "(default: the other zoo tasks for a zoo task, none otherwise)")
     p.add_argument("--seeds", type=int, default=5, help="random-module draws per K (default 5)")
     p.add_argument("--selectors", default="lae,dw", help="methods besides the random control: selectors lae, lae_tf, "
-                   "lae_kind, dw, dwx, taylor, swap, loo, greedy, greedy_keep; the finer unit lowrank; NAME+x also "
+                   "lae_kind, dw, dwx, taylor, swap, loo, greedy, greedy_keep, layer, layer_ends; the finer units lowrank, "
+                   "ties, dare, graft, stitch; NAME+x also "
                    "copies every differing norm, embedding and output-head weight; all = every selector and unit "
                    "(default lae,dw; lae and dw always run)")
     p.add_argument("--n", type=int, help="questions per split, dev and test (default: all)")

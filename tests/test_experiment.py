@@ -155,7 +155,7 @@ def run_doc(pair, tokenizer):
     with redirect_stdout(buf):
         code = main(["experiment", "--target", str(pair["tdir"]), "--donor", str(pair["ddir"]),
                      "--task", str(pair["task"]), "--retain", str(pair["retain"]), "--n-retain", "8", "--ks", "1,2,all,50",
-                     "--max-new-tokens", f"{L_SHORT},{L_LONG}", "--seeds", "3", "--selectors", "lae,dw,swap,greedy,lowrank",
+                     "--max-new-tokens", f"{L_SHORT},{L_LONG}", "--seeds", "3", "--selectors", "lae,dw,swap,greedy,lowrank,layer,ties,dare,graft",
                      "--n-probe", "6", "--n-boot", "300", "--out", str(out), "--json", "--quiet"])
     assert code == 0
     return json.loads(buf.getvalue()), out
@@ -164,7 +164,7 @@ def run_doc(pair, tokenizer):
 def test_report_files_and_structure(run_doc):
     doc, out = run_doc
     assert (out / "report.md").is_file() and (out / "results.json").is_file()
-    for name in ("curves", "selectors", "retention", "scores", "selector_scores"):
+    for name in ("curves", "selectors", "retention", "front", "scores", "selector_scores"):
         for L in (L_SHORT, L_LONG):
             assert (out / f"{name}_L{L}.png").stat().st_size > 2000
     saved = json.loads((out / "results.json").read_text())
@@ -177,11 +177,13 @@ def test_report_files_and_structure(run_doc):
     assert st["splits"] == {"dev": 12, "test": 12, "probe": 6, "keep": 4,
                             "probe_source": "first questions of the dev half"}
     methods = {r["method"] for r in doc["rows"]}
-    assert methods == {"lae", "dw", "swap", "greedy", "lowrank", "random"}
+    assert methods == {"lae", "dw", "swap", "greedy", "lowrank", "layer", "ties", "dare", "graft", "random"}
     assert {(r["L"], r["k"]) for r in doc["rows"]} == {(L, k) for L in (L_SHORT, L_LONG) for k in (1, 2, 14)}
     for r in doc["rows"]:
         if r["method"] == "lowrank":
             assert len(r["modules"]) == 14 and r["rank"] == lowrank_rank(build_table(make_model("llama")), r["k"])
+        elif r["method"] in ("ties", "dare", "graft"):     # units: every module, a share of entries set by K
+            assert len(r["modules"]) == 14 and r["density"] == (None if r["k"] == 14 else r["k"] / 14)
         elif r["method"] != "random":
             assert len(r["modules"]) == r["k"] and sum(r["composition"].values()) == r["k"]
         else:
@@ -190,7 +192,8 @@ def test_report_files_and_structure(run_doc):
     for heading in ("### Baselines", "### Best K chosen on dev, reported on test (held out)",
                     "### Best K on the full set (in-sample, as the paper chooses it)", "### Sweep over K",
                     "### Composition of the top-K (attention / FFN modules)", "## What was hoped for, as measured",
-                    "## Reproduce", f"## Max new tokens {L_SHORT}", f"## Max new tokens {L_LONG}"):
+                    "## Reproduce", f"## Max new tokens {L_SHORT}", f"## Max new tokens {L_LONG}",
+                    "### Recovery against retention: the front"):
         assert heading in report
     assert "![curves, max new tokens 3](curves_L3.png)" in report
 
@@ -400,3 +403,53 @@ def test_the_front_marks_what_nothing_beats_and_choose_respects_the_floor():
     none, why = choose([Point(1, 10.0, 0.2)], 0.9)
     assert none is None and "no K keeps retention" in why
     assert ks_up_to(1) == [1] and ks_up_to(28) == [1, 2, 3, 4, 6, 8, 11, 15, 21, 28]
+
+
+def test_layer_selectors_take_whole_layers_first(pair, tokenizer):
+    table = pair["table"]                                     # tiny llama: 2 layers of 7 modules
+    ev = sel.Evidence(pair["target"], pair["donor"], tokenizer, table, PROMPTS[:6], 3)
+    ends = sel.scores("layer_ends", ev, 2)
+    assert {r.layer for r in top_k(ends, 7)} == {0}           # the bottom layer first
+    order = top_k(ends, 14)
+    assert [r.layer for r in order] == [0] * 7 + [1] * 7
+    dw = sel.scores("dw", ev, 2)
+    assert order[:7] == sorted(order[:7], key=lambda r: (-dw[r], r))      # within a layer: dw order
+    measured = sel.scores("layer", ev, 2)
+    top = top_k(measured, 7)
+    assert len({r.layer for r in top}) == 1                   # one whole layer
+    b = sel._batch(ev, 2)
+    losses = {layer: sel._loss_with(ev, b, [r for r in table.refs() if r.layer == layer]) for layer in (0, 1)}
+    assert top[0].layer == min(losses, key=losses.get)        # the layer whose swap lowers the loss most
+
+
+def test_sparse_units_keep_the_share_they_are_given(pair, tokenizer):
+    from transplant_core import sparse
+    from transplant_core.checkpoint import ModelTensors
+
+    table, target, donor = pair["table"], copy.deepcopy(pair["target"]), pair["donor"]
+    assert sparse.unit_density(table, 7) == 0.5 and sparse.unit_density(table, 14) is None
+    sp = sparse.Sparse(table, target, ModelTensors(donor))
+    keys = [table[r].weight_key for r in table.refs()]
+    d = {k: sp.delta(k) for k in keys}
+    ties = sp.kept("ties", 0.25, 0, keys)
+    for k in keys:                                            # the largest quarter of each weight's entries
+        kept = ties[k] != 0
+        assert abs(kept.float().mean().item() - 0.25) < 0.01
+        assert d[k].abs()[kept].min() >= d[k].abs()[~kept].max()
+    dare = sp.kept("dare", 0.25, 0, keys)
+    assert all(torch.allclose(dare[k][dare[k] != 0], d[k][dare[k] != 0] * 4) for k in keys)
+    share = sum(int((dare[k] != 0).sum()) for k in keys) / sum(d[k].numel() for k in keys)
+    assert abs(share - 0.25) < 0.02
+    assert all(torch.equal(dare[k], sp.kept("dare", 0.25, 0, [k])[k]) for k in keys)   # seeded per tensor
+    ev = sel.Evidence(target, donor, tokenizer, table, PROMPTS[:6], 3)
+    before = tp.model_digest(target)
+    for kind in ("graft", "stitch"):
+        trace = []
+        sp.learned[sparse.learned_key(kind, 2, 0.1)] = sparse.learn(ev, 2, kind, sp, steps=15, trace=trace,
+                                                                    init_density=0.1)
+        assert len(trace) == 15 and trace[-1] < trace[0]           # the relaxed objective went down
+        assert tp.model_digest(target) == before and all(p.grad is None for p in target.parameters())
+        kept = sp.kept(kind, 0.1, 2, keys)
+        share = sum(int((kept[k] != 0).sum()) for k in keys) / sum(d[k].numel() for k in keys)
+        assert abs(share - 0.1) < 0.01
+        assert all(torch.equal(kept[k][kept[k] != 0], d[k][kept[k] != 0]) for k in keys)   # kept as they are

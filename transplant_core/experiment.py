@@ -28,6 +28,7 @@ from typing import Callable
 import torch
 
 from . import selectors as sel
+from . import sparse
 from . import transplant as tp
 from .arch import ModuleTable
 from .checkpoint import ModelTensors
@@ -209,9 +210,12 @@ class Selections:
     traces: dict[str, list[float]] = field(default_factory=dict)
 
     ranks: dict[tuple[str, int, int], int | None] = field(default_factory=dict)
+    sparse: dict[tuple[str, int, int], tuple | None] = field(default_factory=dict)
+    learned: dict[tuple, dict] = field(default_factory=dict)     # sparse.learned_key -> learned mask scores
 
     def state(self, name: str, L: int, k: int) -> State:
-        return State(frozenset(self.sets[(name, L, k)]), name.endswith(EXTRAS), self.ranks.get((name, L, k)))
+        return State(frozenset(self.sets[(name, L, k)]), name.endswith(EXTRAS), self.ranks.get((name, L, k)),
+                     self.sparse.get((name, L, k)))
 
     def draws(self, k: int) -> list[State]:
         return [State(frozenset(d)) for d in self.random[k]]
@@ -223,11 +227,22 @@ def select_all(cfg: ExperimentConfig, ev: sel.Evidence, ks: list[int], lengths: 
     for i, name in enumerate(cfg.methods):
         progress(f"selector {name}", i, len(cfg.methods))
         t0 = time.perf_counter()
-        if name.removesuffix(EXTRAS) in UNITS:     # lowrank: every module, a rank set by K
+        unit = name.removesuffix(EXTRAS)
+        if unit in UNITS:     # every module; K sets the rank (lowrank) or the share of entries kept
             for L in lengths:
                 for k in ks:
+                    d = sparse.unit_density(ev.table, k)
+                    key = sparse.learned_key(unit, L, d)
+                    if unit in sparse.LEARNED and d is not None and key not in s.learned:
+                        sp = sparse.Sparse(ev.table, ev.target, ev.donor_source())
+                        s.learned[key] = sparse.learn(ev, L, unit, sp, init_density=d)
                     s.sets[(name, L, k)] = ev.refs()
-                    s.ranks[(name, L, k)] = lowrank_rank(ev.table, k)
+                    if unit == "lowrank":
+                        s.ranks[(name, L, k)] = lowrank_rank(ev.table, k)
+                    else:
+                        # a learned mask depends on L (the donor's answers); trim and drop do not
+                        s.sparse[(name, L, k)] = None if d is None else (unit, d, L if unit in sparse.LEARNED else 0)
+            s.seconds[name] = round(time.perf_counter() - t0, 3)
             continue
         base = name.removesuffix(EXTRAS)
         s.scores[name] = {}
@@ -286,6 +301,7 @@ def run(cfg: ExperimentConfig, progress: Progress | None = None) -> dict:
 
     extras = extras_table(table, target.model, donor.model)
     sweep = Sweep(target.model, table, extras, ModelTensors(donor.model, cfg.donor), evaluator)
+    sweep.sparse.learned.update(s.learned)
     sweep.cache[State(frozenset())] = base_t
     todo = list(dict.fromkeys([s.state(*key) for key in s.sets] + [d for k in ks for d in s.draws(k)]))
     t0 = time.perf_counter()

@@ -24,7 +24,13 @@ if TYPE_CHECKING:
 REFERENCES = ("lae", "dw")       # always measured: the paper's method and the cheap baseline
 EXTRAS = "+x"                    # suffix: also copy every differing norm, embedding and head weight
 UNITS = {"lowrank": "every compatible module moved by the top-r singular components of its weight difference, "
-                    "r chosen so the factors hold as many numbers as K average modules (K = all: full copy)"}
+                    "r chosen so the factors hold as many numbers as K average modules (K = all: full copy)",
+         "ties": "TIES trim: every module's weight difference kept on its largest-magnitude entries, as many as "
+                 "K average modules hold",
+         "dare": "DARE: every module's weight difference kept on random entries (that share), rescaled by 1/share",
+         "graft": "model grafting (Panigrahi et al. 2023): a mask over the entries learned on the donor's answers "
+                  "to the probe prompts, cut to that share",
+         "stitch": "Localize-and-Stitch (He et al. 2024): the mask learned with an L1 penalty, cut to that share"}
 SAFE = 0.95      # the retention-safe K rule: every other task keeps >= 95% of its dev accuracy
 
 SPLITS = ("dev", "test", "full")
@@ -122,6 +128,7 @@ def assemble(cfg, work, table, ks, lengths, base_t, base_d, s: Selections, sweep
                         vs[ref_name] = sweep(s.state(ref_name, L, k))[L]
                 row = {"method": name, "L": L, "k": k, "modules": [str(r) for r in refs],
                        "rank": s.state(name, L, k).rank, "composition": _composition(refs),
+                       "density": (s.state(name, L, k).sparse or (None, None))[1],
                        "split": num.main(after, vs), "retention": num.retention(after)}
                 row["retention_summary"] = _retention_summary(row["retention"])
                 doc["rows"].append(row)

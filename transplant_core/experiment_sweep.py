@@ -24,6 +24,7 @@ from .arch import ModuleInfo, ModuleTable
 from .checkpoint import DictTensors
 from .generation import greedy
 from .refs import ModuleRef
+from .sparse import Sparse
 from .tasks import Task, score
 
 Outcome = dict   # {L: {block: bool ndarray}}; blocks: "dev", "test", each retention task (its test
@@ -40,6 +41,7 @@ class State:
     refs: frozenset
     extras: bool = False
     rank: int | None = None
+    sparse: tuple | None = None      # (unit, share of entries kept, decoding length): transplant_core.sparse
 
 
 def extras_table(table: ModuleTable, target, donor) -> ModuleTable:
@@ -138,18 +140,22 @@ class Sweep:
     def __init__(self, target, table: ModuleTable, extras: ModuleTable, donor_src, evaluator: Evaluator):
         self.target, self.table, self.extras, self.src, self.evaluate = target, table, extras, donor_src, evaluator
         self.lowrank = LowRank(table, target, donor_src)
+        self.sparse = Sparse(table, target, donor_src)
         self.cache: dict[State, Outcome] = {}
 
     def _parts(self, state: State):
         refs = sorted(state.refs)
-        src = self.src if state.rank is None else self.lowrank.source(refs, state.rank)
+        if state.sparse is not None:
+            src = self.sparse.source(refs, *state.sparse)
+        else:
+            src = self.src if state.rank is None else self.lowrank.source(refs, state.rank)
         yield self.table, src, refs
         if state.extras:
             yield self.extras, self.src, self.extras.refs()
 
     def __call__(self, state: State) -> Outcome:
         if state.extras and not self.extras.modules:      # nothing non-linear differs: the same state
-            state = State(state.refs, False, state.rank)
+            state = State(state.refs, False, state.rank, state.sparse)
         if state not in self.cache:
             with contextlib.ExitStack() as undo:
                 for table, src, refs in self._parts(state):

@@ -29,6 +29,12 @@ None takes a gradient step; none looks at the evaluation questions.
   greedy_keep  greedy on that loss plus the target's loss on its OWN answers to
             prompts of the tasks it should keep (the retention tasks' probe prompts):
             trades task gain against damage elsewhere; equals greedy without them
+  layer     whole layers (Bandarkar et al. 2024, layer swapping): every layer's
+            modules together, layers in order of the measured drop of that loss when
+            the whole layer alone is transplanted; within a layer, `swap` order
+  layer_ends  whole layers by position, as Bandarkar et al. choose them: the bottom
+            and top layers first (0, last, 1, last-1, ...), within a layer `dw` order;
+            no evidence is read
 
 "The donor's answers" are the donor's own greedy continuations of the probe prompts
 (its first L tokens, and its EOS when it stops within L): no gold labels are used.
@@ -63,9 +69,11 @@ DESCRIPTIONS = {
     "loo": "measured loss rise when the module alone is left out of a full transplant",
     "greedy": "forward selection on the loss of the donor's answers",
     "greedy_keep": "forward selection on that loss plus the target's loss on its own answers to other tasks",
+    "layer": "whole layers, by the measured loss drop of transplanting the layer alone (layer swapping)",
+    "layer_ends": "whole layers by position, bottom and top first (layer swapping as Bandarkar et al. 2024 choose)",
 }
 SELECTORS = tuple(DESCRIPTIONS)
-LENGTH_FREE = ("dw",)      # selectors whose scores do not depend on the decoding length
+LENGTH_FREE = ("dw", "layer_ends")      # selectors whose scores do not depend on the decoding length
 
 
 def check_names(names) -> tuple[str, ...]:
@@ -324,10 +332,37 @@ def score_greedy(ev: Evidence, length: int, keep: bool = False) -> Scores:
     return {r: float(len(refs) - i) for i, r in enumerate(chosen)}
 
 
+def _by_layer(refs: list[ModuleRef], layer_key, module_key) -> Scores:
+    """Scores that put whole layers first (by `layer_key`, higher first), modules within a
+    layer by `module_key` (higher first): the top-K holds whole layers and part of one."""
+    order = sorted(refs, key=lambda r: (-layer_key(r.layer), -module_key(r), r))
+    return {r: float(len(order) - i) for i, r in enumerate(order)}
+
+
+def score_layer(ev: Evidence, length: int) -> Scores:
+    b = _batch(ev, length)
+    refs = ev.refs()
+    base = _loss_with(ev, b, [])
+    drop = {layer: base - _loss_with(ev, b, [r for r in refs if r.layer == layer]) for layer in {r.layer for r in refs}}
+    swap = score_swap(ev, length)
+    return _by_layer(refs, drop.__getitem__, swap.__getitem__)
+
+
+def score_layer_ends(ev: Evidence, length: int | None = None) -> Scores:
+    refs = ev.refs()
+    layers = sorted({r.layer for r in refs})
+    ends = [x for pair in zip(layers, reversed(layers)) for x in pair]
+    order = list(dict.fromkeys(ends))[:len(layers)]             # 0, last, 1, last-1, ...
+    pos = {layer: len(order) - i for i, layer in enumerate(order)}
+    dw = score_dw(ev)
+    return _by_layer(refs, pos.__getitem__, dw.__getitem__)
+
+
 SCORERS: dict[str, Callable[[Evidence, int], Scores]] = {
     "lae": score_lae, "lae_tf": score_lae_tf, "lae_kind": score_lae_kind, "dw": score_dw, "dwx": score_dwx,
     "taylor": score_taylor, "swap": score_swap, "loo": score_loo, "greedy": score_greedy,
     "greedy_keep": lambda ev, length: score_greedy(ev, length, keep=True),
+    "layer": score_layer, "layer_ends": score_layer_ends,
 }
 
 
