@@ -120,7 +120,6 @@ def pair(tmp_path_factory, tokenizer):
             w = donor.get_submodule(info.path).weight
             w.add_(torch.randn(w.shape, generator=g) * 0.5)
     tdir, ddir = save(target, root / "target"), save(donor, root / "donor")
-    probe = Task("p", tuple(Example(p, "") for p in PROMPTS))
     def outputs(model, prompts):   # alternately the output at the short and at the long length
         task = Task("p", tuple(Example(p, "") for p in prompts))
         short, long = (evaluate(model, tokenizer, task, L).outputs for L in (L_SHORT, L_LONG))

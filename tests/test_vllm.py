@@ -385,7 +385,7 @@ def test_a_fleet_of_a_vllm_replica_and_an_embedded_one(tmp_path):
             cfg = dict(vcfg(d, fleet=dict(fleet, replica=name)), engine=engine)
             servers.append(start(cfg))
             clients.append(Clients(servers[-1].grpc_port, servers[-1].token))
-        (v, e), (cv, ce) = servers, clients
+        (v, _), (cv, ce) = servers, clients
         res = ce.admin("Transplant", A.TransplantRequest(donor="v1", modules=["layers.0.attn.q", "layers.2.mlp.*"]))
         gen = res.generation.id
         assert res.generation.live and v.runtime.gens.live.id == gen        # a-vllm, the canary, went first

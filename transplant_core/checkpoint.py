@@ -222,8 +222,6 @@ class CheckpointTensors:
     """Lazy, read-only tensors of a checkpoint directory (safetensors memory maps)."""
 
     def __init__(self, path: Path, allow_pickle: bool = False, name: str | None = None):
-        from safetensors import safe_open
-
         self.path = Path(path)
         self.name = name or str(path)
         self._handles: dict[str, object] = {}
