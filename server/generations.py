@@ -172,7 +172,7 @@ class Generations:
             if e.get("type") == "generation":
                 fields = {k: v for k, v in e.items() if k in Record.__dataclass_fields__}
                 self.records[e["id"]] = Record(**fields)
-                self._recipes.update(self.records[e["id"]].derived)
+                self._learn(self.records[e["id"]].derived)
             elif e.get("type") == "quality" and e["generation"] in self.records:
                 self.records[e["generation"]].quality.append(e["quality"])
         last = max(i for i, r in self.records.items() if not r.skipped)
@@ -267,18 +267,40 @@ class Generations:
             raise PreconditionFailed(f"tensor {k} ({digest[:12]}) is missing from the tensor store in {self.object_dir}")
         return self._typed(k, t)
 
+    def _learn(self, derived: dict[str, dict]) -> None:
+        """Remember how to rebuild low-rank weights; the first recipe of a digest stays (any
+        recipe of it rebuilds the same bits)."""
+        for d, r in derived.items():
+            if r.get("of") != d:
+                self._recipes.setdefault(d, r)
+
     def _rebuild(self, digest: str) -> torch.Tensor:
-        """A low-rank weight from its recipe: the value it was applied to (itself stored,
-        recent, the base's or rebuilt) moved by its factors; verified against `digest`."""
-        r = self._recipes[digest]
-        k, rank = r["key"], int(r["rank"])
-        old = self._value(k, r["of"])
-        out, inp = old.shape
-        b, a = self._factor(r["B"], (out, rank)), self._factor(r["A"], (rank, inp))
-        t = tp.lowrank_update(old, b, a, float(r["alpha"]))
-        if tp.tensor_digest(t) != digest:
-            raise PreconditionFailed(f"tensor {k} rebuilt from its low-rank factors does not match its digest "
-                                     f"{digest[:12]}; the store in {self.object_dir} is damaged")
+        """A low-rank weight from its recipe: the value it was applied to (stored, recent,
+        the base's, or itself rebuilt: a chain of low-rank generations on one weight is
+        walked back to a value at hand, then replayed forward) moved by its factors, each
+        step verified against its digest."""
+        chain, d, seen = [], digest, set()
+        base_sums = self.records[0].checksums
+        while True:
+            r = self._recipes[d]
+            if d in seen:
+                raise PreconditionFailed(f"the low-rank recipes of tensor {r['key']} form a loop; the journal in "
+                                         f"{self.dir} is damaged")
+            seen.add(d)
+            chain.append(r)
+            d = r["of"]
+            if d == base_sums.get(r["key"]) or d in self._recent or self._obj(d).is_file() or d not in self._recipes:
+                break
+        k = chain[-1]["key"]
+        t = self._value(k, chain[-1]["of"])
+        for r, want in zip(reversed(chain), [c["of"] for c in reversed(chain[:-1])] + [digest]):
+            out, inp = t.shape
+            rank = int(r["rank"])
+            b, a = self._factor(r["B"], (out, rank)), self._factor(r["A"], (rank, inp))
+            t = tp.lowrank_update(t, b, a, float(r["alpha"]))
+            if tp.tensor_digest(t) != want:
+                raise PreconditionFailed(f"tensor {k} rebuilt from its low-rank factors does not match its digest "
+                                         f"{want[:12]}; the store in {self.object_dir} is damaged")
         return t
 
     def _factor(self, digest: str, shape: tuple[int, int]) -> torch.Tensor:
@@ -302,7 +324,7 @@ class Generations:
         digests, derived = {k: stored[k] for k in full}, {}
         for k, (b, _) in p.factors.items():
             digests[k] = d = tp.tensor_digest(params[k].detach())
-            if d != base_sums.get(k):
+            if d != base_sums.get(k) and d != parent_state.get(k, base_sums[k]):    # it changed
                 derived[d] = {"key": k, "of": parent_state.get(k, base_sums[k]), "B": stored[f"{k}#B"],
                               "A": stored[f"{k}#A"], "rank": int(b.shape[1]), "alpha": p.alpha}
         return digests, derived
@@ -424,11 +446,11 @@ class Generations:
                     s.skipped = True
                     self.journal.append(s.to_journal())
                     self.records[s.id] = s
-                    self._recipes.update(s.derived)
+                    self._learn(s.derived)
             self.journal.append(rec.to_journal())                # commit point
             self._crash("after_journal")
             self.records[gen] = rec
-            self._recipes.update(rec.derived)
+            self._learn(rec.derived)
             # keep the live tensors and the ones just replaced in memory: reverting to
             # the parent then reads and hashes nothing
             recent = {state[k]: t for k, t in overrides.items()}
@@ -457,7 +479,7 @@ class Generations:
         `state` (a revert's target, or a record from the fleet log, with the recipes of
         its low-rank weights: `derived`), read from memory or the store, or rebuilt, and
         verified against their digests."""
-        self._recipes.update(derived or {})      # facts about digests: true whether or not it commits
+        self._learn(derived or {})      # facts about digests: true whether or not it commits
         want = self._load_state(state, gen)
         keys = set(want) | set(self._overrides)
         refs = sorted({m.ref for m in self.table.modules.values() if any(k in keys for k in m.keys)})

@@ -65,6 +65,7 @@ class PlanResult:
     comparison: object | None = None            # workflow.Comparison for selector "all"
     front: list = field(default_factory=list)   # retention_floor: front.Point per K measured
     front_why: str = ""
+    retained: list = field(default_factory=list)   # retention_floor: the tasks retention was measured on
 
 
 @dataclass
@@ -337,6 +338,10 @@ class Runtime:
         else:
             if a.k < 1:
                 raise InvalidArgument("k must be at least 1 with a task")
+            if a.retain and not a.retention_floor:
+                raise InvalidArgument("retain names the tasks a retention floor measures: give retention_floor too")
+            if a.task in a.retain:
+                raise InvalidArgument(f"{a.task} is the task being transplanted; retain lists the other tasks to keep")
             probe = self.selection_task(a.task, a.probe_prompts or self.cfg.probe_prompts)
             selector = a.selector or "lae"
             # hooks go on a private module tree; selectors that swap modules or take gradients
@@ -351,13 +356,13 @@ class Runtime:
                 selector = comparison.chosen
             ranking = rank(shadow, self.tokenizer, self.table, donor_model, probe, donor.compat, steps, selector,
                            a.alignment or "free", k=a.k)
-            points, why, k = [], "", a.k
+            points, why, k, retained = [], "", a.k, []
             if a.retention_floor:
-                points, why, k = self._front(a, donor, donor_model, ranking, live, probe, steps)
+                points, why, k, retained = self._front(a, donor, donor_model, ranking, live, probe, steps)
             refs = select(ranking, k)
             ranked = [(str(r), s, self.table[r].nbytes) for r, s in ranking.ranking()]
             return PlanResult(donor, self._plan(a, donor, refs, live), ranked, live.id, selector, comparison,
-                              points, why)
+                              points, why, retained)
         if a.retention_floor or a.retain:
             raise InvalidArgument("a retention floor chooses K along a task's ranking: give a task and k, not modules")
         return PlanResult(donor, self._plan(a, donor, refs, live), ranked, live.id)
@@ -384,7 +389,7 @@ class Runtime:
         chosen, why = front.choose(points, a.retention_floor)
         if chosen is None:
             raise PreconditionFailed(f"{why}; lower the floor or retain fewer tasks; nothing changed")
-        return points, f"{why} (retained: {', '.join(retain)})", chosen.k
+        return points, f"{why} (retained: {', '.join(retain)})", chosen.k, retain
 
     def _plan(self, a: TransplantArgs, donor: Donor, refs, live) -> tp.Plan:
         """The validated plan: whole modules, or (a rank or a parameter budget) the live
@@ -411,7 +416,7 @@ class Runtime:
             if pr.plan.casts:
                 selection["cast"] = pr.plan.casts          # journaled with the generation
             if pr.front:
-                selection["front"] = {"floor": a.retention_floor, "retain": a.retain, "why": pr.front_why,
+                selection["front"] = {"floor": a.retention_floor, "retain": pr.retained, "why": pr.front_why,
                                       "points": [p.to_dict() for p in pr.front]}
             if pr.plan.factors:
                 selection["lowrank"] = {"rank": a.rank, "param_budget": a.param_budget, "ranks": pr.plan.ranks,
@@ -498,7 +503,9 @@ class Runtime:
             if prepared is not None and (prepared[0].parent != self.gens.live.id or prepared[3] != rec.state):
                 prepared = None                 # another replica's record won this id
             prepared = prepared[:3] if prepared else None
-            p = prepared[0].plan if prepared else self.gens.state_plan(rec.state, rec.id, rec.derived)
+            # its state may name low-rank weights of records this replica skipped: their recipes too
+            derived = {d: r for s in (*skipped, rec) for d, r in s.derived.items()}
+            p = prepared[0].plan if prepared else self.gens.state_plan(rec.state, rec.id, derived)
             self._prepared = {k: v for k, v in self._prepared.items() if k > rec.id}   # superseded ones go
             res = self._swap(p, rec.kind, [], 0, rec.requested_by, rec.reason, rec.selection, rec.reverted_to,
                              record=rec, skipped=skipped, prepared=prepared)

@@ -155,6 +155,18 @@ def test_a_lowrank_transplant_reaches_every_replica_as_factors(fleet):
     assert not set(rec["derived"]) & objects                 # the weights themselves were never stored
     texts = {r.name: [r.c.generate(p, 8).text for p in ("add:12+30=", "rev:abc=")] for r in reps.values()}
     assert texts["a"] == texts["b"] == texts["c"]
+    # c misses a low-rank generation: the next one's weights name it, and c rebuilds them from its factors
+    c = reps["c"]
+    c.stop()
+    low = b.c.admin("Transplant", A.TransplantRequest(donor="v1", modules=["layers.1.mlp.*"], rank=2), timeout=120)
+    after = transplant(b, "layers.3.attn.o").generation.id
+    c.start()
+    converge(reps.values(), after, timeout=60)
+    journal = c.journal()
+    assert journal[low.generation.id]["skipped"] and journal[low.generation.id]["derived"]
+    assert not journal[after].get("skipped")
+    assert [c.c.generate(p, 8).text for p in ("add:12+30=", "rev:abc=")] == \
+        [b.c.generate(p, 8).text for p in ("add:12+30=", "rev:abc=")]
 
 
 def test_two_transplants_at_once_exactly_one_wins(fleet):

@@ -817,6 +817,11 @@ def test_a_lowrank_generation_is_journaled_as_factors_and_reverts_bitwise(models
                                                                                         **bad)))
             assert code == grpc.StatusCode.INVALID_ARGUMENT and msg in details
         c.admin("Transplant", A.TransplantRequest(donor="other", modules=["layers.0.attn.q"]))   # generation 2
+        # 3: low-rank on top of 1's low-rank weights (a chain to rebuild); 4: alpha 0 changes nothing
+        c.admin("Transplant", A.TransplantRequest(donor="other", modules=["layers.0.mlp.up"], rank=1))
+        same = live_sums(s)
+        c.admin("Transplant", A.TransplantRequest(donor="other", modules=["layers.1.mlp.up"], rank=1, alpha=0.0))
+        assert live_sums(s) == same and not s.runtime.gens.records[4].derived
         want, text = live_sums(s), c.generate("hello", 8).text
     finally:
         c.close()
@@ -824,7 +829,7 @@ def test_a_lowrank_generation_is_journaled_as_factors_and_reverts_bitwise(models
     s = start(cfg)                      # restart: generation 2's low-rank weights rebuilt from the factors
     c = Clients(s.grpc_port, s.token)
     try:
-        assert s.runtime.gens.live.id == 2 and live_sums(s) == want and c.generate("hello", 8).text == text
+        assert s.runtime.gens.live.id == 4 and live_sums(s) == want and c.generate("hello", 8).text == text
         c.admin("Revert", A.RevertRequest(to_generation=0))
         assert live_sums(s) == sums0                                # bitwise
         c.admin("Revert", A.RevertRequest(to_generation=1))
@@ -873,6 +878,7 @@ def test_a_retention_floor_picks_k_on_the_recovery_retention_front(tmp_path):
         sel = json.loads(r.generation.selection_json)
         assert list(r.generation.modules) == list(plan.selected) and sel["k"] == best.k
         assert [p["k"] for p in sel["front"]["points"]] == [p.k for p in pts] and sel["front"]["floor"] == 0.95
+        assert sel["front"]["retain"] == ["zoo:rev"]
         # measured again on the live generation: the retention the plan promised
         rt = s.runtime
         rev = rt.selection_task("zoo:rev", 32)
@@ -881,7 +887,10 @@ def test_a_retention_floor_picks_k_on_the_recovery_retention_front(tmp_path):
         assert after / before == pytest.approx(best.retention) and after / before >= 0.95
         for bad, words in ((T(donor="v1", modules=["layers.0.mlp.up"], retention_floor=0.9), "not modules"),
                            (T(donor="v1", task="zoo:add", k=4, retention_floor=1.5), "(0, 1]"),
-                           (T(donor="v1", task="zoo:add", k=4, retention_floor=0.9), "needs tasks to retain")):
+                           (T(donor="v1", task="zoo:add", k=4, retention_floor=0.9), "needs tasks to retain"),
+                           (T(donor="v1", task="zoo:add", k=4, retain=["zoo:rev"]), "give retention_floor too"),
+                           (T(donor="v1", task="zoo:add", k=4, retention_floor=0.9, retain=["zoo:add"]),
+                            "task being transplanted")):
             code, details = code_of(lambda: c.admin("PlanTransplant", bad))
             assert code == grpc.StatusCode.INVALID_ARGUMENT and words in details, details
     finally:

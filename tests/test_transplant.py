@@ -329,3 +329,10 @@ def test_lowrank_update_is_the_same_bits_whatever_the_thread_count():
     assert half.dtype == torch.bfloat16
     with pytest.raises(InvalidArgument, match="do not fit"):
         tp.lowrank_update(old, a, b)
+
+
+def test_lowrank_of_equal_weights_has_nothing_to_move():
+    target, _, table = _pair_table()
+    same = make_model("llama", 0)
+    with pytest.raises(InvalidArgument, match="nothing to move"):
+        tp.lowrank(tp.plan(table, ModelTensors(same), [ModuleRef(0, "mlp.down")]), ModelTensors(target), rank=2)

@@ -64,7 +64,7 @@ def choose(points: list[Point], floor: float) -> tuple[Point | None, str]:
         return None, (f"no K keeps retention at or above {floor:.3f}: the best is K={worst.k} at "
                       f"{worst.retention:.3f}")
     best = max(ok, key=lambda p: (p.recovery if p.recovery is not None else float("-inf"),
-                                  p.retention if p.retention is not None else float("inf"), -p.k))
+                                  p.retention if p.retention is not None else float("-inf"), -p.k))
     best.chosen = True
     rec = f"{best.recovery:.1f}%" if best.recovery is not None else "undefined"
     ret = f"{best.retention:.3f}" if best.retention is not None else "not measurable"

@@ -126,19 +126,21 @@ def learn(ev, length: int, kind: str, sparse: Sparse, steps: int = 60, lr: float
     for p in frozen:
         p.requires_grad_(False)
     try:
-        for _ in range(steps):
-            masks = {k: torch.sigmoid(v) for k, v in logits.items()}
-            over = {k: base[k] + (masks[k] * deltas[k]).to(base[k].dtype) for k in keys}
-            out = functional_call(ev.target, over, (), {"input_ids": b.ids, "attention_mask": b.mask,
-                                                          "position_ids": b.positions, "use_cache": False})
-            loss = nn.functional.cross_entropy(out.logits.float().flatten(0, 1), b.labels.flatten(), ignore_index=-100)
-            if kind == "stitch":
-                loss = loss + l1 * torch.cat([m.flatten() for m in masks.values()]).mean()
-            if trace is not None:
-                trace.append(float(loss))
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+        with torch.enable_grad():          # callers may run under no_grad
+            for _ in range(steps):
+                masks = {k: torch.sigmoid(v) for k, v in logits.items()}
+                over = {k: base[k] + (masks[k] * deltas[k]).to(base[k].dtype) for k in keys}
+                out = functional_call(ev.target, over, (), {"input_ids": b.ids, "attention_mask": b.mask,
+                                                              "position_ids": b.positions, "use_cache": False})
+                loss = nn.functional.cross_entropy(out.logits.float().flatten(0, 1), b.labels.flatten(),
+                                                   ignore_index=-100)
+                if kind == "stitch":
+                    loss = loss + l1 * torch.cat([m.flatten() for m in masks.values()]).mean()
+                if trace is not None:
+                    trace.append(float(loss))
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
     finally:
         for p in frozen:
             p.requires_grad_(True)

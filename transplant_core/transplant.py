@@ -210,7 +210,11 @@ def lowrank(p: Plan, current: TensorSource, rank: int | None = None, budget: int
         ranks = {name: min(rank, int(s.numel())) for name, (_, s, _) in svd.items()}
     else:
         ranks = _share_budget({str(m.ref): (svd[str(m.ref)][1], sum(m.weight_shape)) for m in p.modules}, budget)
-    modules = tuple(m for m in p.modules if ranks[str(m.ref)] > 0)
+    # a module that gets no rank, or whose weight equals the donor's, is left out
+    modules = tuple(m for m in p.modules if ranks[str(m.ref)] > 0 and bool(svd[str(m.ref)][1].any()))
+    if not modules:
+        raise InvalidArgument(f"nothing to move: the donor's weights equal the current ones in every selected module "
+                              f"({', '.join(str(m.ref) for m in p.modules)})")
     factors, energy = {}, {}
     for m in modules:
         u, s, vh = svd[str(m.ref)]
