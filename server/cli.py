@@ -61,6 +61,20 @@ def cmd_zoo_build(args) -> int:
     return 0
 
 
+def cmd_zoo_variant(args) -> int:
+    from transplant_core import zoo
+    from transplant_core.errors import InvalidArgument
+
+    if args.seed < 0:
+        raise InvalidArgument("--seed must be >= 0")
+    out = zoo.build_variant(args.stage, args.seed, out=Path(args.out) if args.out else None,
+                            progress=not args.quiet, log=lambda *a: print(*a, file=sys.stderr))
+    card = json.loads((out / "card.json").read_text())
+    _emit(args, {"stage": args.stage, "seed": args.seed, "path": str(out), "accuracy": card.get("accuracy")},
+          lambda d: print(d["path"]))
+    return 0
+
+
 def cmd_zoo_list(args) -> int:
     from transplant_core import zoo
 
@@ -347,6 +361,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="rebuild even if built")
     _common(p, pickle=False)
     p.set_defaults(fn=cmd_zoo_build)
+    p = z.add_parser("variant", help="train a setting's fine-tune again with another seed (for intervals over "
+                                     "training seeds); prints its checkpoint directory")
+    p.add_argument("stage", choices=("v2", "tuned", "lora"), help="the fine-tune to train again")
+    p.add_argument("--seed", type=int, required=True, help="data and torch seed (the default build's are 6, 4, 5)")
+    p.add_argument("--out", help="directory (default <zoo>/variants/<stage>-seed<seed>)")
+    _common(p, pickle=False)
+    p.set_defaults(fn=cmd_zoo_variant)
     p = z.add_parser("list", help="models, tasks and settings of the family")
     _common(p, quiet=False, pickle=False)
     p.set_defaults(fn=cmd_zoo_list)

@@ -311,3 +311,26 @@ def test_serial_build_in_process_matches(zoo_built, tmp_path, monkeypatch):
     assert "1 at a time" in lines[0]
     a = (zoo.model_dir("tuned") / "model.safetensors").read_bytes()
     assert (root / "tuned" / "model.safetensors").read_bytes() == a
+
+
+def test_a_seed_variant_is_the_fine_tune_trained_again_with_another_seed(zoo_built, tmp_path):
+    """`transplant zoo variant STAGE --seed N`: the setting's fine-tune trained again from
+    its parent with another data/torch seed (a few steps here), deterministic per seed."""
+    from safetensors.torch import load_file
+
+    a, b, c = (zoo.build_variant("v2", seed, out=tmp_path / name, progress=False, log=lambda *_: None, steps=6)
+               for name, seed in (("a", 7), ("b", 7), ("c", 8)))
+    wa, wb, wc = (load_file(str(d / "model.safetensors")) for d in (a, b, c))
+    v1 = load_file(str(zoo.model_dir("v1") / "model.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)                      # the same seed: the same bits
+    assert any(not torch.equal(wa[k], wc[k]) for k in wa)                 # another seed: other weights
+    moved = {k for k in wa if not torch.equal(wa[k], v1[k])}
+    assert moved and all(k.endswith("proj.weight") for k in moved)       # v2's recipe: linear modules only
+    card = json.loads((a / "card.json").read_text())
+    assert card["variant_of"] == "v2" and card["variant_seed"] == 7 and card["variant_steps"] == 6
+    assert card["lineage"][-1]["seed"] == 7 and card["lineage"][-1]["steps"] == 6
+    assert zoo.build_variant("v2", 7, out=a, progress=False) == a         # reused
+    with pytest.raises(zoo.ZooError, match="fine-tunes v2, tuned, lora"):
+        zoo.build_variant("trunk", 1, out=tmp_path / "t")
+    with pytest.raises(zoo.ZooError, match="not built"):
+        zoo.build_variant("v2", 1, root=tmp_path / "empty")

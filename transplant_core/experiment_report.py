@@ -475,6 +475,35 @@ def headline_rows(name: str, doc: dict) -> list[list[str]]:
     return out
 
 
+def baselines_markdown(main: dict[str, dict], base: dict[str, dict], refs=("lae", "greedy", "lowrank"),
+                       split: str = "test") -> str:
+    """The literature's baselines (run into `base`) beside reference methods of the main
+    runs (`main`, the same setting, flags and questions): accuracy averaged over K minus
+    random, Recovery at K = 7 (a quarter), the smallest K reaching 80% Recovery, and the
+    largest Recovery whose retention stays >= 0.95 along the method's front."""
+    body = []
+    for name, bdoc in base.items():
+        mdoc = main.get(name)
+        for L in bdoc["setting"]["lengths"]:
+            sources = [(m, mdoc) for m in refs if mdoc and m in mdoc["setting"]["methods"]]
+            sources += [(m, bdoc) for m in bdoc["setting"]["methods"] if m not in REFS_ALWAYS] + [("random", bdoc)]
+            for m, doc in sources:
+                summ = next((s for s in doc["summary"] if s["method"] == m and s["L"] == L), None)
+                row7 = next((r for r in doc["rows"] if r["method"] == m and r["L"] == L and r["k"] == 7), None)
+                mean = "" if summ is None else fmt(summ["mean_over_k"][split]["vs"].get("random"))
+                k80 = "" if summ is None else (str(summ["k80"]) if summ["k80"] is not None else "never")
+                body.append([f"[{name}](baselines/{name}/report.md)", str(L),
+                             f"`{m}`" + ("" if doc is bdoc else " (main run)"), mean,
+                             fmt(row7["split"][split]["recovery"], pct=True) if row7 else "", k80,
+                             _floor_cell(front_rows(doc["rows"], m, L), 0.95)])
+    return "\n".join(_table(["setting", "max new tokens", "method", "mean accuracy over K minus random (test)",
+                             "Recovery at K = 7 (test)", "K for Recovery >= 80% (full set)",
+                             "largest Recovery with retention >= 0.95 (front, test)"], body)) + "\n"
+
+
+REFS_ALWAYS = ("lae", "dw")
+
+
 def summary_markdown(docs: dict[str, dict]) -> str:
     head = ["setting", "max new tokens", "target / donor (test)", "method", "K (chosen on dev)", "test accuracy",
             "TIR", "Recovery", "retention min", "random at that K: accuracy / Recovery"]

@@ -7,19 +7,28 @@ import re
 import sys
 from pathlib import Path
 
-from transplant_core.experiment_report import summary_markdown, write
+from transplant_core.experiment_report import baselines_markdown, summary_markdown, write
 
 HERE = Path(__file__).parent
 SETTINGS = ("cross_generation", "base_vs_tuned", "adapter")
 BEGIN, END = "<!-- BEGIN generated summary -->", "<!-- END generated summary -->"
+B_BEGIN, B_END = "<!-- BEGIN generated baselines -->", "<!-- END generated baselines -->"
 
 docs = {s: json.loads((HERE / s / "results.json").read_text()) for s in SETTINGS if (HERE / s / "results.json").is_file()}
+base = {s: json.loads((HERE / "baselines" / s / "results.json").read_text()) for s in SETTINGS
+        if (HERE / "baselines" / s / "results.json").is_file()}
 if "--render" in sys.argv:
     for s, doc in docs.items():
         write(doc, HERE / s)
+    for s, doc in base.items():
+        write(doc, HERE / "baselines" / s)
 table = summary_markdown({f"[{s}]({s}/report.md)": d for s, d in docs.items()})
 readme = HERE / "README.md"
 text = readme.read_text() if readme.is_file() else f"{BEGIN}\n{END}\n"
 text = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: f"{BEGIN}\n{table}{END}", text, flags=re.S)
+if base:
+    btable = baselines_markdown(docs, base)
+    text = re.sub(re.escape(B_BEGIN) + ".*?" + re.escape(B_END), lambda _: f"{B_BEGIN}\n{btable}{B_END}", text,
+                  flags=re.S)
 readme.write_text(text)
 print(f"updated {readme} from {', '.join(docs)}")

@@ -12,7 +12,9 @@ from .builder import (
     RECIPE,
     RECIPE_VERSION,
     SETTINGS,
+    FINE_TUNES,
     build,
+    build_variant,
     format_table,
     is_built,
     load_card,
@@ -26,5 +28,5 @@ from .tasks import SPLITS, TASK_NAMES, answer, task_examples
 __all__ = [
     "MODEL_NAMES", "TASK_NAMES", "SETTINGS", "SPLITS", "RECIPE", "RECIPE_VERSION", "ZooError",
     "zoo_root", "model_dir", "is_built", "task_examples", "build", "load_card", "summarize",
-    "format_table", "answer",
+    "format_table", "answer", "FINE_TUNES", "build_variant",
 ]

@@ -236,13 +236,18 @@ def _trainable(spec: dict):
     raise ValueError(kind)
 
 
-def _train_stage(name: str, parent: LlamaForCausalLM | None, on_step) -> tuple[LlamaForCausalLM, dict]:
+def _train_stage(name: str, parent: LlamaForCausalLM | None, on_step,
+                 seed: int | None = None, steps: int | None = None) -> tuple[LlamaForCausalLM, dict]:
     import torch
 
     from .lora import add_lora, merge_lora
     from .train import new_model, train
 
-    spec = RECIPE["stages"][name]
+    spec = dict(RECIPE["stages"][name])
+    if seed is not None:
+        spec["seed"] = seed
+    if steps is not None:
+        spec["steps"] = steps
     model = new_model(RECIPE["arch"], RECIPE["init_seed"])
     if parent is not None:
         model.load_state_dict(parent.state_dict())
@@ -452,6 +457,47 @@ def _run_stage(root: Path, s: str, on_step) -> tuple[dict, dict | None]:
     card = _card(s, stage_log, acc, sum(p.numel() for p in model.parameters()))
     _save_model(model, root / s, card)
     return res, acc
+
+
+# the fine-tune each setting compares (the model that differs between its target and donor)
+FINE_TUNES = ("v2", "tuned", "lora")
+
+
+def variant_dir(stage: str, seed: int, root: Path | None = None) -> Path:
+    return (root or zoo_root()) / "variants" / f"{stage}-seed{seed}"
+
+
+def build_variant(stage: str, seed: int, root: Path | None = None, out: Path | None = None,
+                  progress: bool = True, log=print, steps: int | None = None) -> Path:
+    """Stage `stage` trained again from its parent in the built zoo with another data and
+    torch seed (everything else as in RECIPE): one more training run of a setting's
+    fine-tune, for intervals over training seeds. The default build is unchanged; the
+    variant goes to <zoo>/variants/<stage>-seed<seed> (or `out`), with a card naming the
+    seed. Reused when already there. `steps`: a shorter run (tests)."""
+    root = root or zoo_root()
+    if stage not in FINE_TUNES:
+        raise ZooError(f"seed variants are built for the settings' fine-tunes {', '.join(FINE_TUNES)}, not {stage!r}")
+    if not is_built(root):
+        raise ZooError(f"the zoo is not built in {root}: run `transplant zoo build` first")
+    dest = Path(out) if out else variant_dir(stage, seed, root)
+    if _valid_dir(dest):
+        return dest
+    parent = _load_stage(root, RECIPE["stages"][stage]["from"])
+    from tqdm.auto import tqdm
+
+    total = steps or RECIPE["stages"][stage]["steps"]
+    bar = tqdm(total=total, desc=f"{stage} seed {seed}", disable=not progress, leave=False, file=sys.stderr)
+    model, res = _train_stage(stage, parent, lambda step, loss: _tick(bar, 1, step, loss), seed=seed, steps=steps)
+    bar.close()
+    acc = _evaluate(model)
+    stage_log = {anc: _old_stage_result(root, stage, anc) for anc in _lineage(stage)[:-1]}
+    stage_log[stage] = res
+    card = _card(stage, stage_log, acc, sum(p.numel() for p in model.parameters()))
+    card.update(variant_of=stage, variant_seed=seed, variant_steps=total)
+    card["lineage"][-1].update(seed=seed, steps=total)        # what this run used, not the recipe's
+    _save_model(model, dest, card)
+    log(f"{stage} seed {seed}: {res['seconds']} s -> {dest}")
+    return dest
 
 
 def _stage_worker(root: str, s: str, threads, queue) -> None:
