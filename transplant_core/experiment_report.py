@@ -490,7 +490,8 @@ def baselines_markdown(main: dict[str, dict], base: dict[str, dict], refs=("lae"
             for m, doc in sources:
                 summ = next((s for s in doc["summary"] if s["method"] == m and s["L"] == L), None)
                 row7 = next((r for r in doc["rows"] if r["method"] == m and r["L"] == L and r["k"] == 7), None)
-                mean = "" if summ is None else fmt(summ["mean_over_k"][split]["vs"].get("random"))
+                mean = "(the reference)" if m == "random" else "" if summ is None else \
+                    fmt(summ["mean_over_k"][split]["vs"].get("random"))
                 k80 = "" if summ is None else (str(summ["k80"]) if summ["k80"] is not None else "never")
                 body.append([f"[{name}](baselines/{name}/report.md)", str(L),
                              f"`{m}`" + ("" if doc is bdoc else " (main run)"), mean,
@@ -502,6 +503,51 @@ def baselines_markdown(main: dict[str, dict], base: dict[str, dict], refs=("lae"
 
 
 REFS_ALWAYS = ("lae", "dw")
+
+
+def _over_seeds(vals: list) -> str:
+    vals = [v for v in vals if v is not None]
+    if not vals:
+        return "undefined"
+    import statistics
+
+    mean = statistics.fmean(vals)
+    sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
+    return f"{mean:.3f} (sd {sd:.3f}; {min(vals):.3f} to {max(vals):.3f})"
+
+
+def seeds_markdown(runs: dict[str, list[tuple[str, dict]]], methods=("lae", "dw", "greedy", "lowrank"),
+                   split: str = "test") -> str:
+    """Per setting and length, each method's headline numbers on every training seed of
+    the setting's fine-tune (one row per seed, intervals over questions) and over the
+    seeds (mean, sd, range): accuracy averaged over K minus random, Recovery at K = 7,
+    and the test accuracy at the K chosen on dev."""
+    body = []
+    for name, seeds in runs.items():
+        lengths = seeds[0][1]["setting"]["lengths"]
+        for L in lengths:
+            for m in methods:
+                per = []
+                for seed, doc in seeds:
+                    summ = next((s for s in doc["summary"] if s["method"] == m and s["L"] == L), None)
+                    row7 = next((r for r in doc["rows"] if r["method"] == m and r["L"] == L and r["k"] == 7), None)
+                    best = next((b["held_out"] for b in doc["best_k"] if b["method"] == m and b["L"] == L), None)
+                    if summ is None:
+                        continue
+                    per.append((seed, summ["mean_over_k"][split]["vs"].get("random"),
+                                row7["split"][split]["recovery"] if row7 else None, best))
+                if not per:
+                    continue
+                for seed, vs, rec, best in per:
+                    body.append([name, str(L), f"`{m}`", seed, fmt(vs), fmt(rec, pct=True),
+                                 f"K={best['k']}: {fmt(best['accuracy'])}" if best else ""])
+                body.append([name, str(L), f"`{m}`", f"**over {len(per)} seeds**",
+                             _over_seeds([vs["value"] if vs else None for _, vs, _, _ in per]),
+                             _over_seeds([rec["value"] if rec else None for _, _, rec, _ in per]),
+                             _over_seeds([b["accuracy"]["value"] if b else None for *_, b in per])])
+    return "\n".join(_table(["setting", "max new tokens", "method", "training seed",
+                             "mean accuracy over K minus random (test)", "Recovery at K = 7 (test)",
+                             "test accuracy at the dev-chosen K"], body)) + "\n"
 
 
 def summary_markdown(docs: dict[str, dict]) -> str:
