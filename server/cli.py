@@ -75,6 +75,17 @@ def cmd_zoo_variant(args) -> int:
     return 0
 
 
+def cmd_zoo_deep(args) -> int:
+    from transplant_core import zoo
+
+    out = zoo.build_deep(out=Path(args.out) if args.out else None, progress=not args.quiet,
+                         log=lambda *a: print(*a, file=sys.stderr))
+    doc = {"path": str(out), "models": {s: str(out / s) for s in ("v1", "v2")},
+           "accuracy": {s: json.loads((out / s / "card.json").read_text())["accuracy"] for s in ("v1", "v2")}}
+    _emit(args, doc, lambda d: print(d["path"]))
+    return 0
+
+
 def cmd_zoo_list(args) -> int:
     from transplant_core import zoo
 
@@ -368,6 +379,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="directory (default <zoo>/variants/<stage>-seed<seed>)")
     _common(p, pickle=False)
     p.set_defaults(fn=cmd_zoo_variant)
+    p = z.add_parser("deep", help="train the cross-generation lineage (trunk, v1, v2) on a deeper model (8 layers, "
+                                  "hidden 256; tens of minutes on 2 CPU cores); prints its directory")
+    p.add_argument("--out", help="directory (default <zoo>/deep)")
+    _common(p, pickle=False)
+    p.set_defaults(fn=cmd_zoo_deep)
     p = z.add_parser("list", help="models, tasks and settings of the family")
     _common(p, quiet=False, pickle=False)
     p.set_defaults(fn=cmd_zoo_list)

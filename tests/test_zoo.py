@@ -334,3 +334,21 @@ def test_a_seed_variant_is_the_fine_tune_trained_again_with_another_seed(zoo_bui
         zoo.build_variant("trunk", 1, out=tmp_path / "t")
     with pytest.raises(zoo.ZooError, match="not built"):
         zoo.build_variant("v2", 1, root=tmp_path / "empty")
+
+
+def test_the_deep_lineage_is_the_cross_generation_recipe_on_a_deeper_model(zoo_built, tmp_path):
+    from safetensors.torch import load_file
+
+    out = zoo.build_deep(out=tmp_path / "deep", progress=False, log=lambda *_: None, steps=2)
+    cfg = json.loads((out / "v2" / "config.json").read_text())
+    assert cfg["num_hidden_layers"] == 8 and cfg["hidden_size"] == 256
+    v1, v2 = (load_file(str(out / s / "model.safetensors")) for s in ("v1", "v2"))
+    moved = {k for k in v1 if not torch.equal(v1[k], v2[k])}
+    assert moved and all(k.endswith("proj.weight") for k in moved)       # v2: linear modules only, as in the zoo
+    card = json.loads((out / "v2" / "card.json").read_text())
+    assert card["name"] == "deep-v2" and card["arch"] == builder.DEEP_ARCH and card["variant_steps"] == 2
+    assert [e["stage"] for e in card["lineage"]] == ["trunk", "v1", "v2"]
+    before = (out / "v2" / "model.safetensors").stat().st_mtime_ns
+    assert zoo.build_deep(out=out, progress=False, steps=2) == out             # reused
+    assert (out / "v2" / "model.safetensors").stat().st_mtime_ns == before
+    assert not builder._valid_dir(out / "v2")           # never mistaken for the zoo's own v2

@@ -26,4 +26,17 @@ B=(--ks "$KS" --seeds 5 --selectors "$BASELINES" --threads "${THREADS:-1}" --qui
     --out docs/experiments/baselines/base_vs_tuned
 "$T" experiment --target zoo:base --donor zoo:lora --task zoo:rev --max-new-tokens 4,8 "${B[@]}" \
     --out docs/experiments/baselines/adapter
+# training seeds: each setting's fine-tune trained again with seeds 101 and 102 (`transplant zoo variant`),
+# the headline methods run on each (the zoo's own seed is the main run above)
+Z=$("$T" zoo list --json | .venv/bin/python -c "import json, sys; print(json.load(sys.stdin)['root'])")
+S=(--ks "$KS" --seeds 5 --selectors greedy,lowrank --threads "${THREADS:-1}" --quiet)
+for seed in 101 102; do
+    for stage in v2 tuned lora; do "$T" zoo variant "$stage" --seed "$seed" --quiet >/dev/null; done
+    "$T" experiment --target "$Z/variants/v2-seed$seed" --donor zoo:v1 --task zoo:add --max-new-tokens 2,8 "${S[@]}" \
+        --out "docs/experiments/seeds/cross_generation-seed$seed"
+    "$T" experiment --target zoo:base --donor "$Z/variants/tuned-seed$seed" --task zoo:rev --max-new-tokens 4,8 \
+        "${S[@]}" --out "docs/experiments/seeds/base_vs_tuned-seed$seed"
+    "$T" experiment --target zoo:base --donor "$Z/variants/lora-seed$seed" --task zoo:rev --max-new-tokens 4,8 \
+        "${S[@]}" --out "docs/experiments/seeds/adapter-seed$seed"
+done
 .venv/bin/python docs/experiments/summarize.py

@@ -14,6 +14,7 @@ from .builder import (
     SETTINGS,
     FINE_TUNES,
     build,
+    build_deep,
     build_variant,
     format_table,
     is_built,
@@ -28,5 +29,5 @@ from .tasks import SPLITS, TASK_NAMES, answer, task_examples
 __all__ = [
     "MODEL_NAMES", "TASK_NAMES", "SETTINGS", "SPLITS", "RECIPE", "RECIPE_VERSION", "ZooError",
     "zoo_root", "model_dir", "is_built", "task_examples", "build", "load_card", "summarize",
-    "format_table", "answer", "FINE_TUNES", "build_variant",
+    "format_table", "answer", "FINE_TUNES", "build_variant", "build_deep",
 ]

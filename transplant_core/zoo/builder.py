@@ -237,7 +237,8 @@ def _trainable(spec: dict):
 
 
 def _train_stage(name: str, parent: LlamaForCausalLM | None, on_step,
-                 seed: int | None = None, steps: int | None = None) -> tuple[LlamaForCausalLM, dict]:
+                 seed: int | None = None, steps: int | None = None,
+                 arch: dict | None = None) -> tuple[LlamaForCausalLM, dict]:
     import torch
 
     from .lora import add_lora, merge_lora
@@ -248,7 +249,7 @@ def _train_stage(name: str, parent: LlamaForCausalLM | None, on_step,
         spec["seed"] = seed
     if steps is not None:
         spec["steps"] = steps
-    model = new_model(RECIPE["arch"], RECIPE["init_seed"])
+    model = new_model(arch or RECIPE["arch"], RECIPE["init_seed"])
     if parent is not None:
         model.load_state_dict(parent.state_dict())
     extra = {}
@@ -497,6 +498,55 @@ def build_variant(stage: str, seed: int, root: Path | None = None, out: Path | N
     card["lineage"][-1].update(seed=seed, steps=total)        # what this run used, not the recipe's
     _save_model(model, dest, card)
     log(f"{stage} seed {seed}: {res['seconds']} s -> {dest}")
+    return dest
+
+
+# a deeper and wider model for the cross-generation setting (depth: does locality change?)
+DEEP_ARCH = {"hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 8, "num_attention_heads": 8,
+             "max_position_embeddings": 64}
+DEEP_STAGES = ("trunk", "v1", "v2")
+
+
+def deep_dir(root: Path | None = None) -> Path:
+    return (root or zoo_root()) / "deep"
+
+
+def build_deep(root: Path | None = None, out: Path | None = None, progress: bool = True, log=print,
+               steps: int | None = None) -> Path:
+    """The cross-generation lineage (trunk -> v1 -> v2, the recipe's stages, seeds and
+    data) on DEEP_ARCH (8 layers, hidden 256): <zoo>/deep/{trunk,v1,v2} (or `out`), each
+    with a card. Stages already there (same arch and steps) are reused. `steps`: every
+    stage that many steps (tests)."""
+    from tqdm.auto import tqdm
+    from transformers import LlamaForCausalLM as _Llama
+
+    dest = Path(out) if out else deep_dir(root)
+    parent, stage_log = None, {}
+    for stage in DEEP_STAGES:
+        d = dest / stage
+        want = steps or RECIPE["stages"][stage]["steps"]
+        try:
+            card = json.loads((d / "card.json").read_text())
+            done = card.get("arch") == DEEP_ARCH and card.get("variant_steps") == want
+        except (OSError, ValueError):
+            done = False
+        if done:
+            import torch
+
+            parent = _Llama.from_pretrained(d, dtype=torch.float32).eval()
+            stage_log[stage] = card["lineage"][-1].get("result", {})
+            continue
+        bar = tqdm(total=want, desc=f"deep {stage}", disable=not progress, leave=False, file=sys.stderr)
+        parent, res = _train_stage(stage, parent, lambda step, loss: _tick(bar, 1, step, loss), steps=steps,
+                                   arch=DEEP_ARCH)
+        bar.close()
+        stage_log[stage] = res
+        card = _card(stage, dict(stage_log), _evaluate(parent), sum(p.numel() for p in parent.parameters()))
+        card.update(name=f"deep-{stage}", arch=DEEP_ARCH, variant_steps=want, stage_hash=None, roles=[])
+        for entry in card["lineage"]:
+            entry["steps"] = steps or entry["steps"]
+        _save_model(parent, d, card)
+        log(f"deep {stage}: {res['seconds']} s -> {d} (accuracy {card['accuracy']})")
     return dest
 
 
