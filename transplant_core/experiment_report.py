@@ -505,7 +505,7 @@ def baselines_markdown(main: dict[str, dict], base: dict[str, dict], refs=("lae"
 REFS_ALWAYS = ("lae", "dw")
 
 
-def _over_seeds(vals: list) -> str:
+def _over_seeds(vals: list, pct: bool = False) -> str:
     vals = [v for v in vals if v is not None]
     if not vals:
         return "undefined"
@@ -513,7 +513,8 @@ def _over_seeds(vals: list) -> str:
 
     mean = statistics.fmean(vals)
     sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
-    return f"{mean:.3f} (sd {sd:.3f}; {min(vals):.3f} to {max(vals):.3f})"
+    f, u = (".1f", "%") if pct else (".3f", "")
+    return f"{mean:{f}}{u} (sd {sd:{f}}; {min(vals):{f}} to {max(vals):{f}})"
 
 
 def seeds_markdown(runs: dict[str, list[tuple[str, dict]]], methods=("lae", "dw", "greedy", "lowrank"),
@@ -543,7 +544,7 @@ def seeds_markdown(runs: dict[str, list[tuple[str, dict]]], methods=("lae", "dw"
                                  f"K={best['k']}: {fmt(best['accuracy'])}" if best else ""])
                 body.append([name, str(L), f"`{m}`", f"**over {len(per)} seeds**",
                              _over_seeds([vs["value"] if vs else None for _, vs, _, _ in per]),
-                             _over_seeds([rec["value"] if rec else None for _, _, rec, _ in per]),
+                             _over_seeds([rec["value"] if rec else None for _, _, rec, _ in per], pct=True),
                              _over_seeds([b["accuracy"]["value"] if b else None for *_, b in per])])
     return "\n".join(_table(["setting", "max new tokens", "method", "training seed",
                              "mean accuracy over K minus random (test)", "Recovery at K = 7 (test)",
