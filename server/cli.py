@@ -379,8 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="directory (default <zoo>/variants/<stage>-seed<seed>)")
     _common(p, pickle=False)
     p.set_defaults(fn=cmd_zoo_variant)
-    p = z.add_parser("deep", help="train the cross-generation lineage (trunk, v1, v2) on a deeper model (8 layers, "
-                                  "hidden 256; tens of minutes on 2 CPU cores); prints its directory")
+    p = z.add_parser("deep", help="train the cross-generation lineage (trunk, v1, v2) on a model twice as deep "
+                                  "(8 layers; about 20 minutes on 2 CPU cores); prints its directory")
     p.add_argument("--out", help="directory (default <zoo>/deep)")
     _common(p, pickle=False)
     p.set_defaults(fn=cmd_zoo_deep)

@@ -341,7 +341,7 @@ def test_the_deep_lineage_is_the_cross_generation_recipe_on_a_deeper_model(zoo_b
 
     out = zoo.build_deep(out=tmp_path / "deep", progress=False, log=lambda *_: None, steps=2)
     cfg = json.loads((out / "v2" / "config.json").read_text())
-    assert cfg["num_hidden_layers"] == 8 and cfg["hidden_size"] == 256
+    assert cfg["num_hidden_layers"] == 8 and cfg["hidden_size"] == builder.RECIPE["arch"]["hidden_size"]
     v1, v2 = (load_file(str(out / s / "model.safetensors")) for s in ("v1", "v2"))
     moved = {k for k in v1 if not torch.equal(v1[k], v2[k])}
     assert moved and all(k.endswith("proj.weight") for k in moved)       # v2: linear modules only, as in the zoo
