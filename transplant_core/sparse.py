@@ -137,7 +137,7 @@ def learn(ev, length: int, kind: str, sparse: Sparse, steps: int = 60, lr: float
                 if kind == "stitch":
                     loss = loss + l1 * torch.cat([m.flatten() for m in masks.values()]).mean()
                 if trace is not None:
-                    trace.append(float(loss))
+                    trace.append(float(loss.detach()))
                 opt.zero_grad()
                 loss.backward()
                 opt.step()

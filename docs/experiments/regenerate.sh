@@ -39,4 +39,9 @@ for seed in 101 102; do
     "$T" experiment --target zoo:base --donor "$Z/variants/lora-seed$seed" --task zoo:rev --max-new-tokens 4,8 \
         "${S[@]}" --out "docs/experiments/seeds/adapter-seed$seed"
 done
+# depth: the cross-generation lineage on an 8-layer model (`transplant zoo deep`, about 15 to 25 minutes)
+"$T" zoo deep --quiet >/dev/null
+"$T" experiment --target "$Z/deep/v2" --donor "$Z/deep/v1" --task zoo:add --ks 1,2,4,7,14,28,42,all \
+    --max-new-tokens 2,8 --seeds 5 --selectors taylor,swap,greedy,lowrank --threads "${THREADS:-1}" --quiet \
+    --out docs/experiments/deep/cross_generation
 .venv/bin/python docs/experiments/summarize.py
