@@ -322,6 +322,17 @@ def _donor_source(donor):
 
 # ---- parser --------------------------------------------------------------------------
 
+def lowrank_flags(p, onto: str) -> None:
+    """--rank / --budget, for `apply` (onto the target) and `admin plan/transplant` (the live model)."""
+    p.add_argument("--rank", type=int, default=0,
+                   help=f"low-rank transplant: move each selected weight by the top RANK singular directions of "
+                        f"(donor - {onto}) instead of copying it whole (biases are copied; a generation journals "
+                        "the factors)")
+    p.add_argument("--budget", type=int, default=0, metavar="PARAMS",
+                   help="low-rank transplant within PARAMS factor parameters (rank x (out + in) per module) shared "
+                        "across the selected modules (instead of --rank)")
+
+
 class Parser(argparse.ArgumentParser):
     """Every parser of the CLI: no abbreviated options (`admin revert --to 1` must not be
     read as an ambiguous prefix of --token/--token-file). Subparsers inherit the class."""
@@ -430,12 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
     _analysis_flags(p, task_required=False)
     p.add_argument("--modules", help="explicit names or globs, comma separated (instead of --task/--k)")
     p.add_argument("--alpha", type=float, default=1.0, help="blend factor in [0, 1]; 1 = full copy (paper)")
-    p.add_argument("--rank", type=int, default=0,
-                   help="low-rank transplant: move each selected weight by the top RANK singular directions of "
-                        "(donor - target) instead of copying it whole (biases are copied)")
-    p.add_argument("--budget", type=int, default=0, metavar="PARAMS",
-                   help="low-rank transplant within PARAMS factor parameters (rank x (out + in) per module) shared "
-                        "across the selected modules (instead of --rank)")
+    lowrank_flags(p, "target")
     p.add_argument("--out", required=True, help="directory to write the checkpoint into (must be empty or new)")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
     p.add_argument("--cast", action="store_true",

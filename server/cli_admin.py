@@ -67,12 +67,9 @@ def register(sub) -> None:
         q.add_argument("--cast", action="store_true",
                        help="convert donor values stored in another dtype to the live model's (the rounding error "
                             "is reported and journaled); without it such modules are refused")
-        q.add_argument("--rank", type=int, default=0,
-                       help="low-rank transplant: move each selected weight by the top RANK singular directions of "
-                            "(donor - live) instead of copying it whole; journaled as factors")
-        q.add_argument("--budget", type=int, default=0, metavar="PARAMS",
-                       help="low-rank transplant within PARAMS factor parameters shared across the selected modules "
-                            "(instead of --rank)")
+        from .cli import lowrank_flags
+
+        lowrank_flags(q, "live")
         q.add_argument("--retention-floor", type=float, default=0.0, metavar="F",
                        help="with --task/--k: measure Recovery and retention of the top-K for K up to --k and take "
                             "the largest Recovery whose retention (worst retained task) stays >= F, e.g. 0.95")

@@ -239,11 +239,7 @@ class Generations:
         out: dict[str, torch.Tensor] = {}
         legacy: dict[str, torch.Tensor] | None = None
         for k, digest in state.items():
-            t = self._recent.get(digest)
-            if t is None:
-                t = self._read_object(digest)
-            if t is None and digest in self._recipes:
-                t = self._rebuild(digest)
+            t = self._find(digest)
             if t is None:
                 if legacy is None:
                     legacy = self._read_legacy(gen)
@@ -258,14 +254,19 @@ class Generations:
         """Tensor `k` by digest: the base's, a recent one, a stored one, or rebuilt."""
         if digest == self.records[0].checksums.get(k):
             return self._base_params[k]
+        t = self._find(digest)
+        if t is None:
+            raise PreconditionFailed(f"tensor {k} ({digest[:12]}) is missing from the tensor store in {self.object_dir}")
+        return self._typed(k, t)
+
+    def _find(self, digest: str) -> torch.Tensor | None:
+        """A tensor by digest from memory, the store, or its low-rank recipe (None: none has it)."""
         t = self._recent.get(digest)
         if t is None:
             t = self._read_object(digest)
         if t is None and digest in self._recipes:
             t = self._rebuild(digest)
-        if t is None:
-            raise PreconditionFailed(f"tensor {k} ({digest[:12]}) is missing from the tensor store in {self.object_dir}")
-        return self._typed(k, t)
+        return t
 
     def _learn(self, derived: dict[str, dict]) -> None:
         """Remember how to rebuild low-rank weights; the first recipe of a digest stays (any
