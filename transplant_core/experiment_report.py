@@ -388,7 +388,8 @@ def front_plot(doc, L, path: Path, methods) -> Path | None:
     ax.set_title(f"{st['target']} <- {st['donor']} on {st['task']}, max new tokens {L}: front per method "
                  "(labels: K)", fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=6, ncol=2)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
