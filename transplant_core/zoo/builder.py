@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import shutil
 import sys
 import time
@@ -38,20 +39,18 @@ SETTINGS: dict[str, dict] = {
     "adapter": {"target": "base", "donor": "lora", "task": "rev"},
 }
 
-NUM_THREADS = 2  # default; $TRANSPLANT_ZOO_THREADS overrides (the weights do not depend on it)
-
-
-def _num_threads() -> int:
-    try:
-        return max(1, int(os.environ.get("TRANSPLANT_ZOO_THREADS", NUM_THREADS)))
-    except ValueError:
-        raise ZooError("TRANSPLANT_ZOO_THREADS must be a positive integer") from None
+def stage_threads(stage: str) -> int:
+    """CPU threads stage `stage` trains and is evaluated on: part of its recipe. Torch's
+    float sums depend on the thread count on some CPUs (seen: 1, 2 and a 1-then-2
+    schedule gave three different `tuned`s), so a stage never changes it while it runs,
+    whatever the machine's load or the build's schedule."""
+    return RECIPE["stages"][stage]["threads"]
 _LINEAR = (".q_proj.", ".k_proj.", ".v_proj.", ".o_proj.", ".gate_proj.", ".up_proj.", ".down_proj.")
 
 # Every number that decides the weights. Changing any of it changes RECIPE_VERSION
 # (and so the default zoo directory). Bump RECIPE_REVISION for code changes that
 # alter the weights without touching this dict (task generators, training loop).
-RECIPE_REVISION = 1
+RECIPE_REVISION = 2   # 2: a fixed thread count per stage (in the recipe)
 RECIPE: dict = {
     "arch": {
         "hidden_size": 128,
@@ -66,35 +65,35 @@ RECIPE: dict = {
     "stages": {
         "trunk": {
             "from": None, "mixture": {"copy": 1, "upper": 1, "sort": 2, "add": 2}, "steps": 1500, "lr": 3e-3,
-            "warmup": 100, "schedule": "constant", "seed": 1, "trainable": "all",
+            "warmup": 100, "schedule": "constant", "seed": 1, "trainable": "all", "threads": 2,
             "why": "shared pre-training on the broad mixture (no rev), warmup then constant LR; base and v1 "
                    "are two different cool-downs of it, as in a warmup-stable-decay run",
         },
         "base": {
             "from": "trunk", "mixture": {"copy": 1, "upper": 1, "sort": 2, "add": 2}, "steps": 400, "lr": 3e-3,
-            "warmup": 1, "schedule": "cosine", "seed": 2, "trainable": "all",
+            "warmup": 1, "schedule": "cosine", "seed": 2, "trainable": "all", "threads": 1,
             "why": "cool-down of the trunk on the same broad mixture: good at copy, upper, sort, add; lacks rev",
         },
         "tuned": {
             "from": "base", "mixture": {"copy": 1, "upper": 1, "rev": 4, "sort": 1, "add": 1}, "steps": 300,
-            "lr": 3e-4, "warmup": 30, "schedule": "cosine", "seed": 4, "trainable": "all",
+            "lr": 3e-4, "warmup": 30, "schedule": "cosine", "seed": 4, "trainable": "all", "threads": 1,
             "why": "short full fine-tune on rev (with replay of base's tasks) at 1/10 of the pre-training LR",
         },
         "lora": {
             "from": "base", "mixture": {"copy": 1, "upper": 1, "rev": 4, "sort": 1, "add": 1}, "steps": 300,
-            "lr": 2e-3, "warmup": 30, "schedule": "cosine", "seed": 5, "trainable": "lora",
+            "lr": 2e-3, "warmup": 30, "schedule": "cosine", "seed": 5, "trainable": "lora", "threads": 1,
             "lora": {"rank": 8, "alpha": 16.0},
             "why": "same data as tuned through a rank-8 LoRA on all 28 linear projections (lr as usual for "
                    "LoRA, higher than a full fine-tune), merged into the weights",
         },
         "v1": {
             "from": "trunk", "mixture": {"copy": 1, "upper": 1, "sort": 1, "add": 3}, "steps": 400, "lr": 3e-3,
-            "warmup": 1, "schedule": "cosine", "seed": 3, "trainable": "all",
+            "warmup": 1, "schedule": "cosine", "seed": 3, "trainable": "all", "threads": 1,
             "why": "generation 1: a second, add-heavy cool-down of the shared trunk; lacks rev",
         },
         "v2": {
             "from": "v1", "mixture": {"copy": 1, "upper": 1, "sort": 1, "rev": 3}, "steps": 500, "lr": 3e-3,
-            "warmup": 30, "schedule": "cosine", "seed": 6, "trainable": "linear",
+            "warmup": 30, "schedule": "cosine", "seed": 6, "trainable": "linear", "threads": 1,
             "why": "generation 2: v1 trained further, at the pre-training LR, on a mixture with the new "
                    "skill rev and without add, which it forgets (at lr 1e-3 add only fell to 0.82, at "
                    "2e-3 x 600 steps to 0.50). Only the 28 linear projections move (embeddings, norms "
@@ -128,11 +127,18 @@ def stage_hash(stage: str) -> str:
 # ---------------------------------------------------------------- locations
 
 def zoo_root() -> Path:
-    """$TRANSPLANT_ZOO_DIR if set, else ~/.cache/transplant/zoo/<RECIPE_VERSION>."""
+    """The recipe folder: <cache>/<RECIPE_VERSION>, where <cache> is $TRANSPLANT_ZOO_DIR if
+    set, else ~/.cache/transplant/zoo. $TRANSPLANT_ZOO_DIR may also name a recipe folder
+    itself (its name is a recipe version such as r2-0123456789, or it already holds zoo
+    models): then it is used as it is."""
     env = os.environ.get("TRANSPLANT_ZOO_DIR")
-    if env:
-        return Path(env).expanduser()
-    return Path.home() / ".cache" / "transplant" / "zoo" / RECIPE_VERSION
+    if not env:
+        return Path.home() / ".cache" / "transplant" / "zoo" / RECIPE_VERSION
+    d = Path(env).expanduser()
+    if re.fullmatch(r"r\d+-[0-9a-f]{10}", d.name) or (d / ".stages").is_dir() or any(
+            (d / n / "card.json").is_file() for n in MODEL_NAMES):
+        return d
+    return d / RECIPE_VERSION
 
 
 def _valid_dir(d: Path) -> bool:
@@ -309,7 +315,7 @@ def _card(name: str, stage_log: dict, acc: dict, n_params: int) -> dict:
         "accuracy_by_split": acc,
         "eval_size": EVAL_SIZE,
         "eval_method": "greedy, batched, left padding, exact match, max 12 new tokens",
-        "threads": _num_threads(),
+        "threads": stage_threads(name),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "python": platform.python_version(),
@@ -326,7 +332,8 @@ def _readme(card: dict) -> str:
         f"- architecture: {json.dumps(card['arch'])}, {card['parameters']:,} parameters, "
         "untied embeddings, char vocabulary",
         f"- roles: {'; '.join(card['roles']) or 'none'}",
-        f"- training time (whole lineage, {card['threads']} CPU threads): {card['training_seconds']} s",
+        f"- training time (whole lineage): {card['training_seconds']} s; this stage trained on "
+        f"{card['threads']} CPU thread(s), fixed by the recipe",
         f"- optimizer: {card['optimizer']}; batch {card['batch_size']}; loss: {card['loss']}",
         f"- prompt format: {card['prompt_format']}", "",
         "## Accuracy (exact match, held-out eval split, "
@@ -342,6 +349,7 @@ def _readme(card: dict) -> str:
             f"- **{st['stage']}** (from {st['from'] or 'random init, seed ' + str(card['init_seed'])}): "
             f"mixture {json.dumps(st['mixture'])}, {st['steps']} steps, lr {st['lr']}, "
             f"warmup {st['warmup']}, schedule {st['schedule']}, data/torch seed {st['seed']}, "
+            f"{st['threads']} thread(s), "
             f"trains {st['trainable']}" + (f" (LoRA {json.dumps(st['lora'])})" if "lora" in st else "")
             + (f"; final loss {r['final_loss']:.4f}, {r['trainable_params']:,} trainable params, "
                f"{r['seconds']} s" if r else "") + f". Why: {st['why']}.")
@@ -357,8 +365,10 @@ def _readme(card: dict) -> str:
         "## Notes", "",
         "- Data are deterministic (`transplant_core.zoo.task_examples`); no eval or probe prompt "
         "ever occurs in training data.",
-        "- Training is deterministic given the torch version (fixed seeds; the weights were checked to "
-        "be bit-identical with 1 and 2 CPU threads).",
+        "- Training is deterministic given the torch version, the CPU model and each stage's thread "
+        "count, which the recipe fixes (fixed seeds; a stage never changes its thread count, whatever the "
+        "build's schedule or the machine's load). On another CPU model the bits, and so the accuracies "
+        "above, can differ slightly: torch's float sums depend on the CPU's instruction set.",
         "- Fine-tunes follow real practice: long pre-training at lr 3e-3, then `tuned` is a short "
         "(300 step) full fine-tune at 3e-4 and `lora` a merged rank-8 adapter. `v2` is a new "
         "generation, trained further at the pre-training LR with only the linear projections free.",
@@ -488,9 +498,11 @@ def build_variant(stage: str, seed: int, root: Path | None = None, out: Path | N
 
     total = steps or RECIPE["stages"][stage]["steps"]
     bar = tqdm(total=total, desc=f"{stage} seed {seed}", disable=not progress, leave=False, file=sys.stderr)
-    model, res = _train_stage(stage, parent, lambda step, loss: _tick(bar, 1, step, loss), seed=seed, steps=steps)
+    with _threads(stage_threads(stage)):
+        model, res = _train_stage(stage, parent, lambda step, loss: _tick(bar, 1, step, loss), seed=seed,
+                                  steps=steps)
+        acc = _evaluate(model)
     bar.close()
-    acc = _evaluate(model)
     stage_log = {anc: _old_stage_result(root, stage, anc) for anc in _lineage(stage)[:-1]}
     stage_log[stage] = res
     card = _card(stage, stage_log, acc, sum(p.numel() for p in model.parameters()))
@@ -538,11 +550,13 @@ def build_deep(root: Path | None = None, out: Path | None = None, progress: bool
             stage_log[stage] = card["lineage"][-1].get("result", {})
             continue
         bar = tqdm(total=want, desc=f"deep {stage}", disable=not progress, leave=False, file=sys.stderr)
-        parent, res = _train_stage(stage, parent, lambda step, loss: _tick(bar, 1, step, loss), steps=steps,
-                                   arch=DEEP_ARCH)
+        with _threads(stage_threads(stage)):
+            parent, res = _train_stage(stage, parent, lambda step, loss: _tick(bar, 1, step, loss), steps=steps,
+                                       arch=DEEP_ARCH)
+            acc = _evaluate(parent)
         bar.close()
         stage_log[stage] = res
-        card = _card(stage, dict(stage_log), _evaluate(parent), sum(p.numel() for p in parent.parameters()))
+        card = _card(stage, dict(stage_log), acc, sum(p.numel() for p in parent.parameters()))
         card.update(name=f"deep-{stage}", arch=DEEP_ARCH, variant_steps=want, stage_hash=None, roles=[])
         for entry in card["lineage"]:
             entry["steps"] = steps or entry["steps"]
@@ -551,22 +565,18 @@ def build_deep(root: Path | None = None, out: Path | None = None, progress: bool
     return dest
 
 
-def _stage_worker(root: str, s: str, threads, queue) -> None:
-    """Entry point of a spawned build process: one stage, reported through `queue`.
-    `threads` (a shared integer) is re-read every step: the parent hands a stage the
-    whole CPU once it runs alone."""
+def _stage_worker(root: str, s: str, queue) -> None:
+    """Entry point of a spawned build process: one stage, on the recipe's thread count
+    for it from first step to last, reported through `queue`."""
     import traceback
 
     import torch
 
     try:
-        state = {"threads": threads.value, "reported": -1}
-        torch.set_num_threads(state["threads"])
+        state = {"reported": -1}
+        torch.set_num_threads(stage_threads(s))
 
         def on_step(step: int, loss: float) -> None:
-            if threads.value != state["threads"]:
-                state["threads"] = threads.value
-                torch.set_num_threads(state["threads"])
             if step % 5 == 4:                      # progress in small batches: less chatter
                 queue.put(("step", s, step - state["reported"], loss))
                 state["reported"] = step
@@ -587,11 +597,11 @@ def _stage_line(s: str, res: dict, acc: dict | None) -> str:
     return f"  {s}: " + ", ".join(f"{t} {acc['eval'][t]:.3f}" for t in TASK_NAMES) + f"  ({res['seconds']} s)"
 
 
-def _schedule(root: Path, order: list[str], workers: int, threads: int, bar, log) -> dict[str, dict]:
+def _schedule(root: Path, order: list[str], workers: int, bar, log) -> dict[str, dict]:
     """Train `order` (parents before children). A stage starts once its parent is on
-    disk; up to `workers` stages run at once in spawned processes, sharing `threads`
-    CPU threads. The weights do not depend on the thread count (checked bit for bit),
-    so a parallel build equals a serial one."""
+    disk; up to `workers` stages run at once in spawned processes. Each stage runs on
+    its recipe's thread count throughout, so a parallel build equals a serial one bit
+    for bit, whatever the order stages end in."""
     import multiprocessing as mp
     import queue as queue_mod
 
@@ -606,39 +616,32 @@ def _schedule(root: Path, order: list[str], workers: int, threads: int, bar, log
         stage_log[s] = res
         log(_stage_line(s, res, acc))
 
-    running: dict[str, tuple] = {}            # stage -> (process, shared thread count)
+    running: dict[str, object] = {}            # stage -> process
     if workers <= 1:
         for s in order:
             bar.set_description(f"zoo {s}")
             pending.remove(s)
-            finish(s, *_run_stage(root, s, lambda step, loss: _tick(bar, 1, step, loss)))
+            with _threads(stage_threads(s)):
+                finish(s, *_run_stage(root, s, lambda step, loss: _tick(bar, 1, step, loss)))
         return stage_log
 
     ctx = mp.get_context("spawn")  # never fork a process that holds torch's thread pools
     q = ctx.Queue()
-
-    def rebalance() -> None:
-        for _proc, share in running.values():
-            share.value = max(1, threads // len(running))
 
     try:
         while pending or running:
             for s in ready():
                 if len(running) >= workers:
                     break
-                busy = min(workers, len(running) + len(ready()))
-                share = ctx.Value("i", max(1, threads // busy), lock=False)
-                proc = ctx.Process(target=_stage_worker, args=(str(root), s, share, q), name=f"zoo-{s}",
-                                   daemon=True)
+                proc = ctx.Process(target=_stage_worker, args=(str(root), s, q), name=f"zoo-{s}", daemon=True)
                 proc.start()
-                running[s] = (proc, share)
+                running[s] = proc
                 pending.remove(s)
-            rebalance()
             bar.set_description("zoo " + "+".join(running))
             try:
                 kind, s, a, b = q.get(timeout=1.0)
             except queue_mod.Empty:
-                for s, (proc, _share) in running.items():
+                for s, proc in running.items():
                     if not proc.is_alive():
                         raise ZooError(f"zoo build: the process training stage {s!r} died "
                                        f"(exit code {proc.exitcode})")
@@ -646,12 +649,12 @@ def _schedule(root: Path, order: list[str], workers: int, threads: int, bar, log
             if kind == "step":
                 _tick(bar, a, None, b)
             elif kind == "done":
-                running.pop(s)[0].join()
+                running.pop(s).join()
                 finish(s, a, b)
             else:
                 raise ZooError(f"zoo build: stage {s!r} failed:\n{a}")
     finally:
-        for proc, _share in running.values():
+        for proc in running.values():
             proc.terminate()
             proc.join(5)
     return stage_log
@@ -677,8 +680,11 @@ def build(root: Path | None = None, progress: bool = True, force: bool = False, 
     root = Path(root) if root is not None else zoo_root()
     t0 = time.perf_counter()
     log = log or (lambda *_a, **_k: None)
-    workers, threads = _workers(), _num_threads()
-    with _lock(root), _threads(threads), _quiet_transformers():
+    workers = _workers()
+    if os.environ.get("TRANSPLANT_ZOO_THREADS"):
+        log("note: TRANSPLANT_ZOO_THREADS is no longer read: each stage's thread count is part of the "
+            "recipe (the weights depend on it)")
+    with _lock(root), _quiet_transformers():
         for junk in [*root.glob(".tmp-*"), *root.glob(".old-*"), *root.glob(".stages/.tmp-*"),
                      *root.glob(".stages/.old-*")]:  # left by a killed build
             shutil.rmtree(junk, ignore_errors=True)
@@ -692,11 +698,12 @@ def build(root: Path | None = None, progress: bool = True, force: bool = False, 
         order = [s for s in RECIPE["stages"] if s in need]
         if order:
             log(f"building zoo {RECIPE_VERSION} in {root}: training {', '.join(order)} "
-                f"({workers} at a time, {threads} threads)")
+                f"({workers} at a time, threads per stage: "
+                + ", ".join(f"{s} {stage_threads(s)}" for s in order) + ")")
         bar = tqdm(total=sum(RECIPE["stages"][s]["steps"] for s in order), disable=not progress or not order,
                    file=sys.stderr, unit="step", desc="zoo build", dynamic_ncols=True)
         try:
-            stage_log = _schedule(root, order, workers, threads, bar, log)
+            stage_log = _schedule(root, order, workers, bar, log)
         finally:
             bar.close()
     summary = summarize(root)
