@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from concurrent import futures
 
 import grpc
@@ -79,7 +80,8 @@ class Server:
         try:
             self.http = HttpServer(cfg.http_listen, self.runtime.metrics.registry, self.token, self._on_alert,
                                    api=OpenAIApi(self.runtime, cfg.http_timeout_s), inference_key=self.inference_key,
-                                   count=self.runtime.metrics.count_http)
+                                   count=self.runtime.metrics.count_http,
+                                   serving=lambda: self.runtime.serving)
         except OSError as e:
             self.grpc.stop(0)
             raise PreconditionFailed(f"cannot listen on {cfg.http_listen} (HTTP: /metrics, /alerts): {_why(e)}; "
@@ -90,6 +92,8 @@ class Server:
         self._stopped = threading.Event()
         self._finished = threading.Event()
         self._listening = False
+        self.exit_on_engine_death = False   # `transplant serve`: a supervisor restarts it
+        self.runtime.on_engine_dead = self._on_engine_dead
 
     def _bind_grpc(self, cfg: ServeConfig) -> int:
         try:
@@ -110,6 +114,17 @@ class Server:
         if not self.runtime.ready.is_set():
             return 503, {"error": "the server is loading; Alertmanager will retry"}
         return self.runtime.on_alert(doc)
+
+    def _on_engine_dead(self) -> None:
+        """NOT_SERVING at once; then (exit_on_engine_death) stop, and `transplant serve`
+        exits 1 after engine_dead_exit_s, so a supervisor or Kubernetes restarts it."""
+        self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self.exit_on_engine_death:
+            def later():
+                time.sleep(self.cfg.engine_dead_exit_s)
+                log.error("the engine is dead: stopping (exit status 1)")
+                self.stop(drain_s=0)
+            threading.Thread(target=later, name="engine-dead-exit", daemon=True).start()
 
     def _set_health(self, status) -> None:
         for s in SERVICES:
@@ -133,6 +148,8 @@ class Server:
             self.http.stop()
             self.runtime.close()
             raise
+        if self._stopped.is_set() or self.runtime.engine_dead:
+            return self                      # stopped (or the engine died) during start-up
         self.runtime.serving = True
         self.runtime.metrics.healthy.set(1)
         self._set_health(health_pb2.HealthCheckResponse.SERVING)

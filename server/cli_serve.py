@@ -81,8 +81,17 @@ def cmd_serve(args) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    server.exit_on_engine_death = True
     print(f"loading {cfg.model} ...", file=sys.stderr)
-    server.start()
+    try:
+        server.start()
+    except BaseException:
+        if not server._stopped.is_set():
+            raise
+    if server._stopped.is_set():
+        server.wait()
+        print("stopped during start-up", file=sys.stderr)
+        return 0
     rt = server.runtime
     scheme = "grpcs" if cfg.tls_cert else "grpc"
     host = cfg.grpc_listen.rpartition(":")[0]
@@ -96,5 +105,8 @@ def cmd_serve(args) -> int:
           f"  state: {cfg.state_dir}\n"
           f"try: transplant admin status", file=sys.stderr, flush=True)
     server.wait()
+    if rt.engine_dead:
+        print("stopped: the engine died (exit status 1; restart the server)", file=sys.stderr)
+        return 1
     print("stopped", file=sys.stderr)
     return 0

@@ -124,6 +124,7 @@ class ServeConfig(BaseModel):
     default_max_new_tokens: int = Field(32, ge=1)
     grpc_workers: int = Field(64, ge=4)
     drain_timeout_s: float = Field(30.0, ge=0)
+    engine_dead_exit_s: float = Field(10.0, ge=0)  # a dead engine: NOT_SERVING at once, exit 1 this much later
     http_timeout_s: float = Field(600.0, gt=0)     # a /v1 call's deadline (header x-request-timeout: less)
 
     probe_prompts: int = Field(64, ge=1)        # activation analysis defaults
@@ -168,7 +169,12 @@ class ServeConfig(BaseModel):
     def model_name(self) -> str:
         if self.served_model_name:
             return self.served_model_name
-        return self.model if self.model.startswith("zoo:") else (Path(self.model).name or self.model)
+        if self.model.startswith("zoo:"):
+            return self.model
+        from transplant_core.checkpoint import hub_repo
+
+        # a Hugging Face cache folder or snapshot: its repository (ORG/NAME), not the commit hash
+        return hub_repo(Path(self.model).expanduser()) or Path(self.model).name or self.model
 
     @property
     def token_file(self) -> Path:

@@ -41,7 +41,8 @@ class _Server(ThreadingHTTPServer):
 class HttpServer:
     def __init__(self, listen: str, registry, token: str,
                  on_alert: Callable[[dict], tuple[int, dict]] | None = None, api=None,
-                 inference_key: str | None = None, count: Callable[[str, int, float], None] | None = None):
+                 inference_key: str | None = None, count: Callable[[str, int, float], None] | None = None,
+                 serving: Callable[[], bool] | None = None):
         host, _, port = listen.rpartition(":")
         outer = self
 
@@ -104,12 +105,15 @@ class HttpServer:
                 path = self.path.split("?")[0]
                 if path == "/metrics":
                     self._reply(200, generate_latest(registry), CONTENT_TYPE_LATEST)
-                elif path == "/healthz":
+                elif path == "/healthz":        # liveness of the HTTP listener itself
                     self._json(200, {"ok": True})
+                elif path == "/health":         # readiness, for a load balancer: 503 unless SERVING
+                    ok = outer.serving()
+                    self._json(200 if ok else 503, {"status": "SERVING" if ok else "NOT_SERVING"})
                 elif path == "/v1/models" or path.startswith("/v1/models/"):
                     self._api(lambda body: outer.api.models(path[len("/v1/models/"):] or None), path, False)
                 else:
-                    self._json(404, {"error": "not found; try /metrics or /v1/models"})
+                    self._json(404, {"error": "not found; try /metrics, /health or /v1/models"})
 
             def do_POST(self):
                 path = self.path.split("?")[0]
@@ -185,6 +189,7 @@ class HttpServer:
                     reply.stream.close()
 
         self.on_alert = on_alert
+        self.serving = serving or (lambda: True)
         self.api = api
         self.inference_key = inference_key
         self.count = count or (lambda route, status, seconds: None)

@@ -39,6 +39,8 @@ class Metrics:
         self.bytes_swapped = Counter("transplant_bytes_swapped_total", "Bytes installed by swaps", registry=r)
         self.donors = Gauge("transplant_donors_registered", "Donor checkpoints registered", registry=r)
         self.healthy = Gauge("transplant_serving", "1 when the server is SERVING", registry=r)
+        self.engine_up = Gauge("transplant_engine_up", "1 while the engine can decode (0: its process died; "
+                               "the server reports NOT_SERVING and exits)", registry=r)
 
     def count_http(self, route: str, status: int, seconds: float) -> None:
         route = route if route in ("/v1/completions", "/v1/chat/completions") else "/v1/models"
@@ -65,6 +67,15 @@ class QualityMetrics:
                               labels, registry=registry)
         self.measured = Gauge("transplant_quality_measured_timestamp_seconds", "When the accuracy was measured",
                               labels, registry=registry)
+        # per task, surviving failed probes and swaps: what staleness alerts compare with time()
+        self.last_success = Gauge("transplant_quality_last_success_timestamp_seconds",
+                                  "When the exported quality of the live generation on a probe task was measured",
+                                  ["task"], registry=registry)
+        self.interval = Gauge("transplant_quality_probe_interval_seconds", "Configured interval of a probe task",
+                              ["task"], registry=registry)
+        self.probe_failures = Counter("transplant_quality_probe_failures_total",
+                                      "Periodic probes that could not run, by task and reason (exception class)",
+                                      ["task", "reason"], registry=registry)
         self.guard = Counter("transplant_guard_decisions_total", "Guard decisions on transplants", ["decision"],
                              registry=registry)
         self.alerts = Counter("transplant_alerts_received_total", "Alert webhook notifications, by outcome",
@@ -77,3 +88,7 @@ class QualityMetrics:
             for labels in list(g._metrics):      # prometheus_client keeps label tuples here
                 if labels[1] != keep:
                     g.remove(*labels)
+
+    def forget(self, task: str, generation: int) -> None:
+        for g in self._gauges:
+            g.remove(task, str(generation))

@@ -6,7 +6,9 @@ HTTP status the one error map (server/errors.py) gives.
 Every reply names the generation that computed it: the `x-transplant-generation`
 header, `generation` in the body and `system_fingerprint` ("gen-N"). All choices of one
 call run on the same generation: the one `model` pins ("NAME@N"), else the generation
-live when the call arrived.
+live when the call starts (a call that names no generation never fails because of a
+swap). A stream's headers go out once the call has started, so an error before then is
+a status code.
 """
 from __future__ import annotations
 
@@ -49,13 +51,19 @@ class Reply:
     headers: dict | None = None
 
 
+# the runtime's (gRPC's) field names as this API calls them
+NAMES = {"max_new_tokens": "max_tokens", "generation": "model"}
+
+
 def error_reply(e: BaseException) -> Reply:
     if isinstance(e, ApiError):
         return Reply(e.status, openai_error(e.status, str(e), e.param, e.code))
     status = http_status_of(e)
     msg = str(e) if status != 500 else f"internal error: {type(e).__name__}; see the server log"
-    code = "model_not_found" if isinstance(e, NotFound) and "model" in str(e) else None
-    return Reply(status, openai_error(status, msg, None, code))
+    param = getattr(e, "field", None)
+    param = NAMES.get(param, param)
+    code = "model_not_found" if isinstance(e, NotFound) and param == "model" else None
+    return Reply(status, openai_error(status, msg, param, code))
 
 
 # ---- checking a body -------------------------------------------------------------------
@@ -137,7 +145,7 @@ class Call:
 
 def parse(body, chat: bool) -> Call:
     if not isinstance(body, dict):
-        raise ApiError(400, "the body must be a JSON object")
+        raise ApiError(400, f"the body must be a JSON object, got {type(body).__name__}", "body")
     unknown = sorted(set(body) - ACCEPTED)
     if unknown:
         raise ApiError(400, f"unrecognized request argument(s): {', '.join(unknown)}", unknown[0])
@@ -210,25 +218,38 @@ class OpenAIApi:
         """POST /v1/completions (chat=False) or /v1/chat/completions (chat=True)."""
         self._ready()
         call = parse(body, chat)
-        pinned = self.rt.pin(call.model) or self.rt.gens.live      # every choice on one generation
+        pinned = self.rt.pin(call.model)          # None: whatever is live when the call starts
         deadline = time.monotonic() + (timeout_s or self.timeout_s)
         q: queue.SimpleQueue = queue.SimpleQueue()
         alive = {"ok": True}
         sources = [(p, None) for p in call.prompts] if not chat else [("", call.messages)]
         reqs = []
-        for i in range(len(sources) * call.n):
+        for i in range(len(sources) * call.n):          # every row checked before any is queued
             prompt, messages = sources[i // call.n]
             seed = None if call.seed is None else call.seed + i % call.n
-            reqs.append(self.rt.request(prompt, call.max_tokens, call.temperature, call.top_p, seed, call.stop,
+            reqs.append(self.rt.prepare(prompt, call.max_tokens, call.temperature, call.top_p, seed, call.stop,
                                         deadline, lambda: alive["ok"], _Tagged(q, i) if call.stream else None,
-                                        messages=messages, pinned=pinned))
+                                        messages=messages, pinned=pinned, names=NAMES))
+        self.rt.submit(reqs)                       # the rows start together, on one generation
+        try:
+            first = reqs[0]
+            if call.stream:
+                first.admitted.wait(max(0.0, deadline - time.monotonic()))
+            else:
+                for r in reqs:
+                    r.done.wait(max(0.0, deadline - time.monotonic()) + 5)
+            if first.generation is None:          # refused before it started: a status code
+                first.outcome()
+                raise TimeoutError("the call did not start before its deadline")
+        except BaseException:
+            alive["ok"] = False
+            raise
+        gen = first.generation
         meta = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
-                "model": self.rt.cfg.model_name, "system_fingerprint": f"gen-{pinned.id}", "generation": pinned.id}
-        headers = {"x-transplant-generation": str(pinned.id)}
+                "model": self.rt.cfg.model_name, "system_fingerprint": f"gen-{gen}", "generation": gen}
+        headers = {"x-transplant-generation": str(gen)}
         if call.stream:
             return Reply(200, stream=self._events(call, reqs, q, meta, alive), headers=headers)
-        for r in reqs:
-            r.done.wait()
         results = [r.outcome() for r in reqs]
         choices = [dict(index=i, finish_reason=FINISH.get(c.finish_reason, "stop"), **_spans(c),
                         **({"message": {"role": "assistant", "content": c.text}} if chat else

@@ -24,6 +24,7 @@ from transplant_core.workflow import compare, explicit_modules, open_model, rank
 from .config import ServeConfig
 from .donors import Donor, DonorRegistry
 from .engines import Request, make_engine
+from .errors import NotReady
 from .generations import Generations, Record, claim
 from .metrics import Metrics, QualityMetrics
 from .quality import QualityMonitor
@@ -76,6 +77,16 @@ class SwapResult:
     seconds: float
 
 
+def _check_text(text: str, what: str, field: str) -> None:
+    """Text a client sent must be Unicode that UTF-8 can hold: JSON lets a lone surrogate
+    through ("\\ud800"), and the tokenizer would fail on it with a TypeError."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InvalidArgument(f"{what} is not valid Unicode: a lone surrogate {text[e.start]!r} at "
+                              f"character {e.start}", field=field) from None
+
+
 class Runtime:
     def __init__(self, cfg: ServeConfig):
         self.cfg = cfg
@@ -87,6 +98,9 @@ class Runtime:
         self.fleet = None                   # fleet.agent.FleetAgent with `fleet:` configured
         self.endpoints: dict[str, str] = {}  # set by the server: where clients reach this replica
         self._prepared: dict[int, tuple] = {}   # fleet: candidates this replica built and appended
+        self.on_engine_dead = lambda: None      # the server: health NOT_SERVING, exit
+        self.engine_dead = False
+        self._closing = threading.Event()
 
     # ---- lifecycle ----------------------------------------------------------------
 
@@ -118,9 +132,13 @@ class Runtime:
         if cfg.watch_donor_roots and roots:
             self.donors.watch()
         kind = "vllm" if cfg.engine == "vllm" else self._batching()
+        self._stopped_during_start()
         self.scheduler = make_engine(kind, self.gens, self.tokenizer, cfg, self._on_finish,
                                      self.metrics.batch_size.observe, table=self.table, model_path=self.loaded.path)
         self.scheduler.start()
+        self._stopped_during_start()
+        self.metrics.engine_up.set(1)
+        threading.Thread(target=self._watch_engine, name="engine-watch", daemon=True).start()
         self.quality = QualityMonitor(cfg, self.tokenizer, self.task, QualityMetrics(self.metrics.registry))
         self._probe_generation(self.gens.live, "post_swap")
         self.quality.start(lambda: self.gens.live, self._record_probe)
@@ -130,6 +148,25 @@ class Runtime:
             self.fleet = FleetAgent(self, cfg.fleet, self.endpoints)
             self.fleet.start()              # catches up to the fleet's head before serving
         self.ready.set()
+
+    def _stopped_during_start(self) -> None:
+        """close() came while load() ran: stop here, so nothing started after it outlives it."""
+        if self._closing.is_set():
+            if hasattr(self, "scheduler"):
+                self.scheduler.stop()
+            raise NotReady("the server was stopped during start-up")
+
+    def _watch_engine(self, every_s: float = 0.5) -> None:
+        """A dead engine (vLLM's process killed, say) must not look healthy: once it cannot
+        decode, the server stops serving (health, /health, the fleet report, metrics)."""
+        while not self._closing.wait(every_s):
+            if not self.scheduler.healthy():
+                log.error("the engine died (%s engine): NOT_SERVING", self.cfg.engine)
+                self.engine_dead, self.serving = True, False
+                self.metrics.engine_up.set(0)
+                self.metrics.healthy.set(0)
+                self.on_engine_dead()
+                return
 
     def _batching(self) -> str:
         """Continuous batching where the model's KV cache can be spliced (tried on one
@@ -165,6 +202,7 @@ class Runtime:
 
     def close(self) -> None:
         self.serving = False
+        self._closing.set()
         if self.fleet is not None:
             self.fleet.stop()
         if hasattr(self, "quality"):
@@ -190,70 +228,114 @@ class Runtime:
                 stop: list[str], deadline: float | None = None, alive=lambda: True, stream=None,
                 messages: list[dict] | None = None, model: str = "", generation: int | None = None,
                 pinned=None) -> Request:
-        """Validate a generate request (a prompt, or chat messages rendered with the model's
-        chat template; pinned by `model` "NAME@N" or `generation`, or to `pinned`, a
-        generations.Live) and queue it."""
+        """Validate a generate request and queue it (see `prepare`)."""
+        req = self.prepare(prompt, max_new_tokens, temperature, top_p, seed, stop, deadline, alive, stream,
+                           messages, model, generation, pinned)
+        return self.submit([req])[0]
+
+    def prepare(self, prompt: str, max_new_tokens: int, temperature: float, top_p: float, seed: int | None,
+                stop: list[str], deadline: float | None = None, alive=lambda: True, stream=None,
+                messages: list[dict] | None = None, model: str = "", generation: int | None = None,
+                pinned=None, names: dict | None = None, group=None) -> Request:
+        """The one validation of a generate request, for gRPC and /v1 alike: a prompt, or
+        chat messages rendered with the model's chat template; pinned by `model` "NAME@N"
+        or `generation`, or to `pinned` (a generations.Live); None: the generation live
+        when it starts. Errors name the field as the caller's API calls it (`names` maps
+        gRPC's names to the API's: {"max_new_tokens": "max_tokens"}). Nothing is queued."""
         cfg = self.cfg
+        name = (names or {}).get
+
+        def bad(msg: str, f: str):
+            return InvalidArgument(msg.replace("{f}", name(f, f)), field=name(f, f))
+
         pinned = pinned or self.pin(model, generation)
         if messages:
             if prompt:
-                raise InvalidArgument("give a prompt or chat messages, not both")
-            prompt = self.render_chat(messages)
+                raise bad("give a prompt or chat messages, not both", "prompt")
+            for i, m in enumerate(messages):
+                if isinstance(m, dict) and isinstance(m.get("content"), str):
+                    _check_text(m["content"], f"messages[{i}].content", name("messages", "messages"))
+            prompt = self.render_chat(messages, name("messages", "messages"))
+        else:
+            _check_text(prompt, name("prompt", "prompt"), name("prompt", "prompt"))
         if not prompt:
-            raise InvalidArgument("prompt is empty")
+            raise bad("{f} is empty", "prompt")
         if len(prompt) > cfg.max_prompt_chars:
-            raise InvalidArgument(f"prompt has {len(prompt)} characters; the limit is {cfg.max_prompt_chars}")
+            raise bad(f"{{f}} has {len(prompt)} characters; the limit is {cfg.max_prompt_chars}", "prompt")
         n = max_new_tokens or cfg.default_max_new_tokens
         if not 1 <= n <= cfg.max_new_tokens_limit:
-            raise InvalidArgument(f"max_new_tokens must be in 1..{cfg.max_new_tokens_limit}, got {max_new_tokens}")
-        if not math.isfinite(temperature) or not 0 <= temperature <= 100:
-            raise InvalidArgument(f"temperature must be in [0, 100] (0 = greedy), got {temperature}")
+            raise bad(f"{{f}} must be in 1..{cfg.max_new_tokens_limit}, got {max_new_tokens}", "max_new_tokens")
+        # vLLM's range and OpenAI's: one range on every engine and API
+        if isinstance(temperature, bool) or not math.isfinite(temperature) or not 0 <= temperature <= 2:
+            raise bad(f"{{f}} must be in [0, 2] (0 = greedy), got {temperature}", "temperature")
         if not math.isfinite(top_p) or not 0 <= top_p <= 1:
-            raise InvalidArgument(f"top_p must be in [0, 1] (0 or 1 = disabled), got {top_p}")
+            raise bad(f"{{f}} must be in [0, 1] (0 or 1 = disabled), got {top_p}", "top_p")
         if len(stop) > MAX_STOP_SEQUENCES or any(not s or len(s) > MAX_STOP_CHARS for s in stop):
-            raise InvalidArgument(f"at most {MAX_STOP_SEQUENCES} stop sequences of 1..{MAX_STOP_CHARS} characters")
+            raise bad(f"at most {MAX_STOP_SEQUENCES} {{f}} sequences of 1..{MAX_STOP_CHARS} characters", "stop")
+        for s in stop:
+            _check_text(s, name("stop", "stop"), name("stop", "stop"))
         ids = self.tokenizer(prompt)["input_ids"]   # as the tokenizer makes them (BOS where expected)
         if not ids:
-            raise InvalidArgument("prompt has no tokens")
+            raise bad("{f} has no tokens", "prompt")
+        limit = self.scheduler.context_limit()
+        if limit is not None and not max_new_tokens and len(ids) < limit:
+            n = min(n, limit - len(ids))           # the default: what the context leaves room for
+        if limit is not None and len(ids) + n > limit:
+            which = "messages" if messages else "prompt"
+            if len(ids) >= limit:
+                raise bad(f"{{f}} has {len(ids)} tokens; the model's maximum context length is {limit} tokens "
+                          "(prompt and reply together)", which)
+            raise bad(f"the prompt ({len(ids)} tokens) plus {{f}} ({n}) exceed the model's maximum context length "
+                      f"of {limit} tokens: ask for at most {limit - len(ids)}", "max_new_tokens")
         params = SamplingParams(n, float(temperature), float(top_p) if top_p > 0 else 1.0, seed, tuple(stop))
-        req = Request(prompt, ids, params, deadline, alive, stream, pinned=pinned)
-        self.scheduler.submit(req)
-        self.metrics.queue_depth.set(self.scheduler.depth)
-        return req
+        return Request(prompt, ids, params, deadline, alive, stream, pinned=pinned, group=group)
 
-    def pin(self, model: str = "", generation: int | None = None):
+    def submit(self, reqs: list[Request]) -> list[Request]:
+        """Queue validated requests; several (the choices of one /v1 call) start together,
+        on one generation."""
+        self.scheduler.submit_many(reqs) if len(reqs) > 1 else self.scheduler.submit(reqs[0])
+        self.metrics.queue_depth.set(self.scheduler.depth)
+        return reqs
+
+    def pin(self, model: str = "", generation: int | None = None, field: str = "model"):
         """The generation a request names: `model` is "" or the served name (the live
         generation) or "NAME@N"; `generation` pins by number. None: the live one."""
         name, at, num = (model or "").rpartition("@") if "@" in (model or "") else (model or "", "", "")
         if name and name != self.cfg.model_name:
             raise NotFound(f"model {name!r} is not served here; this server serves {self.cfg.model_name!r} "
-                           f"(pin a generation with {self.cfg.model_name}@N)")
+                           f"(pin a generation with {self.cfg.model_name}@N)", field=field)
         if at:
             if not num.isdigit():
-                raise InvalidArgument(f"model {model!r}: expected NAME@N with N a generation number")
+                raise InvalidArgument(f"model {model!r}: expected NAME@N with N a generation number", field=field)
             if generation is not None and generation != int(num):
-                raise InvalidArgument(f"model {model!r} and generation {generation} disagree")
+                raise InvalidArgument(f"model {model!r} and generation {generation} disagree", field=field)
             generation = int(num)
-        return None if generation is None else self.gens.servable(generation)
+        if generation is None:
+            return None
+        try:
+            return self.gens.servable(generation)
+        except NotFound as e:
+            raise NotFound(str(e), field=field if at else "generation") from None
 
-    def render_chat(self, messages: list[dict]) -> str:
+    def render_chat(self, messages: list[dict], field: str = "messages") -> str:
         """Chat messages as the model's own chat template renders them for a reply."""
         if not getattr(self.tokenizer, "chat_template", None):
             raise InvalidArgument(f"model {self.cfg.model_name!r} has no chat template (chat_template in its "
-                                  "tokenizer_config.json); send a plain prompt (/v1/completions) instead")
+                                  "tokenizer_config.json); send a plain prompt (/v1/completions) instead", field=field)
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or m.get("role") not in CHAT_ROLES:
                 role = m.get("role") if isinstance(m, dict) else m
-                raise InvalidArgument(f"messages[{i}]: role {role!r} is not one of {', '.join(CHAT_ROLES)}")
+                raise InvalidArgument(f"messages[{i}]: role {role!r} is not one of {', '.join(CHAT_ROLES)}",
+                                      field=field)
             if not isinstance(m.get("content"), str):
-                raise InvalidArgument(f"messages[{i}]: content must be text")
+                raise InvalidArgument(f"messages[{i}]: content must be text", field=field)
         if not any(m["content"] for m in messages):
-            raise InvalidArgument("messages are all empty")
+            raise InvalidArgument("messages are all empty", field=field)
         try:
             return self.tokenizer.apply_chat_template([{"role": m["role"], "content": m["content"]} for m in messages],
                                                       tokenize=False, add_generation_prompt=True)
         except Exception as e:        # noqa: BLE001 - a template may raise on input it does not accept
-            raise InvalidArgument(f"the model's chat template refused these messages: {e}") from None
+            raise InvalidArgument(f"the model's chat template refused these messages: {e}", field=field) from None
 
     def _on_finish(self, r: Request) -> None:
         m = self.metrics

@@ -95,6 +95,9 @@ class Scheduler(InProcess):
                 break
         return batch
 
+    def healthy(self) -> bool:
+        return self._thread.is_alive()
+
     def _run(self) -> None:
         while not self._stop.is_set():
             batch = self._take()
@@ -104,6 +107,11 @@ class Scheduler(InProcess):
             t0 = time.monotonic()
             try:
                 self._decode(batch)
+            except BaseException as e:          # noqa: BLE001 - never leave a request unfinished
+                for r in batch:
+                    if not r.done.is_set():
+                        r.fail(e)
+                        self._finish(r)
             finally:
                 self._busy.clear()
                 self._demand, self._last_seconds = len(batch) + self._q.qsize(), time.monotonic() - t0
@@ -117,15 +125,14 @@ class Scheduler(InProcess):
         pinned = self.gens.live                       # one generation per sub-batch: the live one
         groups: dict[int, tuple[object, list[Request]]] = {}
         for r in live:                                # unless a request is pinned to another
-            target = r.pinned or pinned
+            target = self.target(r, pinned)
             groups.setdefault(target.id, (target, []))[1].append(r)
         for target, rows in groups.values():
             self._decode_on(target, rows)
 
     def _decode_on(self, target, live: list[Request]) -> None:
-        now = time.monotonic()
         for r in live:
-            r.started, r.generation = now, target.id
+            r.admit(target.id)
 
         def on_text(i: int, delta: str) -> None:
             live[i].deliver(delta)

@@ -63,7 +63,7 @@ def long_prompt(model, tok, n):
     for p in PROMPTS + [f"{c}{c}" for c in "abcdefghijklmnop"]:
         if generate(model, tok, [p], SamplingParams(max_new_tokens=n))[0].finish_reason == "length":
             return p
-    pytest.skip("no prompt decodes to length on this model")
+    raise AssertionError("no prompt decodes to length on this model: pick another prompt list")
 
 
 @pytest.mark.parametrize("engine", ["continuous", "static"])
@@ -81,9 +81,11 @@ def test_a_short_request_does_not_wait_for_a_long_one(engine, tokenizer):
     try:
         ids = tokenizer(p, add_special_tokens=False)["input_ids"]
         long = eng.submit(Request(p, ids, SamplingParams(max_new_tokens=120)))
-        while long.first_token is None:
+        deadline = time.monotonic() + 60
+        decoding = (lambda: len(steps) >= 3) if engine == "continuous" else (lambda: long.first_token is not None)
+        while not decoding() and time.monotonic() < deadline:   # the long row is decoding
             time.sleep(0.001)
-        time.sleep(0.02)
+        assert decoding() and not long.done.is_set()
         short = eng.submit(Request("hello", tokenizer("hello", add_special_tokens=False)["input_ids"],
                                    SamplingParams(max_new_tokens=2)))
         short.done.wait(60)
@@ -119,5 +121,49 @@ def test_rows_of_two_generations_decode_side_by_side_each_on_its_own(tokenizer):
             m = b if i % 2 else a
             assert r.generation == i % 2
             assert r.result.token_ids == generate(m, tokenizer, [r.prompt], SamplingParams(max_new_tokens=16))[0].token_ids
+    finally:
+        eng.stop()
+
+
+def _req(tok, prompt: str, n: int = 8, alive=lambda: True, **kw) -> Request:
+    return Request(prompt, tok(prompt, add_special_tokens=False)["input_ids"], SamplingParams(max_new_tokens=n),
+                   alive=alive, **kw)
+
+
+class _Raises:
+    """A client check that raises on its `after`-th call (a broken connection object)."""
+
+    def __init__(self, after: int):
+        self.calls, self.after = 0, after
+
+    def __call__(self) -> bool:
+        self.calls += 1
+        if self.calls >= self.after:
+            raise RuntimeError("the client's connection object broke")
+        return True
+
+
+@pytest.mark.parametrize("engine", ["continuous", "static"])
+@pytest.mark.parametrize("after", [1, 4])
+def test_every_request_the_loop_held_is_finished_when_a_step_fails(engine, after, tokenizer):
+    """A failure while the loop holds requests (before their batch exists: after=1; in
+    the cancel check between steps: after=4) finishes every one of them with the error,
+    and the engine goes on serving the next request."""
+    model = make_model("llama", 0).eval()
+    eng = (ContinuousEngine(_Gens(model), tokenizer, 8, 16) if engine == "continuous"
+           else Scheduler(_Gens(model), tokenizer, 8, 16, 0))
+    eng.start()
+    try:
+        bad = _req(tokenizer, long_prompt(model, tokenizer, 40), 40, alive=_Raises(after))
+        others = [_req(tokenizer, p, 40) for p in PROMPTS[:3]]
+        for r in [bad, *others]:
+            eng.submit(r)
+        for r in [bad, *others]:
+            assert r.done.wait(60), "a request the engine took was never finished"
+        with pytest.raises(RuntimeError, match="connection object broke"):
+            bad.outcome()
+        after_ = eng.submit(_req(tokenizer, "hello", 4))
+        assert after_.done.wait(60) and after_.error is None and after_.result.completion_tokens >= 1
+        assert eng.healthy()
     finally:
         eng.stop()

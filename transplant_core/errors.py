@@ -4,7 +4,12 @@ from __future__ import annotations
 
 
 class TransplantError(Exception):
-    """Base class: every error the core raises on bad input."""
+    """Base class: every error the core raises on bad input. `field`, where one request
+    field is to blame, names it (the APIs report it: OpenAI's `param`)."""
+
+    def __init__(self, message: str = "", field: str | None = None):
+        super().__init__(message)
+        self.field = field
 
 
 class InvalidArgument(TransplantError):
@@ -24,11 +29,11 @@ class Incompatible(TransplantError):
 
     `mismatches` lists every problem found, not just the first."""
 
-    def __init__(self, message: str, mismatches: list[str] | None = None):
+    def __init__(self, message: str, mismatches: list[str] | None = None, field: str | None = None):
         self.mismatches = list(mismatches or [])
         if self.mismatches:
             message = message + ":\n  - " + "\n  - ".join(self.mismatches)
-        super().__init__(message)
+        super().__init__(message, field)
 
 
 class UnsafeCheckpoint(TransplantError):

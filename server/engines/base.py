@@ -1,10 +1,14 @@
 """The engine seam: the small interface the runtime calls.
 
-An engine takes validated requests (`submit`, bounded: a full queue is QueueFull),
+An engine takes validated requests (`submit`, bounded: a full queue is QueueFull;
+`submit_many`: the choices of one call, which start together on one generation),
 decodes each wholly on one generation (the one it is pinned to, else the live one when
 it starts) and finishes every request it accepted: a result, an error or a
-cancellation, then `done` is set. `on_finish(request)` and `on_step(rows)` let the
-runtime count without the engine knowing of metrics."""
+cancellation, then `done` is set. `admitted` is set once the request's generation is
+known (or it finished). `healthy()` says whether it can still decode (a dead engine
+process cannot); `context_limit()` is the most prompt plus reply tokens it takes.
+`on_finish(request)` and `on_step(rows)` let the runtime count without the engine
+knowing of metrics."""
 from __future__ import annotations
 
 import queue
@@ -29,6 +33,7 @@ class Request:
     alive: Callable[[], bool] = lambda: True
     stream: object | None = None                    # .put(text delta), then .put(None)
     pinned: object | None = None                    # generations.Live to run on; None: the live one
+    group: "Group | None" = None                    # the call's other choices: one generation for all
     enqueued: float = field(default_factory=time.monotonic)
     started: float | None = None
     first_token: float | None = None
@@ -36,6 +41,7 @@ class Request:
     result: Completion | None = None
     error: BaseException | None = None
     done: threading.Event = field(default_factory=threading.Event)
+    admitted: threading.Event = field(default_factory=threading.Event)
 
     def cancelled(self) -> bool:
         return not self.alive() or (self.deadline is not None and time.monotonic() > self.deadline)
@@ -55,15 +61,32 @@ class Request:
         if self.stream is not None and delta:
             self.stream.put(delta)
 
+    def admit(self, generation: int) -> None:
+        self.started, self.generation = time.monotonic(), generation
+        self.admitted.set()
+
+    def fail(self, error: BaseException) -> None:
+        self.error = error if isinstance(error, Exception) else RuntimeError(str(error))
+
     def finish(self) -> None:
         if self.stream is not None:
             self.stream.put(None)
+        self.admitted.set()
         self.done.set()
+
+
+@dataclass
+class Group:
+    """The choices of one call: the first to start fixes the generation the others run on."""
+    live: object | None = None
 
 
 class Engine(Protocol):
     def start(self) -> None: ...
     def submit(self, req: Request) -> Request: ...
+    def submit_many(self, reqs: list[Request]) -> list[Request]: ...
+    def healthy(self) -> bool: ...
+    def context_limit(self) -> int | None: ...
     @property
     def depth(self) -> int: ...
     def idle(self) -> bool: ...
@@ -94,7 +117,38 @@ class BoundedQueue:
 class InProcess:
     """What the engines that decode on the runtime's own models share: a generation is
     live the moment `commit` swaps the live pointer; requests admitted after it run on
-    it, running ones finish on theirs."""
+    it, running ones finish on theirs. A group's rows may be admitted apart: the first
+    fixes the group's generation (a Live holds its model, so it always runs)."""
 
     def install(self, parent_model, cand, commit):
         return commit()
+
+    def submit_many(self, reqs: list[Request]) -> list[Request]:
+        group = Group()
+        for r in reqs:
+            r.group = group
+        for i, r in enumerate(reqs):
+            try:
+                self.submit(r)
+            except BaseException as e:          # the queue filled up mid-call: the rest fail too
+                for rest in reqs[i:]:
+                    rest.fail(e)
+                    rest.finish()
+                if i == 0:
+                    raise
+                break
+        return reqs
+
+    def target(self, r: Request, live):
+        """The generation `r` runs on: its pin, its group's, else the live one."""
+        if r.pinned is not None:
+            return r.pinned
+        if r.group is None:
+            return live
+        if r.group.live is None:
+            r.group.live = live
+        return r.group.live
+
+    def context_limit(self) -> int | None:
+        cfg = self.gens.live.model.config
+        return getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)

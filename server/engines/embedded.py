@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-import time
 from typing import Callable
 
 from transplant_core.generation import DecodeBatch, Event
@@ -62,20 +61,34 @@ class ContinuousEngine(InProcess):
         self._stop.set()
         self._thread.join(timeout=10)
 
+    def healthy(self) -> bool:
+        return self._thread.is_alive()
+
     # ---- the loop ---------------------------------------------------------------------
 
     def _run(self) -> None:
         while not self._stop.is_set():
+            self._taken: list[Request] = []          # off the queue, not yet in a batch
             try:
                 self._admit()
                 for gen in list(self._batches):
                     self._step(gen)
-            except Exception:          # never let the loop die: fail what was running, go on
+            except BaseException as e:   # noqa: BLE001 - never let the loop die: fail what it held, go on
                 log.exception("engine step failed")
+                self._fail_held(e)
+
+    def _fail_held(self, e: BaseException) -> None:
+        """Every request the loop holds (taken off the queue, or in a batch) learns why."""
+        held = list(self._taken) + [r for b in self._batches.values() for r in list(b.keys)]
+        self._batches.clear()
+        for r in held:
+            if not r.done.is_set():
+                r.fail(e)
+                self._done(r)
 
     def _admit(self) -> None:
         free = self.max_batch_size - self.running
-        new: list[Request] = []
+        new = self._taken
         if not self._batches:                 # nothing to decode: wait for work
             try:
                 new.append(self._q.q.get(timeout=0.1))
@@ -88,42 +101,44 @@ class ContinuousEngine(InProcess):
                 break
         groups: dict[int, tuple[object, list[Request]]] = {}
         live = self.gens.live
-        now = time.monotonic()
         for r in new:
             if r.cancelled():
                 r.error = TimeoutError("cancelled or deadline exceeded before the request started")
                 self._done(r)
                 continue
-            target = r.pinned or live
-            r.started, r.generation = now, target.id
+            target = self.target(r, live)
+            r.admit(target.id)
             groups.setdefault(target.id, (target, []))[1].append(r)
         for gen, (target, reqs) in groups.items():
-            batch = self._batches.get(gen)
-            if batch is None or batch.model is not target.model:
-                batch = self._batches.setdefault(gen, DecodeBatch(target.model, self.tokenizer))
             try:
+                batch = self._batches.get(gen)
+                if batch is None or batch.model is not target.model:
+                    batch = self._batches.setdefault(gen, DecodeBatch(target.model, self.tokenizer))
                 events = batch.add([(r, r.prompt_ids, r.params) for r in reqs])
             except BaseException as e:
                 for r in reqs:
-                    r.error = e
+                    r.fail(e)
                     self._done(r)
                 continue
             self._deliver(events)
             if not len(batch):
                 self._batches.pop(gen, None)
+        new.clear()
 
     def _step(self, gen: int) -> None:
         batch = self._batches[gen]
-        self._deliver(batch.cancel(lambda r: r.cancelled()))
-        if len(batch):
-            self._on_step(len(batch))
-            try:
+        try:
+            self._deliver(batch.cancel(lambda r: r.cancelled()))
+            if len(batch):
+                self._on_step(len(batch))
                 self._deliver(batch.step())
-            except BaseException as e:           # the batch failed: every row in it learns why
-                for r in batch.keys:
-                    r.error = e
+        except BaseException as e:           # the batch failed: every row in it learns why
+            for r in list(batch.keys):
+                if not r.done.is_set():
+                    r.fail(e)
                     self._done(r)
-                batch.remove([])
+            self._batches.pop(gen, None)
+            return
         if not len(batch):
             self._batches.pop(gen, None)
 

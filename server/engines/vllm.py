@@ -15,8 +15,17 @@ A swap (transplant or revert) is installed in place:
   4. label vLLM's weight version with the generation id, reset the prefix cache (a
      reload does not), resume, open the gate
 With `drain`, every request runs wholly on one generation, as on the embedded engine.
-With `freeze` the swap never waits; a reply that spans two generations says which
-tokens each sampled (vLLM's weight-version spans).
+With `freeze` the swap waits only for running requests pinned to a generation (they
+must run wholly on it); the rest are frozen in place, and a reply whose tokens another
+generation sampled says which tokens each sampled (vLLM's weight-version spans). A
+request that names no generation runs on whatever is live when it starts; one pinned
+to a generation that stopped being live while it waited is refused (NOT_FOUND) before
+it starts. The choices of one call pass the gate together, so they start on one
+generation.
+
+The engine's processes die with the server, even on kill -9 and from the first moment
+of start-up: they are forked with a parent-death signal (SIGKILL). `healthy()` is
+false once vLLM's engine process is gone; the runtime then reports NOT_SERVING.
 
 Only the live generation is servable (vLLM holds one set of weights); the runtime's
 transformers copy of each generation still serves activation analysis, shadow
@@ -27,8 +36,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
+import sys
 import threading
-import time
 import uuid
 from typing import Callable
 
@@ -64,8 +74,29 @@ def check_groups(table, refs) -> None:
                               f"missing {', '.join(map(str, missing))}")
 
 
+_PDEATHSIG = {"set": False}
+
+
+def _die_with_us() -> None:
+    """In a child forked by this process (vLLM's engine core): SIGKILL when the thread that
+    forked it ends, so kill -9 of the server (or a stop during start-up) frees its memory at
+    once. (Spawned children exec and do not run fork hooks: vllm_worker watches for them.)"""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)      # PR_SET_PDEATHSIG
+    except Exception:                      # noqa: BLE001 - not Linux: vllm_worker's watch remains
+        return
+    if os.getppid() != _PDEATHSIG["parent"]:   # the parent died before prctl took effect
+        os._exit(1)
+
+
 def _env(spec) -> None:
     os.environ["TRANSPLANT_SERVER_PID"] = str(os.getpid())    # vllm_worker: die with the server
+    os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "fork")   # vLLM's default on CPU; forks run the hook
+    if not _PDEATHSIG["set"] and sys.platform.startswith("linux"):
+        _PDEATHSIG.update(set=True, parent=os.getpid())
+        os.register_at_fork(after_in_child=_die_with_us)
     os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")        # else vLLM picks a non-loopback address
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(spec.kv_cache_gib))
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")   # partial reloads log a warning per layer
@@ -93,9 +124,11 @@ class VllmEngine:
         self._thread = threading.Thread(target=self._loop.run_forever, name="vllm-loop", daemon=True)
         self._waiting = 0                 # accepted, not yet running
         self._running = 0
+        self._pinned = 0                  # running and pinned: a freeze waits for them
         self._count = threading.Lock()
         self.current = gens.live.id       # the generation vLLM's weights are
         self.engine = None
+        self._stopping = False
 
     # ---- lifecycle ----------------------------------------------------------------------
 
@@ -119,17 +152,33 @@ class VllmEngine:
                                enforce_eager=self.spec.enforce_eager, gpu_memory_utilization=self.spec.memory_fraction,
                                max_num_seqs=self.max_batch_size, disable_log_stats=True, seed=0,
                                worker_extension_cls="server.engines.vllm_worker.TransplantWorker")
-        self.engine = AsyncLLM.from_engine_args(args)
         self._gate = asyncio.Event()
         self._gate.set()
         self._idle = asyncio.Event()
         self._idle.set()
+        self._pinned_idle = asyncio.Event()
+        self._pinned_idle.set()
+        engine = AsyncLLM.from_engine_args(args)
+        if self._stopping:                   # stop() came during start-up: nothing may outlive it
+            engine.shutdown()
+            raise NotReady("the server is stopping")
+        self.engine = engine
         await self._label(self.current)
 
     def _call(self, coro, timeout: float | None = None):
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
 
+    def healthy(self) -> bool:
+        """False once vLLM's engine process is gone (killed, out of memory, crashed)."""
+        return self.engine is not None and not getattr(self.engine, "errored", False) and self._thread.is_alive()
+
+    def context_limit(self) -> int | None:
+        return self.engine.model_config.max_model_len if self.engine is not None else self.spec.max_model_len
+
     def stop(self) -> None:
+        self._stopping = True
+        if self.engine is None:
+            self._kill_children()                 # a start-up in progress: end what it started
         if self.engine is not None:
             try:
                 self.engine.shutdown()            # its engine process must not outlive us
@@ -143,6 +192,18 @@ class VllmEngine:
                 pass
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(timeout=10)
+
+    @staticmethod
+    def _kill_children() -> None:
+        """The processes vLLM started so far (its engine core, mid start-up): from_engine_args
+        cannot be interrupted, but it fails at once when they are gone."""
+        import multiprocessing
+
+        for child in multiprocessing.active_children():
+            try:
+                os.kill(child.pid, signal.SIGKILL)
+            except OSError:
+                pass
 
     @staticmethod
     async def _cancel_tasks() -> None:
@@ -161,49 +222,63 @@ class VllmEngine:
     # ---- requests -------------------------------------------------------------------------
 
     def submit(self, req: Request) -> Request:
-        limit = self.engine.model_config.max_model_len
-        if len(req.prompt_ids) + req.params.max_new_tokens > limit:
-            raise InvalidArgument(f"the prompt ({len(req.prompt_ids)} tokens) plus max_new_tokens "
-                                  f"({req.params.max_new_tokens}) exceed the model's maximum context length "
-                                  f"of {limit} tokens")
-        with self._count:
-            if self._waiting + self._running >= self.max_batch_size + self.max_queue:
-                raise QueueFull(f"the request queue is full ({self.max_queue} waiting); retry with backoff")
-            self._waiting += 1
-        asyncio.run_coroutine_threadsafe(self._serve(req), self._loop)
-        return req
+        return self.submit_many([req])[0]
 
-    async def _serve(self, req: Request) -> None:
-        rid = uuid.uuid4().hex
+    def submit_many(self, reqs: list[Request]) -> list[Request]:
+        """Queue requests that start together, on one generation (the choices of one call)."""
+        if not self.healthy():
+            raise NotReady("the vLLM engine process has died; the server is restarting (see its log)")
+        with self._count:
+            if self._waiting + self._running + len(reqs) > self.max_batch_size + self.max_queue:
+                raise QueueFull(f"the request queue is full ({self.max_queue} waiting); retry with backoff")
+            self._waiting += len(reqs)
+        asyncio.run_coroutine_threadsafe(self._serve(reqs), self._loop)
+        return reqs
+
+    async def _serve(self, reqs: list[Request]) -> None:
+        while not self._gate.is_set():                     # a swap is being installed
+            try:
+                await asyncio.wait_for(self._gate.wait(), 0.05)
+            except asyncio.TimeoutError:
+                pass
+            if all(r.cancelled() for r in reqs):
+                break
+        # from here to each row's first await nothing else runs on this loop: a swap's _hold
+        # sees these rows counted as running (drain, or a pinned row a freeze must wait for)
+        with self._count:
+            self._waiting -= len(reqs)
+            self._running += len(reqs)
+        self._idle.clear()
+        pinned = [r for r in reqs if r.pinned is not None]
+        if pinned:
+            self._pinned += len(pinned)
+            self._pinned_idle.clear()
+        await asyncio.gather(*(self._serve_one(r, r.pinned is not None) for r in reqs))
+
+    async def _serve_one(self, req: Request, pinned: bool) -> None:
         try:
-            while not self._gate.is_set():                     # a swap is being installed
-                try:
-                    await asyncio.wait_for(self._gate.wait(), 0.05)
-                except asyncio.TimeoutError:
-                    pass
-                if req.cancelled():
-                    break
-            with self._count:
-                self._waiting -= 1
-                self._running += 1
-            self._idle.clear()
             if req.cancelled():
                 raise TimeoutError("cancelled or deadline exceeded before the request started")
-            if getattr(self.engine, "errored", False):
-                raise NotReady("the vLLM engine process has died; restart the server (see its log)")
-            if req.pinned is not None and req.pinned.id != self.current:
+            if not self.healthy():
+                raise NotReady("the vLLM engine process has died; the server is restarting (see its log)")
+            if pinned and req.pinned.id != self.current:
                 raise NotFound(f"generation {req.pinned.id} stopped being live while the request waited "
-                               f"(live: {self.current}); the vLLM engine serves the live generation only")
-            req.started, req.generation = time.monotonic(), self.current
+                               f"(live: {self.current}); the vLLM engine serves the live generation only",
+                               field="model")
+            req.admit(self.current)
             self._on_step(self._running)
-            await self._generate(req, rid)
+            await self._generate(req, uuid.uuid4().hex)
         except BaseException as e:       # noqa: BLE001 - the request learns why
-            req.error = e if isinstance(e, Exception) else RuntimeError(str(e))
+            req.fail(e)
         finally:
             with self._count:
                 self._running -= 1
                 if self._running == 0:
                     self._idle.set()
+                if pinned:
+                    self._pinned -= 1
+                    if self._pinned == 0:
+                        self._pinned_idle.set()
             try:
                 self._on_finish(req)
             finally:
@@ -235,19 +310,19 @@ class VllmEngine:
             if type(e).__name__ == "VLLMValidationError":
                 raise InvalidArgument(str(e).splitlines()[0]) from None
             raise
-        versions = [str(v.version) for v in (last.weight_versions or []) if str(v.version).isdigit()]
-        if versions and int(versions[0]) != req.generation:     # frozen before its first token
-            req.generation = int(versions[0])
         reason = _finish_reason(last)
         if reason == "eos" and ids:
             ids = ids[:-1]                       # as on the embedded engine: EOS is not an output token
-        req.result = Completion("".join(text), ids, len(req.prompt_ids), reason, spans=self._spans(last, len(ids)))
+        req.result = Completion("".join(text), ids, len(req.prompt_ids), reason,
+                                spans=self._spans(last, len(ids), req.generation))
 
     @staticmethod
-    def _spans(o, n: int) -> list[tuple[int, int, int]] | None:
+    def _spans(o, n: int, generation: int) -> list[tuple[int, int, int]] | None:
+        """Which generation sampled which tokens, where any but `generation` (the one the
+        request started on, which the reply names) sampled some (a freeze)."""
         spans = [(int(s.version), s.start, min(s.end, n)) for s in (o.weight_versions or [])
                  if str(s.version).isdigit() and s.start < n]
-        return spans if len({g for g, _, _ in spans}) > 1 else None
+        return spans if any(g != generation for g, _, _ in spans) else None
 
     # ---- swaps ----------------------------------------------------------------------------
 
@@ -286,17 +361,23 @@ class VllmEngine:
 
     async def _pause(self) -> None:
         if self.spec.swap_policy == "freeze":
+            # a pinned request runs wholly on its generation: wait for those (the gate is shut,
+            # so no new one starts); the rest are frozen
+            await self._wait(self._pinned_idle, "running requests pinned to a generation")
             # keep running requests where they are, but drop their KV cache: on resume vLLM
             # recomputes it with the new weights, so every token after the boundary is the new
             # generation's continuation of the text so far
             await self.engine.pause_generation(mode="keep", clear_cache=True)
             return
-        try:
-            await asyncio.wait_for(self._idle.wait(), self.spec.swap_drain_timeout_s)
-        except asyncio.TimeoutError:
-            raise PreconditionFailed(f"running requests did not finish within {self.spec.swap_drain_timeout_s:g} s "
-                                     "(vllm.swap_drain_timeout_s); the swap was refused and nothing changed") from None
+        await self._wait(self._idle, "running requests")
         await self.engine.pause_generation(mode="wait", clear_cache=False)
+
+    async def _wait(self, event: asyncio.Event, what: str) -> None:
+        try:
+            await asyncio.wait_for(event.wait(), self.spec.swap_drain_timeout_s)
+        except asyncio.TimeoutError:
+            raise PreconditionFailed(f"{what} did not finish within {self.spec.swap_drain_timeout_s:g} s "
+                                     "(vllm.swap_drain_timeout_s); the swap was refused and nothing changed") from None
 
     async def _release(self) -> None:
         await self.engine.reset_prefix_cache()      # a reload does not: cached prefixes hold old weights' KV
