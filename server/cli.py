@@ -112,6 +112,13 @@ def cmd_zoo_export_task(args) -> int:
 
 # ---- offline method ------------------------------------------------------------------
 
+def _hub_note(spec: str, path) -> str | None:
+    """Which snapshot a Hugging Face cache folder (models--ORG--NAME) given as a spec stands for."""
+    from transplant_core.checkpoint import describe_hub
+
+    return describe_hub(path) if not spec.startswith("zoo:") and Path(spec).name != Path(path).name else None
+
+
 def cmd_inspect(args) -> int:
     from transplant_core.workflow import open_donor
 
@@ -123,9 +130,12 @@ def cmd_inspect(args) -> int:
            "layers": ck.table.num_layers, "vocab_size": ck.table.vocab_size, "modules": mods,
            "transplantable_bytes": sum(m["bytes"] for m in mods), "weight_file_bytes": ck.weight_bytes,
            "not_transplantable": list(ck.table.skipped)}
+    if note := _hub_note(args.model, ck.path):
+        doc["snapshot"] = note
 
     def human(d):
-        print(f"{d['model']} -> {d['path']}\n{d['arch']} ({d['table']}), {d['layers']} layers, "
+        print(f"{d['model']} -> {d['path']}" + (f" ({d['snapshot']})" if "snapshot" in d else "")
+              + f"\n{d['arch']} ({d['table']}), {d['layers']} layers, "
               f"vocab {d['vocab_size']}, {len(mods)} transplantable modules "
               f"({_fmt_bytes(d['transplantable_bytes'])} of {_fmt_bytes(d['weight_file_bytes'])})")
         wn = max([24] + [len(m["name"]) + 2 for m in mods])            # long names keep the columns
@@ -253,9 +263,9 @@ def cmd_apply(args) -> int:
     """Select (a task + K needs both models loaded; --modules reads only the tables), then
     write the target's folder with only the changed tensors' bytes replaced."""
     from transplant_core import transplant as tp
-    from transplant_core.checkpoint import Checkpoint, ModelTensors
+    from transplant_core.checkpoint import Checkpoint, ModelTensors, resolve_model_path
     from transplant_core.errors import InvalidArgument
-    from transplant_core.export import manifest, write_checkpoint, write_transplanted
+    from transplant_core.export import check_out, manifest, write_checkpoint, write_transplanted
     from transplant_core.workflow import compatibility, explicit_modules, select
 
     if bool(args.modules) == bool(args.task):
@@ -264,6 +274,11 @@ def cmd_apply(args) -> int:
         raise InvalidArgument("--rank and --budget must be >= 1 (leave both out for whole modules)")
     if args.rank and args.budget:
         raise InvalidArgument("give --rank or --budget, not both")
+    target_path = resolve_model_path(args.target)
+    check_out(target_path, Path(args.out))          # before minutes of analysis, not after
+    for what, spec in (("target", args.target), ("donor", args.donor)):
+        if note := _hub_note(spec, target_path if what == "target" else resolve_model_path(spec)):
+            print(f"{what} {spec}: {note}", file=sys.stderr)
 
     def low(p, current):
         return tp.lowrank(p, current, rank=args.rank or None, budget=args.budget or None) \

@@ -5,11 +5,21 @@ costs its header, not its weights. Paths must lie inside the configured donor ro
 (symlinks resolved; no traversal). A watchdog observer on the roots registers
 checkpoints dropped in, once completely written (config.json + safetensors, sizes
 unchanged for a settle period), and unregisters removed ones; it reconciles by set
-difference, so a burst of events costs one pass.
+difference, so a burst of events costs one pass; a checkpoint it cannot register is
+warned about once (again only when the reason changes), not on every pass.
+
+Hugging Face caches: a root may be a hub cache (`~/.cache/huggingface/hub`): each
+`models--ORG--NAME` in it registers as donor NAME (ORG--NAME where two repositories share
+a NAME), from the snapshot `refs/main` names, else the newest. Confinement follows
+symlinks: every file of a donor, resolved, must lie inside the donor roots, so a
+snapshot's links into its repository's `blobs/` are fine when the cache is under a root,
+and a link to anywhere else is refused.
 """
 from __future__ import annotations
 
 import logging
+import os
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -17,7 +27,7 @@ from pathlib import Path
 from typing import Callable
 
 from transplant_core.arch import ModuleTable
-from transplant_core.checkpoint import Checkpoint
+from transplant_core.checkpoint import Checkpoint, describe_hub, hub_folder, hub_repo, hub_snapshot
 from transplant_core.compat import CompatReport, check
 from transplant_core.errors import AlreadyExists, InvalidArgument, NotFound
 
@@ -45,6 +55,7 @@ class DonorRegistry:
         self._observer = None
         self._reconcile_wakeup = threading.Event()
         self._stop = threading.Event()
+        self._refused: dict[Path, str] = {}     # drop-ins that failed to register: the reason last warned
 
     # ---- registry ----------------------------------------------------------------
 
@@ -54,16 +65,41 @@ class DonorRegistry:
         if "\x00" in path:
             raise InvalidArgument("donor path contains a NUL byte")
         p = Path(path).expanduser().resolve()
-        if not any(p == r or r in p.parents for r in self.roots):
-            roots = ", ".join(map(str, self.roots)) or "(none configured)"
-            raise InvalidArgument(f"donor path {path!r} is outside the donor roots {roots}; "
+        if not self._inside(p):
+            raise InvalidArgument(f"donor path {path!r} is outside the donor roots {self._roots_text()}; "
                                   "put the checkpoint under a root or add one with --donor-root")
         return p
+
+    def _inside(self, p: Path) -> bool:
+        return any(p == r or r in p.parents for r in self.roots)
+
+    def _roots_text(self) -> str:
+        return ", ".join(map(str, self.roots)) or "(none configured)"
+
+    def confine_files(self, p: Path) -> None:
+        """The folder is inside a root; its files must be too, symlinks followed (a weight
+        file linked to /etc/... is as much outside as the folder would be). A Hugging Face
+        snapshot's links into ../../blobs stay inside when its cache is under a root."""
+        outside = []
+        for dirpath, dirnames, filenames in os.walk(p):
+            for n in dirnames + filenames:
+                f = Path(dirpath) / n
+                if f.is_symlink() and not self._inside(f.resolve()):
+                    outside.append(f"{f.relative_to(p)} -> {f.resolve()}")
+        if outside:
+            more = f" (+{len(outside) - 4} more)" if len(outside) > 4 else ""
+            raise InvalidArgument(f"donor {p}: symlinks lead outside the donor roots {self._roots_text()}: "
+                                  f"{', '.join(outside[:4])}{more}; copy the files in, or add a root that holds "
+                                  "what they point to")
 
     def register(self, name: str, path: str, origin: str = "rpc", trusted: bool = False) -> Donor:
         """`trusted` skips root confinement: only for donors named in the server's own config."""
         p = Path(path).expanduser().resolve() if trusted else self.confine(path)
-        name = name or p.name
+        if not (p / "config.json").exists() and hub_folder(p):
+            p = hub_snapshot(p)[0].resolve()     # a cache folder models--ORG--NAME: its snapshot, once
+        if not trusted and p.exists():
+            self.confine_files(p)
+        name = name or hub_name(p) or p.name
         with self._lock:
             old = self._donors.get(name)
             if old is not None:
@@ -78,7 +114,9 @@ class DonorRegistry:
             self._donors.setdefault(name, donor)
             n = len(self._donors)
         self._on_change(n)
-        log.info("registered donor %s (%s, %s): %d compatible modules", name, p, origin, len(donor.compat.compatible))
+        hub = describe_hub(p)
+        log.info("registered donor %s (%s, %s%s): %d compatible modules", name, p, origin, f"; {hub}" if hub else "",
+                 len(donor.compat.compatible))
         return donor
 
     def unregister(self, name: str) -> None:
@@ -105,14 +143,18 @@ class DonorRegistry:
     # ---- watching the roots ----------------------------------------------------------
 
     def watch(self, settle_s: float = 1.0) -> None:
-        from watchdog.events import FileSystemEventHandler
+        from watchdog.events import EVENT_TYPE_CLOSED_NO_WRITE, EVENT_TYPE_OPENED, FileSystemEventHandler
         from watchdog.observers import Observer
 
         wake = self._reconcile_wakeup
+        reads = (EVENT_TYPE_OPENED, EVENT_TYPE_CLOSED_NO_WRITE)
 
         class Handler(FileSystemEventHandler):
             def on_any_event(self, event):
-                wake.set()
+                # a pass reads the folders it registers; waking on reads made a drop-in that
+                # fails to register be tried (and warned about) again at every pass, forever
+                if event.event_type not in reads:
+                    wake.set()
 
         self._observer = Observer()
         for r in self.roots:
@@ -126,15 +168,28 @@ class DonorRegistry:
         threading.Thread(target=self._reconcile_loop, args=(settle_s,), name="donor-watch", daemon=True).start()
 
     def _candidates(self) -> dict[str, Path]:
-        out = {}
+        out, hub = {}, []
         for r in self.roots:
             if not r.is_dir():
                 continue
             for d in sorted(p for p in r.iterdir() if p.is_dir() and not p.name.startswith(".")):
+                if hub_folder(d):
+                    try:
+                        snap = hub_snapshot(d)[0]
+                    except InvalidArgument:
+                        continue                         # no snapshot yet: still downloading
+                    # links, even broken ones: a missing blob is then warned about, not silently skipped
+                    if os.path.lexists(snap / "config.json") and any(snap.glob("*.safetensors")):
+                        hub.append(snap)
+                    continue
                 weights = any(d.glob("*.safetensors")) or (
                     self.allow_pickle and any(d.glob("pytorch_model*.bin")))   # pickle: only when allowed
                 if (d / "config.json").is_file() and weights:
                     out[d.name] = d.resolve()
+        short = [hub_name(snap) or snap.parent.parent.name for snap in hub]
+        for snap, name in zip(hub, short):      # NAME, unless another repository or folder is called that too
+            full = hub_name(snap, full=True) or snap.parent.parent.name
+            out[name if short.count(name) == 1 and name not in out else full] = snap.resolve()
         return out
 
     @staticmethod
@@ -154,9 +209,10 @@ class DonorRegistry:
     def _reconcile(self, settle_s: float) -> None:
         on_disk = self._candidates()
         watched = {d.name: d for d in self.list() if d.origin == "watch"}
-        for name in set(watched) - set(on_disk):
+        for name in sorted(n for n in watched if on_disk.get(n) != watched[n].path):   # gone, or refs/main moved
             log.info("donor %s removed from %s", name, watched[name].path)
             self.unregister(name)
+        self._refused = {p: why for p, why in self._refused.items() if p in on_disk.values()}
         for name in sorted(set(on_disk) - {d.name for d in self.list()}):
             path = on_disk[name]
             before = self._fingerprint(path)
@@ -166,8 +222,11 @@ class DonorRegistry:
                 continue
             try:
                 self.register(name, str(path), origin="watch")
+                self._refused.pop(path, None)
             except Exception as e:
-                log.warning("not registering %s: %s", path, e)
+                if self._refused.get(path) != str(e):    # once per folder and reason, not every pass
+                    log.warning("not registering %s: %s", path, e)
+                self._refused[path] = str(e)
 
     def close(self) -> None:
         self._stop.set()
@@ -175,3 +234,13 @@ class DonorRegistry:
         if self._observer is not None:
             self._observer.stop()
             self._observer.join(timeout=5)
+
+
+def hub_name(snapshot: Path, full: bool = False) -> str | None:
+    """The donor name of a Hugging Face snapshot: its repository's NAME (ORG--NAME with
+    `full`), in the characters donor names allow (config.DonorSpec: letters, digits, ._:-)."""
+    repo = hub_repo(snapshot)
+    if repo is None:
+        return None
+    name = re.sub(r"[^A-Za-z0-9._:-]", "-", repo.replace("/", "--") if full else repo.rsplit("/", 1)[-1])
+    return re.sub(r"^[^A-Za-z0-9]+", "", name)[:64] or None

@@ -7,11 +7,19 @@ in. Nothing is fetched from a hub and remote code is never trusted.
 Donors are read lazily: `CheckpointTensors` memory-maps the safetensors files and
 reads only the tensors asked for, so registering a donor costs its metadata, not its
 weights.
+
+Hugging Face cache folders are checkpoints as users have them: a snapshot
+(`models--ORG--NAME/snapshots/<commit>`) is an ordinary checkpoint folder whose files are
+symlinks into `../../blobs/`; the repository folder `models--ORG--NAME` stands for the
+snapshot `refs/main` names (else the newest). A symlink whose file is missing (a blob not
+downloaded) is refused by name.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -26,6 +34,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+HUB_PREFIX = "models--"          # huggingface_hub's folder for a model repository: models--ORG--NAME
+
+log = logging.getLogger("transplant.checkpoint")
 
 
 class TensorSource(Protocol):
@@ -50,9 +61,75 @@ def resolve_model_path(spec: str) -> Path:
     path = Path(spec).expanduser()
     if not path.exists():
         raise NotFound(f"model path {str(path)!r} does not exist; give a checkpoint directory or zoo:NAME")
+    if not (path / "config.json").exists() and hub_folder(path):
+        path, why = hub_snapshot(path)
+        log.info("%s is a Hugging Face cache folder: using snapshot %s (%s)", spec, path.name, why)
+    if path.is_dir():
+        refuse_dangling([f for f in path.iterdir() if f.is_symlink()])
     if not path.is_dir() or not (path / "config.json").is_file():
+        repos = sorted(p.name for p in path.glob(HUB_PREFIX + "*") if hub_folder(p)) if path.is_dir() else []
+        if repos:        # the hub cache root (~/.cache/huggingface/hub) rather than one model in it
+            raise InvalidArgument(f"{str(path)!r} is a Hugging Face cache, not a checkpoint: give one model's folder "
+                                  f"({', '.join(repos[:6])}{', ...' if len(repos) > 6 else ''}) "
+                                  "or one of its snapshots/<commit>")
         raise InvalidArgument(f"{str(path)!r} is not a checkpoint directory (no config.json in it)")
     return path.resolve()
+
+
+def hub_repo(path: Path) -> str | None:
+    """The repository id (ORG/NAME, or NAME) of a Hugging Face cache folder models--ORG--NAME
+    or of one of its snapshots; None for any other path. (Repository ids cannot hold "--".)"""
+    path = Path(path)
+    folder = path if hub_folder(path) else path.parent.parent if path.parent.name == "snapshots" else None
+    if folder is not None and folder.name.startswith(HUB_PREFIX) and len(folder.name) > len(HUB_PREFIX):
+        return folder.name[len(HUB_PREFIX):].replace("--", "/")
+    return None
+
+
+def hub_folder(path: Path) -> bool:
+    """Whether `path` is a Hugging Face cache folder models--ORG--NAME (not one of its snapshots)."""
+    path = Path(path)
+    return path.name.startswith(HUB_PREFIX) and len(path.name) > len(HUB_PREFIX) and (path / "snapshots").is_dir()
+
+
+def hub_snapshot(repo: Path) -> tuple[Path, str]:
+    """(the snapshot of cache folder models--ORG--NAME to use, why that one): the commit
+    refs/main names, else the most recently written snapshot."""
+    snaps = Path(repo) / "snapshots"
+    have = sorted((p for p in snaps.iterdir() if p.is_dir()), key=lambda p: (p.stat().st_mtime_ns, p.name)) \
+        if snaps.is_dir() else []
+    if not have:
+        raise InvalidArgument(f"{repo} is a Hugging Face cache folder without a snapshot (snapshots/ is empty); "
+                              "download the model again")
+    try:
+        ref = (Path(repo) / "refs" / "main").read_text().strip()
+    except OSError:
+        ref = ""
+    if re.fullmatch(r"[0-9a-f]{40}", ref) and (snaps / ref).is_dir():
+        return snaps / ref, "the one refs/main names"
+    why = f"refs/main names {ref[:40]!r}, which is not there" if ref else "no refs/main"
+    return have[-1], f"the newest of {len(have)}: {why}"
+
+
+def describe_hub(path: Path) -> str | None:
+    """What a snapshot folder is, for people (None: not a snapshot): "Hugging Face snapshot
+    <commit> of ORG/NAME (why this one)"."""
+    path = Path(path)
+    repo = hub_repo(path)
+    if repo is None or path.parent.name != "snapshots":
+        return None
+    chosen, why = hub_snapshot(path.parent.parent)
+    return f"Hugging Face snapshot {path.name} of {repo}" + (f" ({why})" if chosen.name == path.name else "")
+
+
+def refuse_dangling(files) -> None:
+    """A symlink whose target is missing (a Hugging Face snapshot whose blob was never
+    downloaded or was deleted) is refused by name, before anything opens it."""
+    bad = [f for f in files if Path(f).is_symlink() and not Path(f).exists()]
+    if bad:
+        links = "; ".join(f"{f} is a symlink to {os.readlink(f)}, which does not exist" for f in bad[:4])
+        raise InvalidArgument(f"{links}{f' (+{len(bad) - 4} more)' if len(bad) > 4 else ''}: a Hugging Face snapshot "
+                              "with a missing blob? Download the model again (or replace the link by the file)")
 
 
 def weight_files(path: Path, allow_pickle: bool = False) -> list[Path]:
@@ -65,10 +142,12 @@ def weight_files(path: Path, allow_pickle: bool = False) -> list[Path]:
             names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise InvalidArgument(f"{index} is not a safetensors index (weight_map): {e}") from None
+        refuse_dangling([path / n for n in names])
         missing = [n for n in names if not (path / n).is_file()]
         if missing:
             raise NotFound(f"{index} names weight files that are not there: {', '.join(missing)}")
         return [path / n for n in names]
+    refuse_dangling([f for f in path.iterdir() if f.suffix in (".safetensors",) + PICKLE_SUFFIXES])
     if (path / "model.safetensors").is_file():
         return [path / "model.safetensors"]
     st = sorted(path.glob("*.safetensors"))

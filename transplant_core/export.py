@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .errors import AlreadyExists
+from .errors import AlreadyExists, InvalidArgument
 from .transplant import Plan, checksums
 
 MANIFEST = "transplant_manifest.json"
@@ -83,6 +83,19 @@ def _honour_umask(root: Path) -> None:
             os.chmod(os.path.join(dirpath, f), 0o666 & ~mask)
 
 
+def check_out(src: Path, out: Path) -> None:
+    """Refuse an --out that is the target folder or lies inside it (the copy would walk into
+    its own temporary output and take in a second copy) or that holds it (--force would
+    delete the target)."""
+    s, o = Path(src).resolve(), Path(out).expanduser().resolve()
+    if o == s or s in o.parents:
+        raise InvalidArgument(f"--out {out} is inside the target folder {s}: the copy of the target would take in "
+                              "its own output; choose an --out outside the target")
+    if o in s.parents:
+        raise InvalidArgument(f"--out {out} holds the target folder {s} (replacing it would delete the target); "
+                              "choose an --out outside the target")
+
+
 def _prepare_out(out: Path, force: bool) -> Path:
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not force:
@@ -117,19 +130,26 @@ def write_transplanted(src: Path, locate, new: dict, out: Path, meta: dict, forc
     store (same shape and dtype as stored). Atomic: a temp folder renamed at the end."""
     import torch
 
+    from .checkpoint import refuse_dangling
+
     src, out = Path(src), Path(out)
+    check_out(src, out)
+    walk = []
+    for root, dirs, files in os.walk(src):
+        dirs[:] = [d for d in dirs if not d.startswith(".cache")]
+        walk.append((Path(root), files))
+    refuse_dangling([root / n for root, files in walk for n in files])   # before anything is written
     by_file: dict[Path, dict[str, torch.Tensor]] = {}
     for k, t in new.items():
         f, fk = locate(k)
         by_file.setdefault(Path(f), {})[fk] = t
     tmp = _prepare_out(out, force)
     try:
-        for root, dirs, files in os.walk(src):
-            dirs[:] = [d for d in dirs if not d.startswith(".cache")]
-            rel = Path(root).relative_to(src)
+        for root, files in walk:
+            rel = root.relative_to(src)
             (tmp / rel).mkdir(parents=True, exist_ok=True)
             for name in files:
-                shutil.copyfile(Path(root) / name, tmp / rel / name)   # byte for byte (sendfile)
+                shutil.copyfile(root / name, tmp / rel / name)   # byte for byte (sendfile); links followed
         rewritten = []
         for f, tensors in sorted(by_file.items()):
             dest = tmp / f.relative_to(src)
