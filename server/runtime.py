@@ -283,8 +283,8 @@ class Runtime:
         if limit is not None and len(ids) + n > limit:
             which = "messages" if messages else "prompt"
             if len(ids) >= limit:
-                raise bad(f"{{f}} has {len(ids)} tokens; the model's maximum context length is {limit} tokens "
-                          "(prompt and reply together)", which)
+                raise bad(f"{{f}} has {len(ids)} tokens, more than the model's maximum context length of {limit} "
+                          "tokens (prompt and reply together)", which)
             raise bad(f"the prompt ({len(ids)} tokens) plus {{f}} ({n}) exceed the model's maximum context length "
                       f"of {limit} tokens: ask for at most {limit - len(ids)}", "max_new_tokens")
         params = SamplingParams(n, float(temperature), float(top_p) if top_p > 0 else 1.0, seed, tuple(stop))

@@ -72,8 +72,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def spawn(cfg: dict, tmp: Path) -> tuple[subprocess.Popen, int, Path]:
-    """`transplant serve --config` in a child process on fixed free ports; waits for SERVING."""
+def spawn(cfg: dict, tmp: Path, wait: bool = True) -> tuple[subprocess.Popen, int, Path]:
+    """`transplant serve --config` in a child process on fixed free ports; waits for SERVING
+    (unless not `wait`). The HTTP port is in the returned process's `http_port`."""
     cfg = dict(cfg, grpc_listen=f"127.0.0.1:{free_port()}", http_listen=f"127.0.0.1:{free_port()}")
     path = tmp / f"cfg-{time.monotonic_ns()}.json"
     path.write_text(json.dumps(cfg))
@@ -82,8 +83,28 @@ def spawn(cfg: dict, tmp: Path) -> tuple[subprocess.Popen, int, Path]:
     proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--config", str(path)],
                             stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
     port = int(cfg["grpc_listen"].rsplit(":", 1)[1])
-    wait_serving(port, proc)
+    proc.http_port = int(cfg["http_listen"].rsplit(":", 1)[1])
+    if wait:
+        wait_serving(port, proc)
     return proc, port, Path(cfg["state_dir"])
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (children, their children, ...)."""
+    out, todo = [], [pid]
+    while todo:
+        kids = subprocess.run(["pgrep", "-P", str(todo.pop())], capture_output=True, text=True).stdout.split()
+        out += [int(k) for k in kids]
+        todo += [int(k) for k in kids]
+    return out
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return "zombie" not in f.read().lower()
+    except OSError:
+        return False
 
 
 def wait_serving(port: int, proc=None, timeout: float = 90) -> None:
@@ -104,4 +125,88 @@ def wait_serving(port: int, proc=None, timeout: float = 90) -> None:
     raise TimeoutError("server did not become SERVING")
 
 
-__all__ = ["A", "I", "Clients", "config", "start", "spawn", "wait_serving"]
+def wait_for(cond, timeout: float = 60, what: str = "the condition", every: float = 0.01):
+    """Poll `cond` until it is true (returns its value) or fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = cond()
+        if v:
+            return v
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+
+
+def load_during_swaps(s, c, swaps: int, prompts: list[str], n: int = 10, donor: str = "base",
+                      modules=("layers.*",), grpc_clients: int = 5, http_clients: int = 3, pinned: int = 0,
+                      per_swap: int = 4):
+    """Greedy clients on both APIs (gRPC, and the official openai client over /v1) while
+    `swaps` transplant/revert pairs run. `pinned` of the gRPC clients name the generation
+    live when they send. Between swaps, waits until `per_swap` replies came back (no
+    sleeps). Returns (results, errors): results are dicts with api, prompt, generation,
+    text, spans [(gen, start, end)] and pinned (the generation asked for, or None)."""
+    import threading
+
+    import openai
+
+    results, errors, stop = [], [], threading.Event()
+    lock = threading.Lock()
+
+    def record(**kw):
+        with lock:
+            results.append(kw)
+
+    def grpc_client(i):
+        cl = Clients(s.grpc_port, s.token)
+        k = 0
+        while not stop.is_set():
+            p = prompts[(i + k) % len(prompts)]
+            pin = s.runtime.gens.live.id if i < pinned else None
+            try:
+                r = cl.generate(p, n, **({} if pin is None else {"generation": pin}))
+                record(api="grpc", prompt=p, generation=r.generation, text=r.text, pinned=pin,
+                       spans=[(x.generation, x.start, x.end) for x in r.spans])
+            except grpc.RpcError as e:
+                errors.append(("grpc", pin, e.code(), e.details()))
+            k += 1
+        cl.close()
+
+    def http_client(i):
+        cl = openai.OpenAI(base_url=f"http://127.0.0.1:{s.http_port}/v1", api_key="x", max_retries=0, timeout=60)
+        k = 0
+        while not stop.is_set():
+            p = prompts[(i + k) % len(prompts)]
+            try:
+                r = cl.completions.create(model=s.runtime.cfg.model_name, prompt=p, max_tokens=n, temperature=0)
+                ch = r.choices[0]
+                spans = [(x["generation"], x["start"], x["end"]) for x in (ch.model_extra or {}).get("generation_spans") or []]
+                assert r.system_fingerprint == f"gen-{r.model_extra['generation']}"
+                record(api="http", prompt=p, generation=r.model_extra["generation"], text=ch.text, pinned=None,
+                       spans=spans)
+            except openai.APIError as e:
+                errors.append(("http", None, getattr(e, "status_code", None), str(e)))
+            k += 1
+
+    threads = [threading.Thread(target=grpc_client, args=(i,)) for i in range(grpc_clients)]
+    threads += [threading.Thread(target=http_client, args=(i,)) for i in range(http_clients)]
+    for t in threads:
+        t.start()
+    try:
+        def replies(k):
+            seen = len(results)
+            wait_for(lambda: len(results) >= seen + k or errors, 120, f"{k} more replies")
+
+        replies(per_swap)
+        for _ in range(swaps):
+            c.admin("Transplant", A.TransplantRequest(donor=donor, modules=list(modules)))
+            replies(per_swap)
+            c.admin("Revert", A.RevertRequest())
+            replies(per_swap)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    return results, errors
+
+
+__all__ = ["A", "I", "Clients", "config", "start", "spawn", "wait_serving", "wait_for", "load_during_swaps",
+           "descendants", "alive"]

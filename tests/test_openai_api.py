@@ -142,32 +142,58 @@ def post(port, path, body: bytes, headers=None):
         return e.code, json.loads(e.read())
 
 
-@pytest.mark.parametrize("body, status, words", [
-    (b"{not json", 400, "not valid JSON"),
-    (b"[1, 2]", 400, "JSON object"),
-    (json.dumps({"model": "nope", "prompt": "x"}).encode(), 404, "not served here"),
-    (json.dumps({"model": "target@99", "prompt": "x"}).encode(), 404, "generation 99 does not exist"),
-    (json.dumps({"model": "target@x", "prompt": "x"}).encode(), 400, "NAME@N"),
-    (json.dumps({"prompt": "x"}).encode(), 400, "model is required"),
-    (json.dumps({"model": "target", "prompt": ""}).encode(), 400, "prompt is empty"),
-    (json.dumps({"model": "target", "prompt": [1, 2]}).encode(), 400, "token id arrays"),
-    (json.dumps({"model": "target", "prompt": "x", "max_tokens": -1}).encode(), 400, "max_tokens"),
-    (json.dumps({"model": "target", "prompt": "x", "max_tokens": 100000}).encode(), 400, "max_new_tokens must be"),
-    (b'{"model": "target", "prompt": "x", "temperature": NaN}', 400, "temperature"),
-    (b'{"model": "target", "prompt": "x", "top_p": Infinity}', 400, "top_p"),
-    (json.dumps({"model": "target", "prompt": "x", "n": 0}).encode(), 400, "n must be"),
-    (json.dumps({"model": "target", "prompt": "x", "seed": -1}).encode(), 400, "seed"),
-    (json.dumps({"model": "target", "prompt": "x", "echo": True}).encode(), 400, "not supported"),
-    (json.dumps({"model": "target", "prompt": "x", "frobnicate": 1}).encode(), 400, "unrecognized"),
+J = lambda **kw: json.dumps({"model": "target", **kw}).encode()       # noqa: E731
+
+
+@pytest.mark.parametrize("body, status, words, param", [
+    (b"{not json", 400, "not valid JSON", None),
+    (b"[1, 2]", 400, "JSON object", "body"),
+    (json.dumps({"model": "nope", "prompt": "x"}).encode(), 404, "not served here", "model"),
+    (J(model="target@99", prompt="x"), 404, "generation 99 does not exist", "model"),
+    (J(model="target@x", prompt="x"), 400, "NAME@N", "model"),
+    (json.dumps({"prompt": "x"}).encode(), 400, "model is required", "model"),
+    (J(prompt=""), 400, "prompt is empty", "prompt"),
+    (J(prompt=[1, 2]), 400, "token id arrays", "prompt"),
+    (J(prompt="x", max_tokens=-1), 400, "max_tokens", "max_tokens"),
+    (J(prompt="x", max_tokens=100000), 400, "max_tokens must be in 1..128", "max_tokens"),
+    (J(prompt="x" * 100, max_tokens=60), 400, "plus max_tokens (60) exceed the model's maximum context length of "
+                                              "128 tokens: ask for at most 28", "max_tokens"),
+    (J(prompt="x" * 130, max_tokens=4), 400, "prompt has 130 tokens, more than the model's maximum context "
+                                             "length of 128", "prompt"),
+    (b'{"model": "target", "prompt": "x", "temperature": NaN}', 400, "temperature", "temperature"),
+    (J(prompt="x", temperature=3), 400, "in [0, 2]", "temperature"),
+    (b'{"model": "target", "prompt": "x", "top_p": Infinity}', 400, "top_p", "top_p"),
+    (J(prompt="x", n=0), 400, "n must be", "n"),
+    (J(prompt="x", seed=-1), 400, "seed", "seed"),
+    (J(prompt="x", echo=True), 400, "not supported", "echo"),
+    (J(prompt="x", frobnicate=1), 400, "unrecognized", "frobnicate"),
+    (b'{"model": "target", "prompt": "add:\\ud800="}', 400, "lone surrogate", "prompt"),
+    (b'{"model": "target", "prompt": ["ok", "\\udfff"]}', 400, "lone surrogate", "prompt"),
+    (b'{"model": "target", "prompt": "x", "stop": ["\\ud800"]}', 400, "lone surrogate", "stop"),
+    (J(prompt="x", stop=[""]), 400, "stop sequences", "stop"),
+    (J(prompt="x", stop=["a"] * 9), 400, "stop sequences", "stop"),
 ])
-def test_bad_completions_get_openai_errors_and_change_nothing(served, body, status, words):
+def test_bad_completions_get_openai_errors_and_change_nothing(served, body, status, words, param):
     s, c, client = served
     live = s.runtime.gens.live.id
     code, doc = post(s.http_port, "/v1/completions", body)
     assert code == status and words in doc["error"]["message"], doc
     assert set(doc["error"]) == {"message", "type", "param", "code"}
+    assert doc["error"]["param"] == param, doc
+    assert "max_new_tokens" not in doc["error"]["message"]            # this API's names only
+    if status == 404:
+        assert doc["error"]["code"] == "model_not_found"
     assert s.runtime.gens.live.id == live
     assert client.completions.create(model="target", prompt="x", max_tokens=2, temperature=0).choices
+
+
+def test_every_domain_error_has_an_http_status():
+    """ABORTED (a fleet conflict: another record won the log's head) is a 409, not a 500."""
+    from server.errors import STATUS, http_status_of
+    from server.fleet.log import Conflict
+
+    assert http_status_of(Conflict("another record won")) == 409
+    assert all(http_status_of(cls("x")) != 500 for cls in STATUS)
 
 
 @pytest.mark.parametrize("messages, words", [
@@ -176,11 +202,14 @@ def test_bad_completions_get_openai_errors_and_change_nothing(served, body, stat
     ([{"role": "user", "content": ""}], "all empty"),
     ([{"role": "user", "content": 5}], "content must be text"),
     ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}], "only text parts"),
+    ([{"role": "user", "content": "add:\ud800="}], "messages[0].content is not valid Unicode: a lone surrogate"),
+    ([{"role": "user", "content": "x" * 200}], "more than the model's maximum context length of 128"),
 ])
 def test_bad_chat_messages(served, messages, words):
     s, _, _ = served
     code, doc = post(s.http_port, "/v1/chat/completions", json.dumps({"model": "target", "messages": messages}).encode())
     assert code == 400 and words in doc["error"]["message"], doc
+    assert doc["error"]["param"] == "messages", doc
 
 
 def test_body_limit_is_413_and_unknown_routes_404(served):

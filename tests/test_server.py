@@ -15,7 +15,7 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from safetensors.torch import save_file
 
-from serverkit import ROOT, A, I, Clients, config, spawn, start
+from serverkit import ROOT, A, I, Clients, config, load_during_swaps, spawn, start
 from server.runtime import TransplantArgs
 from tiny import make_model, save
 from transplant_core import transplant as tp
@@ -123,47 +123,24 @@ def test_task_k_transplant_reports_quality(server, tmp_path):
 
 
 def test_atomic_generations_under_load(server):
-    """Concurrent greedy clients while transplants and reverts run: every answer equals what
-    its reported generation gives for that prompt alone, and none fails."""
+    """Concurrent greedy clients on both APIs (gRPC, and /v1 through the official openai
+    client) while transplants and reverts run: none fails, and every answer equals what
+    its reported generation gives for that prompt alone."""
     s, c = server
-    results, errors, stop = [], [], threading.Event()
-
-    def client(i):
-        cl = Clients(s.grpc_port, s.token)
-        k = 0
-        while not stop.is_set():
-            p = PROMPTS[(i + k) % len(PROMPTS)]
-            try:
-                r = cl.generate(p, 10)
-                results.append((p, r.generation, r.text))
-            except grpc.RpcError as e:
-                errors.append(e)
-            k += 1
-        cl.close()
-
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(12)]
-    for t in threads:
-        t.start()
-    swaps = 0
-    for _ in range(4):
-        c.admin("Transplant", A.TransplantRequest(donor="other", modules=["layers.*"]))
-        time.sleep(0.15)
-        c.admin("Revert", A.RevertRequest())
-        time.sleep(0.15)
-        swaps += 2
-    stop.set()
-    for t in threads:
-        t.join()
-    assert not errors
-    gens = {g for _, g, _ in results}
+    results, errors = load_during_swaps(s, c, 4, PROMPTS, n=10, donor="other", grpc_clients=9, http_clients=3,
+                                        per_swap=6)
+    assert not errors, errors[:3]
+    assert {r["api"] for r in results} == {"grpc", "http"}
+    gens = {r["generation"] for r in results}
     assert len(gens) >= 3, gens       # traffic really spanned several generations
+    assert len({r["generation"] for r in results if r["api"] == "http"}) >= 2
     tok = build_tokenizer()
     for g in sorted(gens):
         model = s.runtime.gens.materialize(g)
         want = {p: greedy(model, tok, [p], 10)[0].text for p in PROMPTS}
-        for p, gen, text in results:
-            if gen == g:
-                assert text == want[p], (g, p)
+        for r in results:
+            if r["generation"] == g:
+                assert r["text"] == want[r["prompt"]] and not r["spans"], (g, r)
     # the two weight sets really answer differently, so a mix would have been caught
     m0, m1 = s.runtime.gens.materialize(0), s.runtime.gens.materialize(1)
     assert any(greedy(m0, tok, [p], 10)[0].text != greedy(m1, tok, [p], 10)[0].text for p in PROMPTS)
@@ -197,6 +174,8 @@ def test_bad_inputs_get_the_right_code_and_change_nothing(server, models):
         (lambda: c.generate("hello", 100000), grpc.StatusCode.INVALID_ARGUMENT, "max_new_tokens"),
         (lambda: c.generate(""), grpc.StatusCode.INVALID_ARGUMENT, "empty"),
         (lambda: c.generate("hi", 4, temperature=-1), grpc.StatusCode.INVALID_ARGUMENT, "temperature"),
+        (lambda: c.generate("hi", 4, temperature=50), grpc.StatusCode.INVALID_ARGUMENT, "temperature must be in [0, 2]"),
+        (lambda: c.generate("x" * 126, 8), grpc.StatusCode.INVALID_ARGUMENT, "maximum context length of 128"),
         (lambda: c.generate("hi", 4, top_p=2), grpc.StatusCode.INVALID_ARGUMENT, "top_p"),
     ]
     for fn, want, words in cases:

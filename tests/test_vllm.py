@@ -22,7 +22,8 @@ if os.environ.get("TRANSPLANT_NO_VLLM") == "1":
 
 import vllm  # noqa: E402,F401  - a missing vLLM is a failure, not a skip
 
-from serverkit import ROOT, A, I, Clients, config, spawn, start  # noqa: E402
+from serverkit import (ROOT, A, I, Clients, alive, config, descendants, load_during_swaps, spawn,  # noqa: E402
+                       start, wait_for)
 from transplant_core.errors import InvalidArgument  # noqa: E402
 from transplant_core.generation import SamplingParams, generate  # noqa: E402
 from transplant_core.tasks import load_task  # noqa: E402
@@ -148,47 +149,19 @@ def test_zoo_transplant_matches_apply(served, tmp_path):
     c.admin("Revert", A.RevertRequest(to_generation=0))
 
 
-def load_during_swaps(s, c, swaps: int, n=16, prompts=PROMPTS):
-    results, errors, stop = [], [], threading.Event()
-
-    def client(i):
-        cl = Clients(s.grpc_port, s.token)
-        k = 0
-        while not stop.is_set():
-            p = prompts[(i + k) % len(prompts)]
-            try:
-                r = cl.generate(p, n)
-                results.append((p, r.generation, r.text, [(x.generation, x.start, x.end) for x in r.spans],
-                                list(r.text)))
-            except grpc.RpcError as e:
-                errors.append(e)
-            k += 1
-        cl.close()
-
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    time.sleep(0.3)
-    for _ in range(swaps):
-        c.admin("Transplant", A.TransplantRequest(donor="base", modules=["layers.*"]))
-        time.sleep(0.2)
-        c.admin("Revert", A.RevertRequest())
-        time.sleep(0.2)
-    stop.set()
-    for t in threads:
-        t.join()
-    return results, errors
-
-
 def test_drain_under_load_every_reply_is_one_generation(served):
+    """5 gRPC and 3 /v1 clients (the official openai client) while swaps run: no request
+    fails because of a swap, and every reply is wholly its generation's."""
     s, c = served
-    results, errors = load_during_swaps(s, c, 3, prompts=SURE)
-    assert not errors and len(results) > 20
-    gens = {g for _, g, _, _, _ in results}
+    results, errors = load_during_swaps(s, c, 3, SURE, n=16)
+    assert not errors, errors[:3]
+    assert len(results) > 20 and {r["api"] for r in results} == {"grpc", "http"}
+    gens = {r["generation"] for r in results}
     assert len(gens) >= 3, gens
+    assert len({r["generation"] for r in results if r["api"] == "http"}) >= 2
     for g in gens:
         want = {p: t.text for p, t in zip(SURE, hf(s, SURE, 16, model=s.runtime.gens.materialize(g)))}
-        bad = [(p, text) for p, gen, text, spans, _ in results if gen == g and (text != want[p] or spans)]
+        bad = [r for r in results if r["generation"] == g and (r["text"] != want[r["prompt"]] or r["spans"])]
         assert not bad, (g, bad[:3])
 
 
@@ -230,7 +203,7 @@ def test_refused_swaps_guard_and_alert_rollback_on_vllm(tmp_path, broken_donor):
         threads = [threading.Thread(target=busy) for _ in range(4)]
         for t in threads:
             t.start()
-        time.sleep(0.5)
+        wait_for(lambda: s.runtime.scheduler._running > 0, 60, "requests running")
         with pytest.raises(grpc.RpcError) as e:
             c.admin("Transplant", A.TransplantRequest(donor="v1", modules=["layers.0.mlp.down"]))
         stop.set()
@@ -256,7 +229,7 @@ def test_refused_swaps_guard_and_alert_rollback_on_vllm(tmp_path, broken_donor):
         for pid in ours:
             if "EngineCore" in open(f"/proc/{pid}/cmdline").read():
                 os.kill(pid, signal.SIGKILL)
-        time.sleep(2)
+        wait_for(lambda: not s.runtime.serving, 30, "NOT_SERVING after the engine died")
         live = s.runtime.gens.live.id
         with pytest.raises(grpc.RpcError):
             c.admin("Transplant", A.TransplantRequest(donor="v1", modules=["layers.1.mlp.down"]), timeout=60)
@@ -276,21 +249,33 @@ def test_freeze_reports_the_spans_of_replies_that_cross_a_swap(tmp_path):
     try:
         # prompts every generation here answers with clear margins (the zoo's copy and upper: 100%):
         # the KV recomputed at a boundary may round differently, which must not flip a near tie
-        results, errors = load_during_swaps(s, c, 3, n=40, prompts=SURE)
-        assert not errors
-        crossed = [r for r in results if r[3]]
-        assert crossed, "no reply crossed a swap"
+        # 2 of the 5 gRPC clients pin the generation live when they send; 3 /v1 clients
+        results, errors = load_during_swaps(s, c, 3, SURE, n=40, pinned=2)
+        # a pinned request whose generation stopped being live while it waited is refused
+        # before it starts; nothing else fails
+        assert all(api == "grpc" and pin is not None and code == grpc.StatusCode.NOT_FOUND
+                   and "stopped being live" in why for api, pin, code, why in errors), errors[:3]
+        assert {r["api"] for r in results} == {"grpc", "http"}
         models = {}
         model = lambda g: models.setdefault(g, s.runtime.gens.materialize(g))
-        for p, gen, text, spans, _ in crossed:
-            assert spans[0][0] == gen and spans[0][1] == 0 and spans[-1][2] == len(text)   # 1 token = 1 char
+        pinned = [r for r in results if r["pinned"] is not None]
+        assert pinned
+        for r in pinned:                         # wholly on the generation it named, never mislabelled
+            assert r["generation"] == r["pinned"] and not r["spans"], r
+            assert r["text"] == hf(s, [r["prompt"]], 40, model=model(r["pinned"]))[0].text, r
+        crossed = [r for r in results if r["spans"]]
+        assert crossed, "no reply crossed a swap"
+        for r in crossed:
+            p, text, spans = r["prompt"], r["text"], r["spans"]
+            assert spans[0][1] == 0 and spans[-1][2] == len(text)   # 1 token = 1 char
+            assert spans[0][0] >= r["generation"] and any(g != r["generation"] for g, _, _ in spans)
             assert all(a[2] == b[1] and a[0] != b[0] for a, b in zip(spans, spans[1:]))
             # each span is its generation's greedy continuation of the text before it (vLLM
             # recomputes the cache with the new weights at the boundary)
             for g, a, b in spans:
                 assert text[a:b] == hf(s, [p + text[:a]], b - a, model=model(g))[0].text[:b - a], (p, text, spans)
-        for p, gen, text, _, _ in [r for r in results if not r[3]][:30]:
-            assert text == hf(s, [p], 40, model=model(gen))[0].text, (p, gen, text, len(results), len(crossed))
+        for r in [r for r in results if not r["spans"]][:30]:
+            assert r["text"] == hf(s, [r["prompt"]], 40, model=model(r["generation"]))[0].text, r
     finally:
         c.close()
         s.stop(5)
@@ -304,6 +289,8 @@ def test_bad_input_on_vllm(served):
          "maximum context length of 64"),
         (I.GenerateRequest(prompt="x" * 40, max_new_tokens=30), grpc.StatusCode.INVALID_ARGUMENT, "plus max_new_tokens"),
         (I.GenerateRequest(prompt="", max_new_tokens=4), grpc.StatusCode.INVALID_ARGUMENT, "empty"),
+        (I.GenerateRequest(prompt="a", max_new_tokens=4, temperature=50), grpc.StatusCode.INVALID_ARGUMENT,
+         "temperature must be in [0, 2]"),
         (I.GenerateRequest(prompt="a", max_new_tokens=999), grpc.StatusCode.INVALID_ARGUMENT, "max_new_tokens"),
         (I.GenerateRequest(prompt="a", model="zoo:v2@0", generation=1), grpc.StatusCode.INVALID_ARGUMENT, "disagree"),
         (I.GenerateRequest(prompt="a", generation=live + 50), grpc.StatusCode.NOT_FOUND, "does not exist"),
@@ -410,3 +397,70 @@ def test_a_fleet_of_a_vllm_replica_and_an_embedded_one(tmp_path):
         for s in servers:
             s.stop(5)
         etcd.stop()
+
+
+def _health(port: int) -> int:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        return health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status
+
+
+def _http(port: int, path: str) -> tuple[int, str]:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def test_a_dead_engine_is_reported_and_the_server_exits_1(tmp_path):
+    """kill -9 of vLLM's engine process (what the OOM killer does): gRPC health, /health and
+    transplant_engine_up say so at once, and `transplant serve` exits 1 after
+    engine_dead_exit_s, for its supervisor to restart it."""
+    proc, port, _ = spawn(vcfg(tmp_path, engine_dead_exit_s=3), tmp_path)
+    procs = descendants(proc.pid)
+    try:
+        assert _health(port) == 1 and _http(proc.http_port, "/health")[0] == 200
+        assert "transplant_engine_up 1.0" in _http(proc.http_port, "/metrics")[1]
+        core = [p for p in procs if "EngineCore" in open(f"/proc/{p}/cmdline").read()]
+        assert core
+        os.kill(core[0], signal.SIGKILL)
+        wait_for(lambda: _health(port) == 2, 20, "health NOT_SERVING")            # 2: NOT_SERVING
+        code, body = _http(proc.http_port, "/health")
+        assert code == 503 and "NOT_SERVING" in body
+        assert "transplant_engine_up 0.0" in _http(proc.http_port, "/metrics")[1]
+        assert proc.wait(60) == 1
+        wait_for(lambda: not any(alive(p) for p in procs), 30, "the engine's processes to end")
+    finally:
+        proc.kill()
+        for p in procs:
+            if alive(p):
+                os.kill(p, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_stopping_during_start_up_leaves_nothing_running(tmp_path, sig):
+    """SIGTERM (or Ctrl-C) or kill -9 while vLLM's engine is starting: the server exits and
+    every process it started ends with it, at once."""
+    proc, _, _ = spawn(vcfg(tmp_path), tmp_path, wait=False)
+    procs = []
+    try:
+        def engine_starting():
+            procs[:] = descendants(proc.pid)
+            return any("EngineCore" in open(f"/proc/{p}/cmdline").read() for p in procs if alive(p))
+        wait_for(engine_starting, 120, "vLLM's engine process to start", every=0.05)
+        assert proc.poll() is None and _health(int(json.loads(next(tmp_path.glob("cfg-*.json")).read_text())
+                                                         ["grpc_listen"].rsplit(":", 1)[1])) != 1
+        proc.send_signal(sig)
+        code = proc.wait(60)
+        assert code == (0 if sig == signal.SIGTERM else -signal.SIGKILL), code
+        wait_for(lambda: not any(alive(p) for p in procs), 15, "the engine's processes to end")
+    finally:
+        proc.kill()
+        for p in procs:
+            if alive(p):
+                os.kill(p, signal.SIGKILL)
