@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from transplant_core.evaluate import evaluate
 from transplant_core.metrics import bootstrap_ci, paired_drop, recovery, tir
@@ -25,6 +25,7 @@ class Measurement:
     generation: int
     phase: str                   # baseline, shadow, post_swap, periodic, request
     correct: list[bool]
+    at: float = field(default_factory=time.time)   # when it was measured (not when exported)
 
     @property
     def accuracy(self) -> float:
@@ -56,7 +57,11 @@ class QualityMonitor:
         self.tasks: dict[str, Task] = {p.task: load_task(p.task, p.examples) for p in self.probes}
         self._cache: dict[tuple[int, str], Measurement] = {}
         self._donor_acc: dict[tuple[str, str], float] = {}
+        self._failing: set[tuple[int, str]] = set()   # (generation, task) whose last probe failed
+        for p in self.probes:
+            metrics.interval.labels(p.task).set(p.interval_s)
         self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
 
     def measure(self, model, gen: int | None, task: str, phase: str) -> Measurement:
@@ -72,6 +77,7 @@ class QualityMonitor:
         m.generation = gen
         with self._lock:
             self._cache[(gen, m.task)] = m
+            self._failing.discard((gen, m.task))
         return m
 
     def latest(self, gen: int, task: str) -> Measurement | None:
@@ -110,12 +116,15 @@ class QualityMonitor:
         self.metrics.forget_except(gen)
         for task in self.tasks:
             m = self.latest(gen, task)
-            if m is None:
+            with self._lock:
+                failing = (gen, task) in self._failing
+            if m is None or failing:     # a failed probe's task stays withdrawn until one succeeds
                 continue
             lab = (task, str(gen))
             self.metrics.accuracy.labels(*lab).set(m.accuracy)
             self.metrics.samples.labels(*lab).set(len(m.correct))
-            self.metrics.measured.labels(*lab).set(time.time())
+            self.metrics.measured.labels(*lab).set(m.at)
+            self.metrics.last_success.labels(task).set(m.at)
             base = self.latest(parent, task) if parent is not None else None
             if base is None:
                 continue
@@ -140,15 +149,33 @@ class QualityMonitor:
             due = {p.task: time.monotonic() + p.interval_s for p in self.probes}
             while not self._stop.wait(0.5):
                 for p in self.probes:
+                    if self._stop.is_set():
+                        break
                     if time.monotonic() >= due[p.task]:
                         due[p.task] = time.monotonic() + p.interval_s
                         pinned = live()
                         try:
                             on_measure(pinned, self.measure(pinned.model, pinned.id, p.task, "periodic"))
-                        except Exception:
-                            log.exception("periodic probe %s failed", p.task)
+                        except Exception as e:
+                            log.exception("periodic probe %s failed on generation %d", p.task, pinned.id)
+                            self.failed(pinned.id, p.task, type(e).__name__)
 
-        threading.Thread(target=loop, name="quality-probes", daemon=True).start()
+        self._thread = threading.Thread(target=loop, name="quality-probes", daemon=True)
+        self._thread.start()
+
+    def failed(self, gen: int, task: str, reason: str) -> None:
+        """A probe of generation `gen` could not run: count it and withdraw the task's
+        quality series, so they go stale instead of showing the last good value (on which
+        TransplantQualityRegression could never fire for this generation). `reason` is an
+        exception class name: bounded by the code, never a message."""
+        with self._lock:
+            self._failing.add((gen, task))
+        self.metrics.forget(task, gen)          # first: a scrape that sees the count sees it withdrawn
+        self.metrics.probe_failures.labels(task, reason).inc()
 
     def stop(self) -> None:
+        """Wait for a probe in progress: one still decoding when the journal closes, or the
+        interpreter exits, fails (or aborts the process from torch's threads)."""
         self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)

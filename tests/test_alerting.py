@@ -84,6 +84,80 @@ def test_webhook_reverts_the_live_generation_once(tiny_server):
     assert sorted(s.runtime.gens.records) == [0, 1, 2]
 
 
+def _scrape(port) -> dict:
+    """/metrics as {(name, {labels}): value}, parsed by prometheus_client's own parser."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    return {(x.name, frozenset(x.labels.items())): x.value for f in text_string_to_metric_families(text) for x in f.samples}
+
+
+def _sample(metrics, name, **labels):
+    return metrics.get((name, frozenset(labels.items())))
+
+
+def _scrape_until(port, what, cond, timeout=60):
+    """Scrape until `cond(metrics)` holds (returns those metrics), or fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        m = _scrape(port)
+        if cond(m):
+            return m
+        time.sleep(0.05)
+    pytest.fail(f"no {what} within {timeout} s")
+
+
+def test_a_failing_probe_withdraws_its_quality_until_one_succeeds(tmp_path):
+    """A periodic probe that fails in the engine (CUDA out of memory on the copy probe's
+    batch) is counted by reason, and its task's quality leaves /metrics, so the last good
+    value is not what Prometheus sees; the other task's probe keeps exporting, and the
+    next good probe brings the series back."""
+    import torch
+
+    save(make_model("llama", 0), tmp_path / "target")
+    s = start(config(tmp_path, tmp_path / "target", [], watch_donor_roots=False, eval_max_new_tokens=4,
+                     probes=[{"task": "zoo:copy", "examples": 12, "interval_s": 0.5},
+                             {"task": "zoo:rev", "examples": 8, "interval_s": 0.5}]))
+    copy, rev = {"task": "zoo:copy", "generation": "0"}, {"task": "zoo:rev", "generation": "0"}
+    acc, fails = "transplant_quality_accuracy", "transplant_quality_probe_failures_total"
+    last = "transplant_quality_last_success_timestamp_seconds"
+    series = [acc, "transplant_quality_samples", "transplant_quality_measured_timestamp_seconds"]
+
+    def out_of_memory(module, args, kwargs):
+        if kwargs["input_ids"].shape[0] == 12:           # the copy probe's rows, not rev's 8
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    def failures(m):
+        return _sample(m, fails, task="zoo:copy", reason="OutOfMemoryError") or 0
+
+    try:
+        m = _scrape(s.http_port)
+        assert all(_sample(m, n, **copy) is not None for n in series) and _sample(m, acc, **rev) is not None
+        assert _sample(m, "transplant_quality_probe_interval_seconds", task="zoo:copy") == 0.5
+        assert _sample(m, last, task="zoo:copy") == _sample(m, "transplant_quality_measured_timestamp_seconds", **copy)
+        assert not any(k[0] == fails for k in m)
+        hook = s.runtime.gens.live.model.register_forward_pre_hook(out_of_memory, with_kwargs=True)
+        try:
+            m = _scrape_until(s.http_port, "failed copy probe", lambda m: failures(m) >= 1)
+            assert all(_sample(m, n, **copy) is None for n in series)   # withdrawn before it is counted
+            frozen = _sample(m, last, task="zoo:copy")
+            _scrape_until(s.http_port, "repeated failures", lambda m: failures(m) >= 3)
+            # rev's next good probe re-exports every task: the first scrape after it
+            seen = time.time()
+            m = _scrape_until(s.http_port, "a good rev probe", lambda m: _sample(m, last, task="zoo:rev") > seen)
+            assert all(_sample(m, n, **copy) is None for n in series), "rev's export brought copy's last good one back"
+            assert _sample(m, last, task="zoo:copy") == frozen and _sample(m, acc, **rev) is not None
+            assert not any(k[0] == fails and dict(k[1])["task"] == "zoo:rev" for k in m)
+        finally:
+            hook.remove()
+        m = _scrape_until(s.http_port, "copy quality back", lambda m: _sample(m, acc, **copy) is not None)
+        assert _sample(m, last, task="zoo:copy") > frozen and failures(m) >= 3
+        assert _sample(m, acc, **copy) == s.runtime.quality.latest(0, "zoo:copy").accuracy
+    finally:
+        s.stop(1)
+
+
 # ---- with the embedded family: real task quality ----------------------------------------------
 
 @pytest.fixture(scope="module")

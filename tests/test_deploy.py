@@ -29,11 +29,21 @@ def run(*argv, cwd=None):
 
 def test_promtool_and_amtool_accept_the_configs(tmp_path):
     assert "SUCCESS" in run(tool("promtool"), "check", "config", "prometheus.yml", cwd=DEPLOY / "prometheus")
-    assert "SUCCESS: 2 rules found" in run(tool("promtool"), "check", "rules", "alerts.yml", cwd=DEPLOY / "prometheus")
+    assert "SUCCESS: 4 rules found" in run(tool("promtool"), "check", "rules", "alerts.yml", cwd=DEPLOY / "prometheus")
     assert "SUCCESS" in run(tool("amtool"), "check-config", str(DEPLOY / "alertmanager" / "alertmanager.yml"))
     spec = yaml.safe_load((DEPLOY / "k8s" / "prometheusrule.yaml").read_text())["spec"]
     (tmp_path / "rule.yml").write_text(yaml.safe_dump(spec))
     assert "SUCCESS" in run(tool("promtool"), "check", "rules", str(tmp_path / "rule.yml"))
+
+
+def test_probe_alerts_fire_on_failing_and_stuck_probes():
+    """alerts_test.yml: a failing probe (its accuracy withdrawn) fires ProbeFailing and
+    Stale, a stuck one (the last good accuracy still exported) fires Stale, a good one neither."""
+    out = run(tool("promtool"), "test", "rules", "alerts_test.yml", cwd=DEPLOY / "prometheus")
+    assert "SUCCESS" in out
+    tested = {t["alertname"] for t in yaml.safe_load((DEPLOY / "prometheus" / "alerts_test.yml").read_text())["tests"][0]
+              ["alert_rule_test"]}
+    assert {"TransplantQualityProbeFailing", "TransplantQualityStale"} <= tested
 
 
 def test_prometheusrule_matches_alerts_yml():
