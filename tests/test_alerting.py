@@ -306,7 +306,14 @@ def test_alert_fires_and_the_server_rolls_back(tmp_path, broken_donor, capsys):
                 break
             time.sleep(0.5)
         assert series and float(series[0]["value"][1]) == pytest.approx(base)
-        time.sleep(3)                                      # repeats and the resolved notice change nothing
+        # the alert resolves (the reverted generation scores like the parent) and Alertmanager
+        # sends the resolved notice (send_resolved, group_interval 1s): it changes nothing
+        reg = s.runtime.metrics.registry
+        ignored = lambda: reg.get_sample_value("transplant_alerts_received_total", {"outcome": "ignored"}) or 0  # noqa: E731
+        deadline = time.monotonic() + 120
+        while ignored() < 1:
+            assert time.monotonic() < deadline, "the resolved notice never reached the server"
+            time.sleep(0.5)
         assert g.live.id == rec.id and sum(r.reason == "alert" for r in g.records.values()) == 1
         with capsys.disabled():
             print(f"\n[alerting e2e] harmful swap (copy {base:.3f} -> {harmed:.3f}) to automatic revert: "

@@ -260,14 +260,14 @@ def test_key_queue_deadline_and_loading(models, tmp_path):
         c.close()
         client = openai.OpenAI(base_url=base, api_key="k" * 32, max_retries=0)
         with pytest.raises(openai.APIStatusError) as e:
-            client.completions.create(model="target", prompt="the quick brown fox", max_tokens=256, temperature=1,
+            client.completions.create(model="target", prompt="the quick brown fox", max_tokens=100, temperature=1,
                                       seed=1, extra_headers={"x-request-timeout": "0.001"})
         assert e.value.status_code == 504
         codes, lock = [], threading.Lock()
 
         def one():
             try:
-                client.completions.create(model="target", prompt="the quick brown fox", max_tokens=256,
+                client.completions.create(model="target", prompt="the quick brown fox", max_tokens=100,
                                           temperature=1.0, seed=3)
                 code = 200
             except openai.APIStatusError as err:
@@ -298,11 +298,11 @@ def test_draining_is_503_while_running_calls_finish(models, tmp_path):
 
     s = start(config(tmp_path, models / "target", [models / "donors"], watch_donor_roots=False,
                      max_new_tokens_limit=256))
-    p = long_prompt(s.runtime.gens.live.model, s.runtime.tokenizer, 200)
+    p = long_prompt(s.runtime.gens.live.model, s.runtime.tokenizer, 100)
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{s.http_port}/v1", api_key="x", max_retries=0)
     got = {}
     running = threading.Thread(target=lambda: got.update(r=client.completions.create(
-        model="target", prompt=p, max_tokens=200, temperature=0)))
+        model="target", prompt=p, max_tokens=100, temperature=0)))
     running.start()
     while s.runtime.scheduler.idle():
         time.sleep(0.001)
@@ -316,4 +316,4 @@ def test_draining_is_503_while_running_calls_finish(models, tmp_path):
     finally:
         running.join(60)
         stopper.join(60)
-    assert got["r"].choices[0].finish_reason == "length" and got["r"].usage.completion_tokens == 200
+    assert got["r"].choices[0].finish_reason == "length" and got["r"].usage.completion_tokens == 100
