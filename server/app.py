@@ -93,6 +93,7 @@ class Server:
         self._finished = threading.Event()
         self._listening = False
         self.exit_on_engine_death = False   # `transplant serve`: a supervisor restarts it
+        self._health_lock = threading.Lock()   # start, stop and an engine's death set health in turn
         self.runtime.on_engine_dead = self._on_engine_dead
 
     def _bind_grpc(self, cfg: ServeConfig) -> int:
@@ -118,7 +119,9 @@ class Server:
     def _on_engine_dead(self) -> None:
         """NOT_SERVING at once; then (exit_on_engine_death) stop, and `transplant serve`
         exits 1 after engine_dead_exit_s, so a supervisor or Kubernetes restarts it."""
-        self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        with self._health_lock:
+            self.runtime.serving = False
+            self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         if self.exit_on_engine_death:
             def later():
                 time.sleep(self.cfg.engine_dead_exit_s)
@@ -148,29 +151,33 @@ class Server:
             self.http.stop()
             self.runtime.close()
             raise
-        if self._stopped.is_set() or self.runtime.engine_dead:
-            return self                      # stopped (or the engine died) during start-up
-        self.runtime.serving = True
-        self.runtime.metrics.healthy.set(1)
-        self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        with self._health_lock:
+            if self._stopped.is_set() or self.runtime.engine_dead:
+                return self                      # stopped (or the engine died) during start-up
+            self.runtime.serving = True
+            self.runtime.metrics.healthy.set(1)
+            self._set_health(health_pb2.HealthCheckResponse.SERVING)
         return self
 
     def stop(self, drain_s: float | None = None) -> None:
         """Drain: NOT_SERVING, refuse new calls, let in-flight ones finish, then exit."""
         if self._stopped.is_set():
             return
-        self._stopped.set()
-        self.runtime.serving = False
-        self.runtime.metrics.healthy.set(0)
-        self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        grace = self.cfg.drain_timeout_s if drain_s is None else drain_s
-        done = self.grpc.stop(grace)
-        if hasattr(self.runtime, "scheduler"):
-            self.runtime.drain(grace)
-        done.wait(grace + 1)
-        self.http.stop()
-        self.runtime.close()
-        self._finished.set()
+        with self._health_lock:
+            self._stopped.set()
+            self.runtime.serving = False
+            self.runtime.metrics.healthy.set(0)
+            self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        try:
+            grace = self.cfg.drain_timeout_s if drain_s is None else drain_s
+            done = self.grpc.stop(grace)
+            if hasattr(self.runtime, "scheduler"):
+                self.runtime.drain(grace)
+            done.wait(grace + 1)
+            self.http.stop()
+            self.runtime.close()
+        finally:
+            self._finished.set()
 
     def wait(self) -> None:
         """Block until stop() has drained and closed everything."""

@@ -134,6 +134,7 @@ class Call:
     prompts: list[str]                  # completions
     messages: list[dict]                # chat
     max_tokens: int
+    max_tokens_name: str                # the field it came from (chat: max_completion_tokens or max_tokens)
     temperature: float
     top_p: float
     n: int
@@ -166,7 +167,9 @@ def parse(body, chat: bool) -> Call:
     prompts = [] if chat else _prompts(body)
     if n * max(1, len(prompts)) > MAX_CHOICES:
         raise ApiError(400, f"n x prompts may be at most {MAX_CHOICES}", "n")
-    return Call(chat, body["model"], prompts, _messages(body) if chat else [], max_tokens,
+    name = "max_completion_tokens" if chat and body.get("max_tokens") is None and \
+        body.get("max_completion_tokens") is not None else "max_tokens"
+    return Call(chat, body["model"], prompts, _messages(body) if chat else [], max_tokens, name,
                 _number(body, "temperature", 1.0, 0.0, 2.0), _number(body, "top_p", 1.0, 0.0, 1.0), n,
                 _stop(body), _integer(body, "seed", None, 0, (1 << 63) - 1), bool(body.get("stream", False)),
                 bool((opts or {}).get("include_usage", False)))
@@ -223,13 +226,14 @@ class OpenAIApi:
         q: queue.SimpleQueue = queue.SimpleQueue()
         alive = {"ok": True}
         sources = [(p, None) for p in call.prompts] if not chat else [("", call.messages)]
+        names = dict(NAMES, max_new_tokens=call.max_tokens_name, **({"prompt": "messages"} if chat else {}))
         reqs = []
         for i in range(len(sources) * call.n):          # every row checked before any is queued
             prompt, messages = sources[i // call.n]
             seed = None if call.seed is None else call.seed + i % call.n
             reqs.append(self.rt.prepare(prompt, call.max_tokens, call.temperature, call.top_p, seed, call.stop,
                                         deadline, lambda: alive["ok"], _Tagged(q, i) if call.stream else None,
-                                        messages=messages, pinned=pinned, names=NAMES))
+                                        messages=messages, pinned=pinned, names=names))
         self.rt.submit(reqs)                       # the rows start together, on one generation
         try:
             first = reqs[0]
@@ -250,8 +254,12 @@ class OpenAIApi:
         headers = {"x-transplant-generation": str(gen)}
         if call.stream:
             return Reply(200, stream=self._events(call, reqs, q, meta, alive), headers=headers)
-        results = [r.outcome() for r in reqs]
-        choices = [dict(index=i, finish_reason=FINISH.get(c.finish_reason, "stop"), **_spans(c),
+        try:
+            results = [r.outcome() for r in reqs]
+        finally:
+            alive["ok"] = False           # a row that failed: the others stop too
+        choices = [dict(index=i, finish_reason=FINISH.get(c.finish_reason, "stop"),
+                        **_spans(c, reqs[i].generation, gen),
                         **({"message": {"role": "assistant", "content": c.text}} if chat else
                            {"text": c.text, "logprobs": None}))
                    for i, c in enumerate(results)]
@@ -287,7 +295,7 @@ class OpenAIApi:
                     yield _sse(error_reply(e).body)
                     yield b"data: [DONE]\n\n"
                     return
-                yield chunk(i, None, FINISH.get(c.finish_reason, "stop"), spans=_spans(c))
+                yield chunk(i, None, FINISH.get(c.finish_reason, "stop"), spans=_spans(c, r.generation, meta["generation"]))
             if call.include_usage:
                 yield _sse({**meta, "object": obj, "choices": [], "usage": _usage([r.result for r in reqs], call.n)})
             yield b"data: [DONE]\n\n"
@@ -295,11 +303,14 @@ class OpenAIApi:
             alive["ok"] = False      # the client left (or we are done): rows still running are cancelled
 
 
-def _spans(c) -> dict:
-    """A choice that more than one generation computed says which tokens each sampled."""
-    if not c.spans:
-        return {}
-    return {"generation_spans": [{"generation": g, "start": a, "end": b} for g, a, b in c.spans]}
+def _spans(c, gen: int | None = None, label: int | None = None) -> dict:
+    """A choice that another generation than the reply's `label` computed (in part, or
+    wholly: `gen`) says which tokens each sampled."""
+    if c.spans:
+        return {"generation_spans": [{"generation": g, "start": a, "end": b} for g, a, b in c.spans]}
+    if gen is not None and gen != label:
+        return {"generation_spans": [{"generation": gen, "start": 0, "end": c.completion_tokens}]}
+    return {}
 
 
 def _usage(results, n: int) -> dict:

@@ -147,20 +147,22 @@ class Runtime:
 
             self.fleet = FleetAgent(self, cfg.fleet, self.endpoints)
             self.fleet.start()              # catches up to the fleet's head before serving
+        self._stopped_during_start()
         self.ready.set()
 
     def _stopped_during_start(self) -> None:
         """close() came while load() ran: stop here, so nothing started after it outlives it."""
         if self._closing.is_set():
-            if hasattr(self, "scheduler"):
-                self.scheduler.stop()
+            for part in ("fleet", "quality", "scheduler"):
+                if getattr(self, part, None) is not None:
+                    getattr(self, part).stop()
             raise NotReady("the server was stopped during start-up")
 
     def _watch_engine(self, every_s: float = 0.5) -> None:
         """A dead engine (vLLM's process killed, say) must not look healthy: once it cannot
         decode, the server stops serving (health, /health, the fleet report, metrics)."""
         while not self._closing.wait(every_s):
-            if not self.scheduler.healthy():
+            if not self.scheduler.healthy() and not self._closing.is_set():
                 log.error("the engine died (%s engine): NOT_SERVING", self.cfg.engine)
                 self.engine_dead, self.serving = True, False
                 self.metrics.engine_up.set(0)

@@ -71,8 +71,13 @@ class Scheduler(InProcess):
         return self._q.empty() and not self._busy.is_set()
 
     def stop(self) -> None:
+        from .errors import NotReady
+
         self._stop.set()
-        self._thread.join(timeout=10)
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+        if not self._thread.is_alive():
+            self._fail_queued(NotReady("the server is stopping; retry on another replica"))
 
     def _take(self) -> list[Request]:
         try:

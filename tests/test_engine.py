@@ -167,3 +167,25 @@ def test_every_request_the_loop_held_is_finished_when_a_step_fails(engine, after
         assert eng.healthy()
     finally:
         eng.stop()
+
+
+@pytest.mark.parametrize("engine", ["continuous", "static"])
+def test_stop_finishes_what_waits_and_a_call_is_queued_whole_or_not_at_all(engine, tokenizer):
+    """The choices of one call are queued together or refused together (QueueFull, nothing
+    queued); at stop, every request still waiting learns why (NotReady), none waits forever."""
+    from server.engines.base import QueueFull
+    from server.errors import NotReady
+
+    model = make_model("llama", 0).eval()
+    eng = (ContinuousEngine(_Gens(model), tokenizer, 1, 2) if engine == "continuous"
+           else Scheduler(_Gens(model), tokenizer, 1, 2, 0))
+    with pytest.raises(QueueFull):
+        eng.submit_many([_req(tokenizer, p) for p in PROMPTS[:3]])     # 3 choices, room for 2
+    assert eng.depth == 0
+    waiting = eng.submit_many([_req(tokenizer, p) for p in PROMPTS[:2]])
+    assert eng.depth == 2 and all(r.group is waiting[0].group for r in waiting)
+    eng.stop()                                                     # never started: nothing decoded them
+    for r in waiting:
+        assert r.done.is_set()
+        with pytest.raises(NotReady, match="stopping"):
+            r.outcome()

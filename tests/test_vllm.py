@@ -283,6 +283,9 @@ def test_freeze_reports_the_spans_of_replies_that_cross_a_swap(tmp_path):
 
 def test_bad_input_on_vllm(served):
     s, c = served
+    if s.runtime.gens.live.id == 0:            # generation 0 must be one that is no longer live
+        c.admin("Transplant", A.TransplantRequest(donor="v1", modules=["layers.0.mlp.*"]))
+        c.admin("Revert", A.RevertRequest())
     live = s.runtime.gens.live.id
     for req, code, words in [
         (I.GenerateRequest(prompt="x" * 70, max_new_tokens=4), grpc.StatusCode.INVALID_ARGUMENT,
@@ -298,10 +301,14 @@ def test_bad_input_on_vllm(served):
         with pytest.raises(grpc.RpcError) as e:
             c.inference.Generate(req, timeout=60)
         assert e.value.code() == code and words in e.value.details(), e.value.details()
-    if live:
-        with pytest.raises(grpc.RpcError) as e:                    # only the live generation is servable
-            c.inference.Generate(I.GenerateRequest(prompt="a", generation=0), timeout=60)
-        assert e.value.code() == grpc.StatusCode.NOT_FOUND and "no longer servable" in e.value.details()
+    with pytest.raises(grpc.RpcError) as e:                    # only the live generation is servable
+        c.inference.Generate(I.GenerateRequest(prompt="a", generation=0), timeout=60)
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND and "no longer servable" in e.value.details()
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{s.http_port}/v1", api_key="x", max_retries=0)
+    with pytest.raises(openai.NotFoundError) as e:          # the same on /v1, in OpenAI's shape
+        client.completions.create(model=f"{s.runtime.cfg.model_name}@0", prompt="a", max_tokens=2)
+    err = e.value.body
+    assert err["code"] == "model_not_found" and err["param"] == "model" and "no longer servable" in err["message"]
     assert s.runtime.gens.live.id == live
     texts, _ = served_texts(c, PROMPTS[:2])
     assert texts == [x.text for x in hf(s, PROMPTS[:2])]

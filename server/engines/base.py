@@ -102,13 +102,27 @@ class BoundedQueue:
 
     def __init__(self, max_queue: int):
         self.q: queue.Queue[Request] = queue.Queue(maxsize=max_queue)
+        self._lock = threading.Lock()
 
     def put(self, req: Request) -> Request:
-        try:
-            self.q.put_nowait(req)
-        except queue.Full:
-            raise QueueFull(f"the request queue is full ({self.q.maxsize} waiting); retry with backoff") from None
-        return req
+        return self.put_many([req])[0]
+
+    def put_many(self, reqs: list[Request]) -> list[Request]:
+        """All or none: the choices of one call never half-queued (the consumer only takes)."""
+        with self._lock:
+            if self.q.maxsize and self.q.qsize() + len(reqs) > self.q.maxsize:
+                raise QueueFull(f"the request queue is full ({self.q.maxsize} waiting); retry with backoff")
+            for r in reqs:
+                self.q.put_nowait(r)
+        return reqs
+
+    def drain(self) -> list[Request]:
+        out = []
+        while True:
+            try:
+                out.append(self.q.get_nowait())
+            except queue.Empty:
+                return out
 
     def __len__(self) -> int:
         return self.q.qsize()
@@ -127,17 +141,13 @@ class InProcess:
         group = Group()
         for r in reqs:
             r.group = group
-        for i, r in enumerate(reqs):
-            try:
-                self.submit(r)
-            except BaseException as e:          # the queue filled up mid-call: the rest fail too
-                for rest in reqs[i:]:
-                    rest.fail(e)
-                    rest.finish()
-                if i == 0:
-                    raise
-                break
-        return reqs
+        return self._bq.put_many(reqs)
+
+    def _fail_queued(self, error: BaseException) -> None:
+        """At stop: what still waits in the queue learns why (nothing waits forever)."""
+        for r in self._bq.drain():
+            r.fail(error)
+            r.finish()
 
     def target(self, r: Request, live):
         """The generation `r` runs on: its pin, its group's, else the live one."""

@@ -33,7 +33,7 @@ class ContinuousEngine(InProcess):
         self.gens = gens
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
-        self._q = BoundedQueue(max_queue)
+        self._q = self._bq = BoundedQueue(max_queue)
         self._on_finish = on_finish or (lambda r: None)
         self._on_step = on_step or (lambda n: None)
         self._batches: dict[int, DecodeBatch] = {}      # generation id -> its running rows
@@ -58,8 +58,14 @@ class ContinuousEngine(InProcess):
         return not len(self._q) and not self._batches
 
     def stop(self) -> None:
+        from ..errors import NotReady
+
         self._stop.set()
-        self._thread.join(timeout=10)
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+        if not self._thread.is_alive():            # (else the loop still owns its rows)
+            self._fail_held(NotReady("the server is stopping; retry on another replica"))
+            self._fail_queued(NotReady("the server is stopping; retry on another replica"))
 
     def healthy(self) -> bool:
         return self._thread.is_alive()
@@ -79,7 +85,7 @@ class ContinuousEngine(InProcess):
 
     def _fail_held(self, e: BaseException) -> None:
         """Every request the loop holds (taken off the queue, or in a batch) learns why."""
-        held = list(self._taken) + [r for b in self._batches.values() for r in list(b.keys)]
+        held = list(getattr(self, "_taken", [])) + [r for b in self._batches.values() for r in list(b.keys)]
         self._batches.clear()
         for r in held:
             if not r.done.is_set():
@@ -145,7 +151,14 @@ class ContinuousEngine(InProcess):
     def _deliver(self, events: list[Event]) -> None:
         for e in events:
             r: Request = e.key
-            r.deliver(e.delta)
+            if r.done.is_set():
+                continue
+            try:
+                r.deliver(e.delta)
+            except Exception as err:          # noqa: BLE001 - a client's stream broke: this row only
+                r.fail(err)
+                self._done(r)
+                continue
             if e.completion is not None:
                 r.result = e.completion
                 self._done(r)

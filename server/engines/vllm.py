@@ -39,6 +39,7 @@ import os
 import signal
 import sys
 import threading
+import time
 import uuid
 from typing import Callable
 
@@ -74,29 +75,40 @@ def check_groups(table, refs) -> None:
                               f"missing {', '.join(map(str, missing))}")
 
 
-_PDEATHSIG = {"set": False}
+_PDEATHSIG: dict = {"prctl": None, "forker": 0}
+
+
+def _before_fork() -> None:
+    _PDEATHSIG["forker"] = os.getpid()
 
 
 def _die_with_us() -> None:
-    """In a child forked by this process (vLLM's engine core): SIGKILL when the thread that
-    forked it ends, so kill -9 of the server (or a stop during start-up) frees its memory at
-    once. (Spawned children exec and do not run fork hooks: vllm_worker watches for them.)"""
+    """In a child forked by this process (vLLM's engine core) or by one of its children: SIGKILL
+    when the thread that forked it ends, so kill -9 of the server (or a stop during start-up)
+    frees the memory at once, down the whole tree. prctl was resolved before the fork: nothing
+    is loaded in the child. (Spawned children exec and run no fork hooks: vllm_worker watches.)"""
+    if _PDEATHSIG["prctl"](1, signal.SIGKILL) != 0:     # PR_SET_PDEATHSIG
+        return
+    if os.getppid() != _PDEATHSIG["forker"]:          # the parent died before prctl took effect
+        os._exit(1)
+
+
+def _arm_parent_death_signal() -> None:
+    if _PDEATHSIG["prctl"] is not None or not sys.platform.startswith("linux"):
+        return
     try:
         import ctypes
 
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)      # PR_SET_PDEATHSIG
-    except Exception:                      # noqa: BLE001 - not Linux: vllm_worker's watch remains
+        _PDEATHSIG["prctl"] = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):      # no prctl: vllm_worker's watch remains
         return
-    if os.getppid() != _PDEATHSIG["parent"]:   # the parent died before prctl took effect
-        os._exit(1)
+    os.register_at_fork(before=_before_fork, after_in_child=_die_with_us)
 
 
 def _env(spec) -> None:
     os.environ["TRANSPLANT_SERVER_PID"] = str(os.getpid())    # vllm_worker: die with the server
     os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "fork")   # vLLM's default on CPU; forks run the hook
-    if not _PDEATHSIG["set"] and sys.platform.startswith("linux"):
-        _PDEATHSIG.update(set=True, parent=os.getpid())
-        os.register_at_fork(after_in_child=_die_with_us)
+    _arm_parent_death_signal()
     os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")        # else vLLM picks a non-loopback address
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(spec.kv_cache_gib))
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")   # partial reloads log a warning per layer
@@ -129,10 +141,16 @@ class VllmEngine:
         self.current = gens.live.id       # the generation vLLM's weights are
         self.engine = None
         self._stopping = False
+        self._held: dict[int, Request] = {}   # accepted and not finished: a stop finishes them
 
     # ---- lifecycle ----------------------------------------------------------------------
 
     def start(self) -> None:
+        import multiprocessing
+
+        if self._stopping:
+            raise NotReady("the server is stopping")
+        self._others = {p.pid for p in multiprocessing.active_children()}   # not ours to kill on stop
         self._thread.start()
         self._call(self._start())
         overrides = sorted({m.ref for m in self.table.modules.values()
@@ -166,14 +184,33 @@ class VllmEngine:
         await self._label(self.current)
 
     def _call(self, coro, timeout: float | None = None):
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+        """Run `coro` on the engine's loop and wait for it; never forever on a loop that
+        stopped (a stop during start-up or during a swap)."""
+        import concurrent.futures
+
+        if not self._thread.is_alive():
+            coro.close()
+            raise NotReady("the vLLM engine is stopped")
+        fut = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            try:
+                return fut.result(0.5)
+            except concurrent.futures.TimeoutError:
+                if not self._thread.is_alive():
+                    fut.cancel()
+                    raise NotReady("the vLLM engine stopped") from None
+                if deadline is not None and time.monotonic() > deadline:
+                    fut.cancel()
+                    raise TimeoutError("the vLLM engine did not answer in time") from None
 
     def healthy(self) -> bool:
         """False once vLLM's engine process is gone (killed, out of memory, crashed)."""
         return self.engine is not None and not getattr(self.engine, "errored", False) and self._thread.is_alive()
 
     def context_limit(self) -> int | None:
-        return self.engine.model_config.max_model_len if self.engine is not None else self.spec.max_model_len
+        engine = self.engine
+        return engine.model_config.max_model_len if engine is not None else self.spec.max_model_len
 
     def stop(self) -> None:
         self._stopping = True
@@ -192,14 +229,17 @@ class VllmEngine:
                 pass
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(timeout=10)
+        for r in list(self._held.values()):        # nothing accepted is left waiting forever
+            self._end(r, NotReady("the server is stopping; retry on another replica"))
 
-    @staticmethod
-    def _kill_children() -> None:
-        """The processes vLLM started so far (its engine core, mid start-up): from_engine_args
-        cannot be interrupted, but it fails at once when they are gone."""
+    def _kill_children(self) -> None:
+        """The processes this engine's vLLM started so far (its engine core, mid start-up):
+        from_engine_args cannot be interrupted, but it fails at once when they are gone."""
         import multiprocessing
 
         for child in multiprocessing.active_children():
+            if child.pid in getattr(self, "_others", ()):
+                continue
             try:
                 os.kill(child.pid, signal.SIGKILL)
             except OSError:
@@ -236,13 +276,21 @@ class VllmEngine:
         return reqs
 
     async def _serve(self, reqs: list[Request]) -> None:
-        while not self._gate.is_set():                     # a swap is being installed
-            try:
-                await asyncio.wait_for(self._gate.wait(), 0.05)
-            except asyncio.TimeoutError:
-                pass
-            if all(r.cancelled() for r in reqs):
-                break
+        self._held.update((id(r), r) for r in reqs)
+        try:
+            while not self._gate.is_set():                     # a swap is being installed
+                try:
+                    await asyncio.wait_for(self._gate.wait(), 0.05)
+                except asyncio.TimeoutError:
+                    pass
+                if all(r.cancelled() for r in reqs) or not self.healthy():
+                    break
+        except BaseException as e:                   # noqa: BLE001 - stopped while waiting: they learn why
+            with self._count:
+                self._waiting -= len(reqs)
+            for r in reqs:
+                self._end(r, self._why(e))
+            raise
         # from here to each row's first await nothing else runs on this loop: a swap's _hold
         # sees these rows counted as running (drain, or a pinned row a freeze must wait for)
         with self._count:
@@ -269,7 +317,7 @@ class VllmEngine:
             self._on_step(self._running)
             await self._generate(req, uuid.uuid4().hex)
         except BaseException as e:       # noqa: BLE001 - the request learns why
-            req.fail(e)
+            req.fail(self._why(e))
         finally:
             with self._count:
                 self._running -= 1
@@ -279,10 +327,29 @@ class VllmEngine:
                     self._pinned -= 1
                     if self._pinned == 0:
                         self._pinned_idle.set()
-            try:
-                self._on_finish(req)
-            finally:
-                req.finish()
+            self._end(req)
+
+    def _end(self, req: Request, error: BaseException | None = None) -> None:
+        """Finish `req` once (a stop may race the request's own end)."""
+        if req.done.is_set():
+            return
+        self._held.pop(id(req), None)
+        if error is not None:
+            req.fail(error)
+        try:
+            self._on_finish(req)
+        finally:
+            req.finish()
+
+    def _why(self, e: BaseException) -> BaseException:
+        """What a request that failed with `e` is told: a dead or stopping engine is UNAVAILABLE
+        (retry elsewhere), not an internal error."""
+        if isinstance(e, (NotReady, InvalidArgument, NotFound, TimeoutError)):
+            return e
+        if (isinstance(e, asyncio.CancelledError) or type(e).__name__ in ("EngineDeadError", "EngineGenerateError")
+                or self._stopping or not self.healthy()):
+            return NotReady("the vLLM engine stopped or died while the request ran; retry (see the server log)")
+        return e
 
     async def _generate(self, req: Request, rid: str) -> None:
         from vllm import SamplingParams
@@ -313,8 +380,10 @@ class VllmEngine:
         reason = _finish_reason(last)
         if reason == "eos" and ids:
             ids = ids[:-1]                       # as on the embedded engine: EOS is not an output token
-        req.result = Completion("".join(text), ids, len(req.prompt_ids), reason,
-                                spans=self._spans(last, len(ids), req.generation))
+        spans = self._spans(last, len(ids), req.generation)
+        if spans and len({g for g, _, _ in spans}) == 1:     # frozen before its first token: wholly the next one's
+            req.generation, spans = spans[0][0], None
+        req.result = Completion("".join(text), ids, len(req.prompt_ids), reason, spans=spans)
 
     @staticmethod
     def _spans(o, n: int, generation: int) -> list[tuple[int, int, int]] | None:
@@ -380,9 +449,11 @@ class VllmEngine:
                                      "(vllm.swap_drain_timeout_s); the swap was refused and nothing changed") from None
 
     async def _release(self) -> None:
-        await self.engine.reset_prefix_cache()      # a reload does not: cached prefixes hold old weights' KV
-        await self.engine.resume_generation()
-        self._gate.set()
+        try:
+            await self.engine.reset_prefix_cache()      # a reload does not: cached prefixes hold old weights' KV
+            await self.engine.resume_generation()
+        finally:
+            self._gate.set()                          # waiting requests go on (or fail fast on a dead engine)
 
     async def _load(self, tensors: dict) -> None:
         from safetensors.torch import save
