@@ -424,6 +424,14 @@ def _http(port: int, path: str) -> tuple[int, str]:
         return e.code, e.read().decode()
 
 
+def _reap(proc, procs) -> None:
+    """Whatever a test leaves: the server and the processes it had."""
+    proc.kill()
+    for p in procs:
+        if alive(p):
+            os.kill(p, signal.SIGKILL)
+
+
 def test_a_dead_engine_is_reported_and_the_server_exits_1(tmp_path):
     """kill -9 of vLLM's engine process (what the OOM killer does): gRPC health, /health and
     transplant_engine_up say so at once, and `transplant serve` exits 1 after
@@ -443,31 +451,24 @@ def test_a_dead_engine_is_reported_and_the_server_exits_1(tmp_path):
         assert proc.wait(60) == 1
         wait_for(lambda: not any(alive(p) for p in procs), 30, "the engine's processes to end")
     finally:
-        proc.kill()
-        for p in procs:
-            if alive(p):
-                os.kill(p, signal.SIGKILL)
+        _reap(proc, procs)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
 def test_stopping_during_start_up_leaves_nothing_running(tmp_path, sig):
     """SIGTERM (or Ctrl-C) or kill -9 while vLLM's engine is starting: the server exits and
     every process it started ends with it, at once."""
-    proc, _, _ = spawn(vcfg(tmp_path), tmp_path, wait=False)
+    proc, port, _ = spawn(vcfg(tmp_path), tmp_path, wait=False)
     procs = []
     try:
         def engine_starting():
             procs[:] = descendants(proc.pid)
             return any("EngineCore" in open(f"/proc/{p}/cmdline").read() for p in procs if alive(p))
         wait_for(engine_starting, 120, "vLLM's engine process to start", every=0.05)
-        assert proc.poll() is None and _health(int(json.loads(next(tmp_path.glob("cfg-*.json")).read_text())
-                                                         ["grpc_listen"].rsplit(":", 1)[1])) != 1
+        assert proc.poll() is None and _health(port) != 1                 # still starting
         proc.send_signal(sig)
         code = proc.wait(60)
         assert code == (0 if sig == signal.SIGTERM else -signal.SIGKILL), code
         wait_for(lambda: not any(alive(p) for p in procs), 15, "the engine's processes to end")
     finally:
-        proc.kill()
-        for p in procs:
-            if alive(p):
-                os.kill(p, signal.SIGKILL)
+        _reap(proc, procs)
