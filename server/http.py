@@ -110,6 +110,8 @@ class HttpServer:
                 elif path == "/health":         # readiness, for a load balancer: 503 unless SERVING
                     ok = outer.serving()
                     self._json(200 if ok else 503, {"status": "SERVING" if ok else "NOT_SERVING"})
+                elif path == "/version":
+                    self._api(lambda body: outer.api.version(), path, False)
                 elif path == "/v1/models" or path.startswith("/v1/models/"):
                     self._api(lambda body: outer.api.models(path[len("/v1/models/"):] or None), path, False)
                 else:
@@ -120,6 +122,8 @@ class HttpServer:
                 if path in API_ROUTES:
                     return self._api(lambda body: outer.api.create(body, API_ROUTES[path], self._timeout()), path,
                                      True)
+                if path in ("/tokenize", "/detokenize"):          # vLLM's server has them: same shapes
+                    return self._api(lambda body: getattr(outer.api, path[1:])(body), path, True)
                 if path != "/alerts":
                     return self._json(404, {"error": f"not found: POST {path}; POST /alerts takes Alertmanager "
                                                      "webhooks, POST /v1/completions and /v1/chat/completions "

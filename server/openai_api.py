@@ -217,6 +217,60 @@ class OpenAIApi:
         raise ApiError(404, f"model {model_id!r} is not served here (GET /v1/models lists what is)", "model",
                        "model_not_found")
 
+    def version(self) -> Reply:
+        """GET /version, as vLLM's server answers it."""
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            v = version("transplant")
+        except PackageNotFoundError:
+            v = "unknown"
+        return Reply(200, {"version": v})
+
+    def tokenize(self, body) -> Reply:
+        """POST /tokenize {"model", "prompt" | "messages", "add_special_tokens"}: the prompt's
+        token ids as the server's tokenizer makes them (chat: as the template renders the
+        messages), in vLLM's shape."""
+        self._ready()
+        if not isinstance(body, dict):
+            raise ApiError(400, f"the body must be a JSON object, got {type(body).__name__}", "body")
+        unknown = sorted(set(body) - {"model", "prompt", "messages", "add_special_tokens", "add_generation_prompt"})
+        if unknown:
+            raise ApiError(400, f"unrecognized request argument(s): {', '.join(unknown)}", unknown[0])
+        if body.get("model") is not None:
+            self.rt.pin(body["model"])
+        special = body.get("add_special_tokens", True)
+        if not isinstance(special, bool):
+            raise ApiError(400, "add_special_tokens must be true or false", "add_special_tokens")
+        if "messages" in body:
+            text, field = self.rt.render_chat(_messages(body)), "messages"
+        elif isinstance(body.get("prompt"), str):
+            text, field = body["prompt"], "prompt"
+        else:
+            raise ApiError(400, "give prompt (a string) or messages", "prompt")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ApiError(400, f"{field} is not valid Unicode: a lone surrogate at character {e.start}", field)
+        ids = self.rt.tokenizer(text, add_special_tokens=special)["input_ids"]
+        return Reply(200, {"count": len(ids), "max_model_len": self.rt.scheduler.context_limit(), "tokens": ids,
+                           "token_strs": None})
+
+    def detokenize(self, body) -> Reply:
+        """POST /detokenize {"model", "tokens": [int, ...]}: the text, in vLLM's shape."""
+        self._ready()
+        if not isinstance(body, dict):
+            raise ApiError(400, f"the body must be a JSON object, got {type(body).__name__}", "body")
+        if body.get("model") is not None:
+            self.rt.pin(body["model"])
+        ids, vocab = body.get("tokens"), len(self.rt.tokenizer)
+        if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+            raise ApiError(400, "tokens must be a list of token ids (integers)", "tokens")
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise ApiError(400, f"tokens: {bad[0]} is not a token id of this model (0..{vocab - 1})", "tokens")
+        return Reply(200, {"prompt": self.rt.tokenizer.decode(ids)})
+
     def create(self, body, chat: bool, timeout_s: float | None = None) -> Reply:
         """POST /v1/completions (chat=False) or /v1/chat/completions (chat=True)."""
         self._ready()
@@ -277,14 +331,21 @@ class OpenAIApi:
                 choice = {"index": i, "text": text or "", "finish_reason": finish, "logprobs": None, **(spans or {})}
             return _sse({**meta, "object": obj, "choices": [choice]})
 
+        roled: set[int] = set()
+
+        def role(i: int) -> Iterator[bytes]:
+            """Chat: the assistant-role chunk goes out with a row's first token (as vLLM's
+            server sends it), so a client that times the first chunk measures prefill."""
+            if call.chat and i not in roled:
+                roled.add(i)
+                yield chunk(i, None, role=True)
+
         try:
-            if call.chat:
-                for i in range(len(reqs)):
-                    yield chunk(i, None, role=True)
             open_rows = len(reqs)
             while open_rows:
                 i, delta = q.get()
                 if delta is not None:
+                    yield from role(i)
                     yield chunk(i, delta)
                     continue
                 open_rows -= 1
@@ -295,6 +356,7 @@ class OpenAIApi:
                     yield _sse(error_reply(e).body)
                     yield b"data: [DONE]\n\n"
                     return
+                yield from role(i)
                 yield chunk(i, None, FINISH.get(c.finish_reason, "stop"), spans=_spans(c, r.generation, meta["generation"]))
             if call.include_usage:
                 yield _sse({**meta, "object": obj, "choices": [], "usage": _usage([r.result for r in reqs], call.n)})
@@ -314,8 +376,9 @@ def _spans(c, gen: int | None = None, label: int | None = None) -> dict:
 
 
 def _usage(results, n: int) -> dict:
-    prompt = sum(results[j].prompt_tokens for j in range(0, len(results), n))     # each prompt once
-    completion = sum(c.completion_tokens for c in results)
+    """As vLLM counts: each prompt once, and the EOS token that ended a reply is one of its tokens."""
+    prompt = sum(results[j].prompt_tokens for j in range(0, len(results), n))
+    completion = sum(c.completion_tokens + (c.finish_reason == "eos") for c in results)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 

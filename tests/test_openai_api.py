@@ -58,7 +58,9 @@ def test_completions_match_grpc_and_name_the_generation(served):
     assert raw.headers["x-transplant-generation"] == str(live) and r.model_extra["generation"] == live
     assert r.system_fingerprint == f"gen-{live}" and r.object == "text_completion" and r.model == "target"
     assert r.choices[0].text == g.text == alone(s, PROMPT, 12).text
-    assert r.usage.prompt_tokens == len(PROMPT) and r.usage.completion_tokens == g.completion_tokens
+    # usage as vLLM counts it: the EOS that ended the reply is one of its tokens (gRPC counts text tokens)
+    eos = g.finish_reason == I.FINISH_REASON_EOS
+    assert r.usage.prompt_tokens == len(PROMPT) and r.usage.completion_tokens == g.completion_tokens + eos
     assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
     assert r.choices[0].finish_reason == ("length" if g.completion_tokens == 12 else "stop")
 
@@ -81,6 +83,7 @@ def test_streamed_completions_and_chat_equal_the_unstreamed(served):
                                                 stream=True))
     assert parts[0].choices[0].delta.role == "assistant"
     assert "".join(p.choices[0].delta.content or "" for p in parts) == want.choices[0].text
+    assert [p.choices[0].delta.role for p in parts].count("assistant") == 1
     assert parts[-1].choices[0].finish_reason == chat.choices[0].finish_reason
 
 
@@ -317,3 +320,48 @@ def test_draining_is_503_while_running_calls_finish(models, tmp_path):
         running.join(60)
         stopper.join(60)
     assert got["r"].choices[0].finish_reason == "length" and got["r"].usage.completion_tokens == 100
+
+
+def test_role_chunk_goes_out_with_the_first_token(served):
+    """A client that times the first chunk measures prefill: the assistant-role chunk is
+    not sent before the request has produced its first token. The engine's first delivery
+    is held until the client has a chunk (or 3 s pass): a role chunk sent early arrives
+    while it is held."""
+    s, _, client = served
+    got_chunk, order = threading.Event(), []
+    orig = s.runtime.scheduler._deliver
+
+    def held(events):
+        if not order:
+            order.append("chunk before any token" if got_chunk.wait(3) else "token first")
+        return orig(events)
+
+    s.runtime.scheduler._deliver = held
+    try:
+        stream = client.chat.completions.create(model="target", messages=[{"role": "user", "content": PROMPT}],
+                                                max_tokens=8, temperature=0, stream=True)
+        first = next(iter(stream))
+        got_chunk.set()
+        list(stream)
+    finally:
+        del s.runtime.scheduler._deliver
+    assert first.choices[0].delta.role == "assistant" and order == ["token first"], order
+
+
+def test_tokenize_detokenize_and_version_as_vllm_has_them(served):
+    s, _, _ = served
+    code, doc = post(s.http_port, "/tokenize", json.dumps({"model": "target", "prompt": "add:1+2="}).encode())
+    want = s.runtime.tokenizer("add:1+2=")["input_ids"]
+    assert code == 200 and doc == {"count": len(want), "max_model_len": 128, "tokens": want, "token_strs": None}
+    code, chat = post(s.http_port, "/tokenize", json.dumps({"messages": [{"role": "user", "content": "hi"}]}).encode())
+    assert code == 200 and chat["tokens"] == s.runtime.tokenizer(
+        s.runtime.render_chat([{"role": "user", "content": "hi"}]))["input_ids"]
+    code, doc = post(s.http_port, "/detokenize", json.dumps({"model": "target", "tokens": want}).encode())
+    assert code == 200 and doc == {"prompt": s.runtime.tokenizer.decode(want)}
+    for path, body, param in [("/tokenize", {"prompt": 5}, "prompt"), ("/tokenize", {"prompt": "x", "frob": 1}, "frob"),
+                              ("/detokenize", {"tokens": ["a"]}, "tokens"), ("/detokenize", {"tokens": [10 ** 9]}, "tokens"),
+                              ("/tokenize", {"model": "nope", "prompt": "x"}, "model")]:
+        code, doc = post(s.http_port, path, json.dumps(body).encode())
+        assert code in (400, 404) and doc["error"]["param"] == param, (path, body, doc)
+    with urllib.request.urlopen(f"http://127.0.0.1:{s.http_port}/version", timeout=10) as r:
+        assert json.loads(r.read())["version"]
