@@ -26,15 +26,18 @@ from .errors import NotReady, http_status_of, openai_error
 
 MAX_CHOICES = 8          # n x prompts per call
 MAX_PROMPTS = 8
+MAX_LOGPROBS = 20       # vLLM's default max_logprobs
 # Parameters that change what OpenAI returns and that this server does not implement:
-# refused unless given their neutral value, so no client silently gets something else.
-NEUTRAL = {"logprobs": (None, False, 0), "top_logprobs": (None, 0), "echo": (None, False), "best_of": (None, 1),
-           "suffix": (None, ""), "logit_bias": (None, {}), "presence_penalty": (None, 0, 0.0),
-           "frequency_penalty": (None, 0, 0.0), "tools": (None, []), "tool_choice": (None, "none"),
+# refused unless given their neutral value, so no client silently gets something else
+# (best_of > 1: as vLLM's v1 engine, which dropped it).
+NEUTRAL = {"best_of": (None, 1), "suffix": (None, ""), "tools": (None, []), "tool_choice": (None, "none"),
            "functions": (None, []), "function_call": (None, "none"), "parallel_tool_calls": (None, True, False),
            "response_format": (None, {"type": "text"}), "modalities": (None, ["text"])}
+# OpenAI's sampling parameters, and vLLM's extras where OpenAI has none (vLLM's names and ranges)
+SAMPLING = {"logprobs", "top_logprobs", "echo", "logit_bias", "presence_penalty", "frequency_penalty",
+            "repetition_penalty", "top_k", "min_p", "min_tokens", "ignore_eos", "stop_token_ids"}
 ACCEPTED = {"model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "n",
-            "stop", "seed", "stream", "stream_options", "user", "store", "metadata"} | set(NEUTRAL)
+            "stop", "seed", "stream", "stream_options", "user", "store", "metadata"} | set(NEUTRAL) | SAMPLING
 
 
 class ApiError(Exception):
@@ -97,16 +100,90 @@ def _stop(body: dict) -> list[str]:
     raise ApiError(400, f"stop must be a string or a list of strings, got {v!r}", "stop")
 
 
-def _prompts(body: dict) -> list[str]:
+def _is_ids(v) -> bool:
+    return isinstance(v, list) and bool(v) and all(isinstance(t, int) and not isinstance(t, bool) for t in v)
+
+
+def _prompts(body: dict) -> list:
+    """A string, a list of strings, token ids (a list of ints) or a list of such lists."""
     v = body.get("prompt")
-    if isinstance(v, str):
+    if isinstance(v, str) or _is_ids(v):
         return [v]
-    if isinstance(v, list) and v and all(isinstance(p, str) for p in v):
+    if isinstance(v, list) and v and (all(isinstance(p, str) for p in v) or all(_is_ids(p) for p in v)):
         if len(v) > MAX_PROMPTS:
             raise ApiError(400, f"at most {MAX_PROMPTS} prompts per request, got {len(v)}", "prompt")
         return v
-    raise ApiError(400, "prompt must be a string or a non-empty list of strings (token id arrays are not "
-                        "supported)", "prompt")
+    raise ApiError(400, "prompt must be a string, a list of strings, a list of token ids or a list of lists of "
+                        "token ids", "prompt")
+
+
+def _flag(body: dict, name: str) -> bool:
+    v = body.get(name)
+    if v is None:
+        return False
+    if not isinstance(v, bool):
+        raise ApiError(400, f"{name} must be true or false, got {v!r}", name)
+    return v
+
+
+def _sampling(body: dict, chat: bool) -> dict:
+    """The SamplingParams fields beyond OpenAI's basic ones, checked (vLLM's ranges)."""
+    out: dict = {}
+    if chat:
+        if _flag(body, "logprobs"):
+            out["logprobs"] = _integer(body, "top_logprobs", 0, 0, MAX_LOGPROBS)
+        elif body.get("top_logprobs") not in (None, 0):
+            raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+        if "echo" in body:
+            raise ApiError(400, "echo is a completions parameter (POST /v1/completions)", "echo")
+    else:
+        if "top_logprobs" in body:
+            raise ApiError(400, "top_logprobs is a chat parameter; completions take logprobs: N", "top_logprobs")
+        lp = _integer(body, "logprobs", None, 0, MAX_LOGPROBS)
+        if lp is not None:
+            out["logprobs"] = lp
+        if _flag(body, "echo"):
+            out["prompt_logprobs"] = lp           # None: the prompt's text only
+            out["echo"] = True
+    for name, lo, hi in (("presence_penalty", -2.0, 2.0), ("frequency_penalty", -2.0, 2.0),
+                         ("min_p", 0.0, 1.0)):
+        v = _number(body, name, 0.0, lo, hi)
+        if v:
+            out[name] = v
+    rp = _number(body, "repetition_penalty", 1.0, 0.0, 2.0)
+    if rp <= 0:
+        raise ApiError(400, f"repetition_penalty must be in (0, 2], got {rp:g}", "repetition_penalty")
+    if rp != 1.0:
+        out["repetition_penalty"] = rp
+    k = _integer(body, "top_k", 0, -1, 1 << 20)
+    if k > 0:
+        out["top_k"] = k
+    mt = _integer(body, "min_tokens", 0, 0, 1 << 31)
+    if mt:
+        out["min_tokens"] = mt
+    if _flag(body, "ignore_eos"):
+        out["ignore_eos"] = True
+    ids = body.get("stop_token_ids")
+    if ids is not None:
+        if not (isinstance(ids, list) and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids)
+                and len(ids) <= 64):
+            raise ApiError(400, "stop_token_ids must be a list of up to 64 token ids", "stop_token_ids")
+        if ids:
+            out["stop_token_ids"] = tuple(ids)
+    bias = body.get("logit_bias")
+    if bias is not None:
+        if not isinstance(bias, dict) or len(bias) > 300:
+            raise ApiError(400, "logit_bias must be an object of up to 300 {token id: bias}", "logit_bias")
+        pairs = []
+        for key, v in bias.items():
+            if not str(key).isdigit() or isinstance(v, bool) or not isinstance(v, (int, float)) \
+                    or not math.isfinite(v) or not -100 <= v <= 100:
+                raise ApiError(400, f"logit_bias: {key!r}: {v!r}: expected a token id and a bias in [-100, 100]",
+                               "logit_bias")
+            pairs.append((int(key), float(v)))
+        if pairs:
+            out["logit_bias"] = tuple(sorted(pairs))
+    return out
 
 
 def _messages(body: dict) -> list[dict]:
@@ -135,6 +212,7 @@ class Call:
     messages: list[dict]                # chat
     max_tokens: int
     max_tokens_name: str                # the field it came from (chat: max_completion_tokens or max_tokens)
+    sampling: dict                      # SamplingParams extras (logprobs, penalties, ...), and "echo"
     temperature: float
     top_p: float
     n: int
@@ -148,16 +226,19 @@ def parse(body, chat: bool) -> Call:
     if not isinstance(body, dict):
         raise ApiError(400, f"the body must be a JSON object, got {type(body).__name__}", "body")
     unknown = sorted(set(body) - ACCEPTED)
-    if unknown:
-        raise ApiError(400, f"unrecognized request argument(s): {', '.join(unknown)}", unknown[0])
-    for name, neutral in NEUTRAL.items():
-        if name in body and body[name] not in neutral:
-            raise ApiError(400, f"{name}={body[name]!r} is not supported by this server", name)
+    unsupported = [f"{name}={body[name]!r}" for name, neutral in NEUTRAL.items()
+                   if name in body and body[name] not in neutral]
+    if unknown or unsupported:                      # every one named, in one reply
+        why = ([f"unrecognized request argument(s): {', '.join(unknown)}"] if unknown else []) + (
+            [f"not supported by this server: {', '.join(unsupported)}"] if unsupported else [])
+        raise ApiError(400, "; ".join(why), (unknown or [u.split("=")[0] for u in unsupported])[0])
     if not isinstance(body.get("model"), str) or not body["model"]:
         raise ApiError(400, "model is required: the served model's name, or NAME@N for generation N (GET /v1/models)",
                        "model")
+    sampling = _sampling(body, chat)
+    least = 0 if sampling.get("echo") else 1         # echo with max_tokens 0: the prompt's logprobs only
     max_tokens = _integer(body, "max_completion_tokens", None, 1, 1 << 31) if chat else None
-    max_tokens = _integer(body, "max_tokens", max_tokens, 1, 1 << 31) or 0
+    max_tokens = _integer(body, "max_tokens", max_tokens, least, 1 << 31)
     opts = body.get("stream_options")
     if opts is not None and not (isinstance(opts, dict) and set(opts) <= {"include_usage"}):
         raise ApiError(400, "stream_options may only hold include_usage", "stream_options")
@@ -169,7 +250,7 @@ def parse(body, chat: bool) -> Call:
         raise ApiError(400, f"n x prompts may be at most {MAX_CHOICES}", "n")
     name = "max_completion_tokens" if chat and body.get("max_tokens") is None and \
         body.get("max_completion_tokens") is not None else "max_tokens"
-    return Call(chat, body["model"], prompts, _messages(body) if chat else [], max_tokens, name,
+    return Call(chat, body["model"], prompts, _messages(body) if chat else [], max_tokens, name, sampling,
                 _number(body, "temperature", 1.0, 0.0, 2.0), _number(body, "top_p", 1.0, 0.0, 1.0), n,
                 _stop(body), _integer(body, "seed", None, 0, (1 << 63) - 1), bool(body.get("stream", False)),
                 bool((opts or {}).get("include_usage", False)))
@@ -285,9 +366,11 @@ class OpenAIApi:
         for i in range(len(sources) * call.n):          # every row checked before any is queued
             prompt, messages = sources[i // call.n]
             seed = None if call.seed is None else call.seed + i % call.n
-            reqs.append(self.rt.prepare(prompt, call.max_tokens, call.temperature, call.top_p, seed, call.stop,
-                                        deadline, lambda: alive["ok"], _Tagged(q, i) if call.stream else None,
-                                        messages=messages, pinned=pinned, names=names))
+            ids = prompt if isinstance(prompt, list) else None
+            reqs.append(self.rt.prepare("" if ids else prompt, call.max_tokens, call.temperature, call.top_p, seed,
+                                        call.stop, deadline, lambda: alive["ok"],
+                                        _Tagged(q, i) if call.stream else None, messages=messages, pinned=pinned,
+                                        names=names, sampling=call.sampling, prompt_ids=ids))
         self.rt.submit(reqs)                       # the rows start together, on one generation
         try:
             first = reqs[0]
@@ -312,10 +395,13 @@ class OpenAIApi:
             results = [r.outcome() for r in reqs]
         finally:
             alive["ok"] = False           # a row that failed: the others stop too
+        tok, echo = self.rt.tokenizer, call.sampling.get("echo", False)
         choices = [dict(index=i, finish_reason=FINISH.get(c.finish_reason, "stop"),
                         **_spans(c, reqs[i].generation, gen),
-                        **({"message": {"role": "assistant", "content": c.text}} if chat else
-                           {"text": c.text, "logprobs": None}))
+                        **({"message": {"role": "assistant", "content": c.text},
+                            "logprobs": chat_logprobs(tok, c, call.sampling.get("logprobs"))} if chat else
+                           {"text": (reqs[i].prompt if echo else "") + c.text,
+                            "logprobs": completion_logprobs(tok, c, reqs[i], call.sampling.get("logprobs"), echo)}))
                    for i, c in enumerate(results)]
         return Reply(200, {**meta, "object": "chat.completion" if chat else "text_completion", "choices": choices,
                            "usage": _usage(results, call.n)}, headers=headers)
@@ -323,12 +409,18 @@ class OpenAIApi:
     def _events(self, call: Call, reqs, q: queue.SimpleQueue, meta: dict, alive: dict) -> Iterator[bytes]:
         obj = "chat.completion.chunk" if call.chat else "text_completion"
 
-        def chunk(i: int, text: str | None, finish: str | None = None, role: bool = False, spans=None) -> bytes:
+        tok, n_lp, echo = self.rt.tokenizer, call.sampling.get("logprobs"), call.sampling.get("echo", False)
+
+        def chunk(i: int, text: str | None, finish: str | None = None, role: bool = False, spans=None,
+                  done=None) -> bytes:
+            """A choice's delta; its finishing chunk carries all its logprobs (where asked)."""
             if call.chat:
                 delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
-                choice = {"index": i, "delta": delta, "finish_reason": finish, **(spans or {})}
+                choice = {"index": i, "delta": delta, "finish_reason": finish, **(spans or {}),
+                          "logprobs": chat_logprobs(tok, done, n_lp) if done is not None else None}
             else:
-                choice = {"index": i, "text": text or "", "finish_reason": finish, "logprobs": None, **(spans or {})}
+                lp = completion_logprobs(tok, done, reqs[i], n_lp, echo) if done is not None else None
+                choice = {"index": i, "text": text or "", "finish_reason": finish, "logprobs": lp, **(spans or {})}
             return _sse({**meta, "object": obj, "choices": [choice]})
 
         roled: set[int] = set()
@@ -341,6 +433,9 @@ class OpenAIApi:
                 yield chunk(i, None, role=True)
 
         try:
+            if echo:
+                for i, r in enumerate(reqs):
+                    yield chunk(i, r.prompt)
             open_rows = len(reqs)
             while open_rows:
                 i, delta = q.get()
@@ -357,7 +452,8 @@ class OpenAIApi:
                     yield b"data: [DONE]\n\n"
                     return
                 yield from role(i)
-                yield chunk(i, None, FINISH.get(c.finish_reason, "stop"), spans=_spans(c, r.generation, meta["generation"]))
+                yield chunk(i, None, FINISH.get(c.finish_reason, "stop"), spans=_spans(c, r.generation, meta["generation"]),
+                            done=c)
             if call.include_usage:
                 yield _sse({**meta, "object": obj, "choices": [], "usage": _usage([r.result for r in reqs], call.n)})
             yield b"data: [DONE]\n\n"
@@ -373,6 +469,54 @@ def _spans(c, gen: int | None = None, label: int | None = None) -> dict:
     if gen is not None and gen != label:
         return {"generation_spans": [{"generation": gen, "start": 0, "end": c.completion_tokens}]}
     return {}
+
+
+def _token_str(tok, i: int) -> str:
+    return tok.decode([i])
+
+
+def _output_logprobs(c) -> list:
+    """The reply's tokens' logprobs (the EOS or stop token that ended it included, as vLLM
+    counts it)."""
+    return list(c.logprobs or [])
+
+
+def completion_logprobs(tok, c, req, n: int | None, echo: bool) -> dict | None:
+    """OpenAI's completions logprobs: tokens, token_logprobs, top_logprobs (the top-N and
+    the chosen token, as vLLM gives them) and text_offset; with echo, the prompt's tokens
+    first (the first has none)."""
+    if n is None:
+        return None
+    entries = (list(zip(req.prompt_ids, c.prompt_logprobs or [None] * len(req.prompt_ids))) if echo else []) + \
+        [(e.token, e) for e in _output_logprobs(c)]
+    out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    at = 0
+    for token, e in entries:
+        s = _token_str(tok, token)
+        out["tokens"].append(s)
+        out["text_offset"].append(at)
+        at += len(s)
+        out["token_logprobs"].append(None if e is None else e.logprob)
+        if e is None:
+            out["top_logprobs"].append(None)
+            continue
+        top = {_token_str(tok, t): lp for t, lp in e.top}
+        top.setdefault(s, e.logprob)
+        out["top_logprobs"].append(top)
+    return out
+
+
+def chat_logprobs(tok, c, n: int | None) -> dict | None:
+    """OpenAI's chat logprobs: {"content": [{token, logprob, bytes, top_logprobs: [...]}]}."""
+    if n is None:
+        return None
+
+    def one(t: int, lp: float) -> dict:
+        s = _token_str(tok, t)
+        return {"token": s, "logprob": lp, "bytes": list(s.encode("utf-8", "surrogatepass"))}
+
+    return {"content": [dict(one(e.token, e.logprob), top_logprobs=[one(t, lp) for t, lp in e.top])
+                        for e in _output_logprobs(c)]}
 
 
 def _usage(results, n: int) -> dict:

@@ -238,12 +238,16 @@ class Runtime:
     def prepare(self, prompt: str, max_new_tokens: int, temperature: float, top_p: float, seed: int | None,
                 stop: list[str], deadline: float | None = None, alive=lambda: True, stream=None,
                 messages: list[dict] | None = None, model: str = "", generation: int | None = None,
-                pinned=None, names: dict | None = None, group=None) -> Request:
-        """The one validation of a generate request, for gRPC and /v1 alike: a prompt, or
-        chat messages rendered with the model's chat template; pinned by `model` "NAME@N"
-        or `generation`, or to `pinned` (a generations.Live); None: the generation live
-        when it starts. Errors name the field as the caller's API calls it (`names` maps
-        gRPC's names to the API's: {"max_new_tokens": "max_tokens"}). Nothing is queued."""
+                pinned=None, names: dict | None = None, group=None, sampling: dict | None = None,
+                prompt_ids: list[int] | None = None) -> Request:
+        """The one validation of a generate request, for gRPC and /v1 alike: a prompt (or
+        its token ids), or chat messages rendered with the model's chat template; pinned by
+        `model` "NAME@N" or `generation`, or to `pinned` (a generations.Live); None: the
+        generation live when it starts. `sampling`: SamplingParams' extras (checked for
+        their form by the API; token ids here). `max_new_tokens` None: the default; 0 only
+        with prompt logprobs (echo). Errors name the field as the caller's API calls it
+        (`names` maps gRPC's names to the API's: {"max_new_tokens": "max_tokens"}).
+        Nothing is queued."""
         cfg = self.cfg
         name = (names or {}).get
 
@@ -251,7 +255,15 @@ class Runtime:
             return InvalidArgument(msg.replace("{f}", name(f, f)), field=name(f, f))
 
         pinned = pinned or self.pin(model, generation)
-        if messages:
+        sampling = {k: v for k, v in (sampling or {}).items() if k != "echo"}
+        vocab = len(self.tokenizer)
+        if prompt_ids is not None:
+            if messages or prompt:
+                raise bad("give one of a prompt, its token ids or chat messages", "prompt")
+            if not prompt_ids or not all(0 <= t < vocab for t in prompt_ids):
+                raise bad(f"{{f}}: token ids must be in 0..{vocab - 1}", "prompt")
+            prompt = self.tokenizer.decode(prompt_ids)
+        elif messages:
             if prompt:
                 raise bad("give a prompt or chat messages, not both", "prompt")
             for i, m in enumerate(messages):
@@ -264,8 +276,10 @@ class Runtime:
             raise bad("{f} is empty", "prompt")
         if len(prompt) > cfg.max_prompt_chars:
             raise bad(f"{{f}} has {len(prompt)} characters; the limit is {cfg.max_prompt_chars}", "prompt")
-        n = max_new_tokens or cfg.default_max_new_tokens
-        if not 1 <= n <= cfg.max_new_tokens_limit:
+        n = cfg.default_max_new_tokens if max_new_tokens is None or (
+            max_new_tokens == 0 and sampling.get("prompt_logprobs", None) is None) else max_new_tokens
+        echo_only = n == 0 and "prompt_logprobs" in sampling
+        if not echo_only and not 1 <= n <= cfg.max_new_tokens_limit:
             raise bad(f"{{f}} must be in 1..{cfg.max_new_tokens_limit}, got {max_new_tokens}", "max_new_tokens")
         # vLLM's range and OpenAI's: one range on every engine and API
         if isinstance(temperature, bool) or not math.isfinite(temperature) or not 0 <= temperature <= 2:
@@ -276,7 +290,15 @@ class Runtime:
             raise bad(f"at most {MAX_STOP_SEQUENCES} {{f}} sequences of 1..{MAX_STOP_CHARS} characters", "stop")
         for s in stop:
             _check_text(s, name("stop", "stop"), name("stop", "stop"))
-        ids = self.tokenizer(prompt)["input_ids"]   # as the tokenizer makes them (BOS where expected)
+        for f in ("stop_token_ids", "logit_bias"):
+            bad_ids = [t for t in (t[0] if isinstance(t, tuple) else t for t in (sampling.get(f) or ()))
+                       if not 0 <= t < vocab]
+            if bad_ids:
+                raise bad(f"{{f}}: {bad_ids[0]} is not a token id of this model (0..{vocab - 1})", f)
+        if sampling.get("min_tokens", 0) > n:
+            raise bad(f"{{f}} ({sampling['min_tokens']}) exceeds the reply's maximum of {n} tokens", "min_tokens")
+        # as the tokenizer makes them (BOS where expected)
+        ids = list(prompt_ids) if prompt_ids is not None else self.tokenizer(prompt)["input_ids"]
         if not ids:
             raise bad("{f} has no tokens", "prompt")
         limit = self.scheduler.context_limit()
@@ -289,7 +311,8 @@ class Runtime:
                           "tokens (prompt and reply together)", which)
             raise bad(f"the prompt ({len(ids)} tokens) plus {{f}} ({n}) exceed the model's maximum context length "
                       f"of {limit} tokens: ask for at most {limit - len(ids)}", "max_new_tokens")
-        params = SamplingParams(n, float(temperature), float(top_p) if top_p > 0 else 1.0, seed, tuple(stop))
+        params = SamplingParams(n, float(temperature), float(top_p) if top_p > 0 else 1.0, seed, tuple(stop),
+                                **sampling)
         return Request(prompt, ids, params, deadline, alive, stream, pinned=pinned, group=group)
 
     def submit(self, reqs: list[Request]) -> list[Request]:

@@ -39,10 +39,20 @@ def test_rows_joining_and_leaving_compute_what_they_compute_alone(arch, tokenize
     jobs = [(p, SamplingParams(max_new_tokens=n)) for p, n in zip(PROMPTS, (5, 40, 9, 30, 1, 12, 25, 3))]
     jobs += [(p, SamplingParams(max_new_tokens=20, temperature=0.8, top_p=0.9, seed=7 + i))   # sampled rows too
              for i, p in enumerate(PROMPTS[:4])]
+    jobs += [(PROMPTS[4], SamplingParams(max_new_tokens=15, repetition_penalty=1.4, frequency_penalty=0.5,
+                                         presence_penalty=0.3, logprobs=3, prompt_logprobs=2)),      # per-row extras
+             (PROMPTS[5], SamplingParams(max_new_tokens=15, temperature=1.0, top_k=5, min_p=0.05, seed=3,
+                                         logit_bias=((7, 3.0),), min_tokens=4, ignore_eos=True)),
+             (PROMPTS[6], SamplingParams(max_new_tokens=15, stop_token_ids=(9, 11), logprobs=0))]
     alone = [generate(model, tokenizer, [p], params)[0] for p, params in jobs]
     together = staggered(model, tokenizer, jobs)
     assert [c.token_ids for c in together] == [c.token_ids for c in alone]
     assert [c.finish_reason for c in together] == [c.finish_reason for c in alone]
+    for a, b in zip(together, alone):                # logprobs too, up to padding's rounding
+        assert (a.logprobs is None) == (b.logprobs is None) and (a.prompt_logprobs is None) == (b.prompt_logprobs is None)
+        for x, y in zip((a.logprobs or []) + (a.prompt_logprobs or [])[1:], (b.logprobs or []) + (b.prompt_logprobs or [])[1:]):
+            assert x.token == y.token and abs(x.logprob - y.logprob) < 1e-4
+            assert [t for t, _ in x.top] == [t for t, _ in y.top]
 
 
 @pytest.mark.parametrize("arch", ["mistral", "gemma2"])

@@ -8,6 +8,7 @@ import urllib.request
 import grpc
 import openai
 import pytest
+import torch
 
 from serverkit import A, I, Clients, config, start
 from tiny import make_model, save
@@ -156,7 +157,9 @@ J = lambda **kw: json.dumps({"model": "target", **kw}).encode()       # noqa: E7
     (J(model="target@x", prompt="x"), 400, "NAME@N", "model"),
     (json.dumps({"prompt": "x"}).encode(), 400, "model is required", "model"),
     (J(prompt=""), 400, "prompt is empty", "prompt"),
-    (J(prompt=[1, 2]), 400, "token id arrays", "prompt"),
+    (J(prompt=[1.5]), 400, "a list of token ids", "prompt"),
+    (J(prompt=[10 ** 9]), 400, "token ids must be in", "prompt"),
+    (J(prompt=[[1], "x"]), 400, "a list of lists of token ids", "prompt"),
     (J(prompt="x", max_tokens=-1), 400, "max_tokens", "max_tokens"),
     (J(prompt="x", max_tokens=100000), 400, "max_tokens must be in 1..128", "max_tokens"),
     (J(prompt="x" * 100, max_tokens=60), 400, "plus max_tokens (60) exceed the model's maximum context length of "
@@ -168,8 +171,23 @@ J = lambda **kw: json.dumps({"model": "target", **kw}).encode()       # noqa: E7
     (b'{"model": "target", "prompt": "x", "top_p": Infinity}', 400, "top_p", "top_p"),
     (J(prompt="x", n=0), 400, "n must be", "n"),
     (J(prompt="x", seed=-1), 400, "seed", "seed"),
-    (J(prompt="x", echo=True), 400, "not supported", "echo"),
-    (J(prompt="x", frobnicate=1), 400, "unrecognized", "frobnicate"),
+    (J(prompt="x", best_of=2), 400, "not supported by this server: best_of=2", "best_of"),
+    (J(prompt="x", frobnicate=1, tools=[{}], suffix="s"), 400,
+     "unrecognized request argument(s): frobnicate; not supported by this server: suffix='s', tools=[{}]", "frobnicate"),
+    (J(prompt="x", logprobs=21), 400, "logprobs must be an integer in [0, 20]", "logprobs"),
+    (J(prompt="x", top_logprobs=2), 400, "top_logprobs is a chat parameter", "top_logprobs"),
+    (J(prompt="x", echo=1), 400, "echo must be true or false", "echo"),
+    (J(prompt="x", max_tokens=0), 400, "max_tokens must be an integer in [1,", "max_tokens"),
+    (J(prompt="x", repetition_penalty=0), 400, "repetition_penalty must be in (0, 2]", "repetition_penalty"),
+    (J(prompt="x", presence_penalty=3), 400, "presence_penalty must be a number in [-2, 2]", "presence_penalty"),
+    (J(prompt="x", top_k=-2), 400, "top_k", "top_k"),
+    (J(prompt="x", min_p=1.5), 400, "min_p", "min_p"),
+    (J(prompt="x", logit_bias={"a": 1}), 400, "expected a token id and a bias", "logit_bias"),
+    (J(prompt="x", logit_bias={"100000": 1}), 400, "100000 is not a token id of this model", "logit_bias"),
+    (J(prompt="x", stop_token_ids=[-1]), 400, "stop_token_ids must be a list", "stop_token_ids"),
+    (J(prompt="x", stop_token_ids=[10 ** 6]), 400, "is not a token id of this model", "stop_token_ids"),
+    (J(prompt="x", min_tokens=9, max_tokens=4), 400, "min_tokens (9) exceeds the reply's maximum of 4", "min_tokens"),
+    (J(prompt="x", ignore_eos="yes"), 400, "ignore_eos must be true or false", "ignore_eos"),
     (b'{"model": "target", "prompt": "add:\\ud800="}', 400, "lone surrogate", "prompt"),
     (b'{"model": "target", "prompt": ["ok", "\\udfff"]}', 400, "lone surrogate", "prompt"),
     (b'{"model": "target", "prompt": "x", "stop": ["\\ud800"]}', 400, "lone surrogate", "stop"),
@@ -365,3 +383,126 @@ def test_tokenize_detokenize_and_version_as_vllm_has_them(served):
         assert code in (400, 404) and doc["error"]["param"] == param, (path, body, doc)
     with urllib.request.urlopen(f"http://127.0.0.1:{s.http_port}/version", timeout=10) as r:
         assert json.loads(r.read())["version"]
+
+
+def _forward_logprobs(model, ids):
+    with torch.no_grad():
+        return torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
+
+
+def test_logprobs_and_echo_equal_a_direct_forward_pass(served):
+    """Completions logprobs=N with echo (what loglikelihood evaluation sends) and chat
+    logprobs/top_logprobs: every token's logprob and its top-N equal the model's own
+    log-softmax over one teacher-forced forward pass."""
+    s, _, client = served
+    rt, model = s.runtime, s.runtime.gens.live.model
+    want = alone(s, PROMPT, 6)
+    ids = rt.tokenizer(PROMPT)["input_ids"] + want.token_ids + ([want.stop_token] if want.stop_token is not None else [])
+    lp = _forward_logprobs(model, ids)
+    r = client.completions.create(model="target", prompt=PROMPT, max_tokens=6, temperature=0, logprobs=3, echo=True)
+    ch, got = r.choices[0], r.choices[0].logprobs
+    assert ch.text == PROMPT + want.text
+    assert got.tokens == [rt.tokenizer.decode([t]) for t in ids] and got.token_logprobs[0] is None
+    assert got.text_offset == [sum(len(x) for x in got.tokens[:i]) for i in range(len(ids))]
+    for t in range(1, len(ids)):
+        assert got.token_logprobs[t] == pytest.approx(float(lp[t - 1, ids[t]]), abs=1e-4), t
+        top = torch.topk(lp[t - 1], 3)
+        assert all(got.top_logprobs[t][rt.tokenizer.decode([i])] == pytest.approx(float(v), abs=1e-4)
+                   for i, v in zip(top.indices.tolist(), top.values.tolist()))
+    # usage counts the EOS too; without echo the logprobs are the reply's alone
+    plain = client.completions.create(model="target", prompt=PROMPT, max_tokens=6, temperature=0, logprobs=0)
+    n_prompt = len(rt.tokenizer(PROMPT)["input_ids"])
+    assert plain.choices[0].logprobs.token_logprobs == pytest.approx(got.token_logprobs[n_prompt:], abs=1e-5)
+    assert plain.usage.completion_tokens == len(ids) - n_prompt
+    # echo with max_tokens 0: the prompt's logprobs only
+    only = client.completions.create(model="target", prompt=PROMPT, max_tokens=0, logprobs=1, echo=True)
+    assert only.choices[0].text == PROMPT and only.choices[0].logprobs.token_logprobs[1:] == pytest.approx(
+        [float(lp[t - 1, ids[t]]) for t in range(1, n_prompt)], abs=1e-4)
+    # chat
+    msgs = [{"role": "user", "content": PROMPT}]
+    chat = client.chat.completions.create(model="target", messages=msgs, max_tokens=6, temperature=0,
+                                          logprobs=True, top_logprobs=2)
+    text = rt.render_chat(msgs)
+    reply = generate(model, rt.tokenizer, [text], SamplingParams(max_new_tokens=6))[0]
+    full = rt.tokenizer(text)["input_ids"] + reply.token_ids + ([reply.stop_token] if reply.stop_token is not None else [])
+    lp, start = _forward_logprobs(model, full), len(full) - len(reply.token_ids) - (reply.stop_token is not None)
+    content = chat.choices[0].logprobs.content
+    assert [e.token for e in content] == [rt.tokenizer.decode([t]) for t in full[start:]]
+    for t, e in enumerate(content):
+        assert e.logprob == pytest.approx(float(lp[start + t - 1, full[start + t]]), abs=1e-4)
+        top = torch.topk(lp[start + t - 1], 2)
+        assert [x.token for x in e.top_logprobs] == [rt.tokenizer.decode([i]) for i in top.indices.tolist()]
+        assert bytes(e.bytes).decode() == e.token
+
+
+def _id(rt, token: str) -> int:
+    return rt.tokenizer.convert_tokens_to_ids(token)
+
+
+def _reference(model, tok, ids, n, rp=1.0, fp=0.0, pp=0.0, min_tokens=0, stop=(), bias=()):
+    """Greedy decoding written out: vLLM's logits processors in its order, one full
+    forward pass per token (no cache)."""
+    from transplant_core.generation import stop_ids
+
+    eos, out = stop_ids(model, tok), []
+    for _ in range(n):
+        with torch.no_grad():
+            x = model(torch.tensor([ids + out])).logits[0, -1].float().clone()
+        for t, b in bias:
+            x[t] += b
+        if len(out) < min_tokens:
+            x[list(eos | set(stop))] = float("-inf")
+        for t in set(ids) | set(out):
+            x[t] = x[t] / rp if x[t] > 0 else x[t] * rp
+        for t in set(out):
+            x[t] -= fp * out.count(t) + pp
+        t = int(x.argmax())
+        if t in eos or t in stop:
+            break
+        out.append(t)
+    return out
+
+
+def test_sampling_extras_match_a_written_out_reference(served):
+    """repetition/frequency/presence penalties, min_tokens, stop_token_ids, logit_bias,
+    ignore_eos, top_k, min_p and token-id prompts, through the official client."""
+    s, _, client = served
+    rt, model = s.runtime, s.runtime.gens.live.model
+    loops = "the quick brown fox"                 # greedy repeats itself here: the penalties bite
+    ids = rt.tokenizer(loops)["input_ids"]
+    greedy_ids = alone(s, loops, 12).token_ids
+
+    def served_ids(prompt=loops, **kw):
+        extra = {k: kw.pop(k) for k in list(kw) if k in ("repetition_penalty", "min_tokens", "stop_token_ids",
+                                                         "ignore_eos", "top_k", "min_p")}
+        r = client.completions.create(model="target", prompt=prompt, temperature=kw.pop("temperature", 0),
+                                      extra_body=extra, logprobs=0, **kw)
+        toks = [_id(rt, t) for t in r.choices[0].logprobs.tokens]
+        return r, [t for t in toks]
+
+    changed = 0
+    for kw, ref in [
+        (dict(repetition_penalty=2.0, max_tokens=12), dict(rp=2.0)),
+        (dict(frequency_penalty=2.0, presence_penalty=1.0, max_tokens=12), dict(fp=2.0, pp=1.0)),
+        (dict(repetition_penalty=1.6, frequency_penalty=1.5, max_tokens=12), dict(rp=1.6, fp=1.5)),
+        (dict(min_tokens=4, stop_token_ids=[greedy_ids[0]], max_tokens=12), dict(min_tokens=4, stop=(greedy_ids[0],))),
+        (dict(logit_bias={str(greedy_ids[1]): -100}, max_tokens=12), dict(bias=((greedy_ids[1], -100.0),))),
+    ]:
+        r, got = served_ids(**kw)
+        want = _reference(model, rt.tokenizer, ids, 12, **ref)
+        assert got[:len(want)] == want, (kw, got, want)
+        changed += want != greedy_ids[:len(want)]
+    assert changed >= 4, "the parameters must change the reply here, or the comparison shows nothing"
+    r, got = served_ids(stop_token_ids=[greedy_ids[0]], max_tokens=8)
+    assert r.choices[0].text == "" and r.choices[0].finish_reason == "stop"
+    r, _ = served_ids(prompt="abc", ignore_eos=True, max_tokens=30)        # greedy ends at EOS after 11
+    assert r.usage.completion_tokens == 30 and r.choices[0].finish_reason == "length"
+    for kw in (dict(top_k=1), dict(min_p=1.0)):               # sampling that can only pick the top token
+        r, got = served_ids(prompt=PROMPT, temperature=1.0, seed=5, max_tokens=8, **kw)
+        assert r.choices[0].text == alone(s, PROMPT, 8).text, kw
+    # token ids as the prompt: the same as the text; a list of lists is one choice each
+    ids = rt.tokenizer(PROMPT)["input_ids"]
+    by_ids = client.completions.create(model="target", prompt=ids, max_tokens=8, temperature=0)
+    assert by_ids.choices[0].text == alone(s, PROMPT, 8).text
+    two = client.completions.create(model="target", prompt=[ids, ids[:2]], max_tokens=4, temperature=0)
+    assert [c.text for c in two.choices] == [alone(s, PROMPT, 4).text, alone(s, rt.tokenizer.decode(ids[:2]), 4).text]

@@ -18,11 +18,37 @@ from torch import nn
 
 @dataclass(frozen=True)
 class SamplingParams:
+    """Per-row sampling, with vLLM's parameters and order: logit_bias, min_tokens and the
+    penalties change the logits, then greedy (temperature 0) or temperature, min_p,
+    top_k, top_p and a draw. Logprobs are the model's own (raw) log-probabilities."""
     max_new_tokens: int = 32
     temperature: float = 0.0          # 0 = greedy
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    top_k: int = 0                    # 0 (or -1): off
+    min_p: float = 0.0
+    presence_penalty: float = 0.0     # on output tokens
+    frequency_penalty: float = 0.0    # on output tokens, per occurrence
+    repetition_penalty: float = 1.0   # on prompt and output tokens (divides positive logits)
+    min_tokens: int = 0               # no EOS, stop token or stop string before this many tokens
+    ignore_eos: bool = False
+    stop_token_ids: tuple[int, ...] = ()
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    logprobs: int | None = None       # per output token: its logprob and the top-N (None: none)
+    prompt_logprobs: int | None = None   # the same for each prompt token (echo)
+
+    @property
+    def shapes_logits(self) -> bool:
+        return bool(self.logit_bias or self.min_tokens or self.presence_penalty or self.frequency_penalty
+                    or self.repetition_penalty != 1.0)
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()   # the N most likely tokens, most likely first
 
 
 @dataclass
@@ -32,6 +58,9 @@ class Completion:
     prompt_tokens: int
     finish_reason: str = "length"     # "eos", "stop", "length", "cancelled"
     spans: list[tuple[int, int, int]] | None = None   # (generation, start, end) where several computed it
+    logprobs: list[TokenLogprob] | None = None         # per output token (and the EOS that ended it)
+    prompt_logprobs: list[TokenLogprob | None] | None = None   # per prompt token; the first has none
+    stop_token: int | None = None     # the EOS or stop token that ended it (not in token_ids)
 
     @property
     def completion_tokens(self) -> int:
@@ -47,18 +76,102 @@ class _Row:
     text: str = ""
     sent: int = 0                     # characters already streamed
     done: str | None = None
+    prompt: tuple[int, ...] = ()      # for the repetition penalty
+    counts: dict[int, int] = field(default_factory=dict)    # output token -> occurrences
+    logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    stop_token: int | None = None
+
+    def completion(self) -> Completion:
+        return Completion(self.text, self.ids, self.prompt_tokens, self.done or "length", None, self.logprobs,
+                          self.prompt_logprobs, self.stop_token)
 
 
-def _sample(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator | None) -> int:
-    if p.temperature <= 0:
-        return int(torch.argmax(logits))
-    probs = torch.softmax(logits.float() / p.temperature, dim=-1)
+def _new_row(p: SamplingParams, prompt: list[int]) -> _Row:
+    return _Row(p, len(prompt), torch.Generator().manual_seed(p.seed) if p.seed is not None else None,
+                prompt=tuple(prompt) if p.repetition_penalty != 1.0 else (),
+                logprobs=[] if p.logprobs is not None else None)
+
+
+def _shape(logits: torch.Tensor, r: _Row, eos_id: frozenset[int]) -> torch.Tensor:
+    """vLLM's logits processors, in its order: logit_bias, min_tokens, then the penalties."""
+    p, x = r.params, logits.float().clone()
+    for tok, bias in p.logit_bias:
+        if 0 <= tok < x.shape[-1]:
+            x[tok] += bias
+    if len(r.ids) < p.min_tokens:
+        for tok in (set() if p.ignore_eos else eos_id) | set(p.stop_token_ids):
+            if 0 <= tok < x.shape[-1]:
+                x[tok] = float("-inf")
+    if p.repetition_penalty != 1.0:
+        seen = torch.tensor(sorted(set(r.prompt) | set(r.counts)), dtype=torch.long)
+        if len(seen):
+            v = x[seen]
+            x[seen] = torch.where(v > 0, v / p.repetition_penalty, v * p.repetition_penalty)
+    if r.counts and (p.frequency_penalty or p.presence_penalty):
+        toks = torch.tensor(list(r.counts), dtype=torch.long)
+        n = torch.tensor(list(r.counts.values()), dtype=torch.float32)
+        x[toks] -= p.frequency_penalty * n + p.presence_penalty
+    return x
+
+
+def _draw(x: torch.Tensor, p: SamplingParams, gen: torch.Generator | None) -> int:
+    """Temperature, min_p, top_k, top_p (vLLM's order), then one draw."""
+    probs = torch.softmax(x.float() / p.temperature, dim=-1)
+    cut = False
+    if p.min_p > 0:
+        probs, cut = torch.where(probs < p.min_p * probs.max(), torch.zeros_like(probs), probs), True
+    if 0 < p.top_k < probs.shape[-1]:
+        kth = torch.topk(probs, p.top_k).values[-1]
+        probs, cut = torch.where(probs < kth, torch.zeros_like(probs), probs), True
+    if cut:
+        probs = probs / probs.sum()
     if p.top_p < 1.0:
         sorted_p, order = torch.sort(probs, descending=True)
         keep = torch.cumsum(sorted_p, -1) - sorted_p < p.top_p   # always keeps the top token
         sorted_p = torch.where(keep, sorted_p, torch.zeros_like(sorted_p))
         return int(order[torch.multinomial(sorted_p / sorted_p.sum(), 1, generator=gen)])
     return int(torch.multinomial(probs, 1, generator=gen))
+
+
+def _sample(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator | None) -> int:
+    if p.temperature <= 0:
+        return int(torch.argmax(logits))
+    return _draw(logits, p, gen)
+
+
+def _token_logprob(logits: torch.Tensor, tok: int, n: int) -> TokenLogprob:
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    top = torch.topk(lp, min(n, lp.shape[-1])) if n > 0 else None
+    return TokenLogprob(tok, float(lp[tok]), tuple(zip(top.indices.tolist(), top.values.tolist())) if top else ())
+
+
+def _pick_rows(logits: torch.Tensor, rows: list[_Row], eos_id: frozenset[int]) -> list[int]:
+    """Each row's next token from its logits [rows, vocab] (one argmax for the plain greedy
+    rows); records its logprob where the row asks for them."""
+    plain = [r.params.temperature <= 0 and not r.params.shapes_logits for r in rows]
+    argmax = logits.argmax(-1).tolist() if any(plain) else None
+    out = []
+    for i, r in enumerate(rows):
+        if r.done:
+            out.append(None)
+            continue
+        if plain[i]:
+            tok = argmax[i]
+        else:
+            x = _shape(logits[i], r, eos_id) if r.params.shapes_logits else logits[i]
+            tok = int(torch.argmax(x)) if r.params.temperature <= 0 else _draw(x, r.params, r.generator)
+        if r.logprobs is not None:
+            r.logprobs.append(_token_logprob(logits[i], tok, r.params.logprobs))
+        out.append(tok)
+    return out
+
+
+def _prompt_logprobs(logits: torch.Tensor, ids: list[int], width: int, n: int) -> list[TokenLogprob | None]:
+    """Each prompt token's logprob given the tokens before it (left padding: the row's
+    tokens are its last len(ids) positions); the first token has none."""
+    start = width - len(ids)
+    return [None] + [_token_logprob(logits[start + t - 1], ids[t], n) for t in range(1, len(ids))]
 
 
 def stop_ids(model, tokenizer) -> frozenset[int]:
@@ -82,17 +195,23 @@ def _prompt_ids(tokenizer, prompt: str) -> list[int]:
 
 
 def _check_stop(row: _Row, eos_id: frozenset[int], tok: int, tokenizer) -> None:
-    if tok in eos_id:
-        row.done = "eos"
+    p = row.params
+    if tok in eos_id and not p.ignore_eos:
+        row.done, row.stop_token = "eos", tok
+        return
+    if tok in p.stop_token_ids:
+        row.done, row.stop_token = "stop", tok
         return
     row.ids.append(tok)
+    row.counts[tok] = row.counts.get(tok, 0) + 1
     row.text = tokenizer.decode(row.ids, skip_special_tokens=True)
-    for s in row.params.stop:
-        at = row.text.find(s)
-        if at >= 0:
-            row.text, row.done = row.text[:at], "stop"
-            return
-    if len(row.ids) >= row.params.max_new_tokens:
+    if len(row.ids) >= p.min_tokens:
+        for s in p.stop:
+            at = row.text.find(s)
+            if at >= 0:
+                row.text, row.done = row.text[:at], "stop"
+                return
+    if len(row.ids) >= p.max_new_tokens:
         row.done = "length"
 
 
@@ -135,29 +254,33 @@ def generate(
     width = max(len(x) for x in ids)
     input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], dtype=torch.long)
     mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], dtype=torch.long)
-    rows = [_Row(p, len(x), torch.Generator().manual_seed(p.seed) if p.seed is not None else None)
-            for p, x in zip(plist, ids)]
+    rows = [_new_row(p, x) for p, x in zip(plist, ids)]
     for r in rows:
         if r.params.max_new_tokens <= 0:
             r.done = "length"
     eos_id = stop_ids(model, tokenizer)
     cache_kw, extra = cache_argument(model), _last_logits_only(model)
+    echo = any(r.params.prompt_logprobs is not None for r in rows)
     past, step_ids = None, input_ids
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    any_greedy = any(r.params.temperature <= 0 for r in rows)
     while not all(r.done for r in rows):
         out = model(input_ids=step_ids, attention_mask=mask, position_ids=positions,
-                    use_cache=True, **{cache_kw: past}, **extra)
+                    use_cache=True, **{cache_kw: past}, **({} if echo and past is None else extra))
+        if echo and past is None:
+            for i, r in enumerate(rows):
+                if r.params.prompt_logprobs is not None:
+                    r.prompt_logprobs = _prompt_logprobs(out.logits[i], ids[i], width, r.params.prompt_logprobs)
         past, logits = getattr(out, cache_kw, None), out.logits[:, -1, :]
-        argmax = logits.argmax(-1).tolist() if any_greedy else None   # one op for all greedy rows
-        nxt = []
         for i, r in enumerate(rows):
             if not r.done and cancelled is not None and cancelled(i):
                 r.done = "cancelled"
-            if r.done:
+        toks = _pick_rows(logits, rows, eos_id)
+        nxt = []
+        for i, r in enumerate(rows):
+            if toks[i] is None:
                 nxt.append(pad)
                 continue
-            tok = argmax[i] if r.params.temperature <= 0 else _sample(logits[i], r.params, r.generator)
+            tok = toks[i]
             _check_stop(r, eos_id, tok, tokenizer)
             nxt.append(tok)
             if on_text is not None:
@@ -167,7 +290,7 @@ def generate(
         step_ids = torch.tensor(nxt, dtype=torch.long)[:, None]
         mask = torch.cat([mask, torch.ones(n, 1, dtype=torch.long)], dim=1)
         positions = positions[:, -1:] + 1
-    return [Completion(r.text, r.ids, r.prompt_tokens, r.done or "length") for r in rows]
+    return [r.completion() for r in rows]
 
 
 def greedy(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 64,
@@ -256,13 +379,10 @@ class DecodeBatch:
     def _emit(self, i: int, r: _Row, tok: int) -> Event:
         _check_stop(r, self._eos, tok, self.tokenizer)
         delta = _streamable(r)
-        done = Completion(r.text, r.ids, r.prompt_tokens, r.done) if r.done else None
-        return Event(self.keys[i] if i < len(self.keys) else None, delta, done)
+        return Event(self.keys[i] if i < len(self.keys) else None, delta, r.completion() if r.done else None)
 
     def _sample_rows(self, logits: torch.Tensor, rows: list[_Row]) -> list[int]:
-        argmax = logits.argmax(-1).tolist() if any(r.params.temperature <= 0 for r in rows) else None
-        return [argmax[i] if r.params.temperature <= 0 else _sample(logits[i], r.params, r.generator)
-                for i, r in enumerate(rows)]
+        return _pick_rows(logits, rows, self._eos)
 
     @torch.no_grad()
     def add(self, items: list[tuple[object, list[int], SamplingParams]]) -> list[Event]:
@@ -275,23 +395,27 @@ class DecodeBatch:
         input_ids = torch.tensor([[self._pad] * (width - len(x)) + x for x in ids], dtype=torch.long)
         mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], dtype=torch.long)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        echo = any(p.prompt_logprobs is not None for _, _, p in items)
         out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                         **{self._cache_kw: None}, **self._extra)
+                         **{self._cache_kw: None}, **({} if echo else self._extra))
         kv = _layers(getattr(out, self._cache_kw, None))
         if kv is None:
             raise SpliceUnsupported(f"{type(self.model).__name__}'s KV cache is not a plain dynamic cache")
-        rows = [_Row(p, len(x), torch.Generator().manual_seed(p.seed) if p.seed is not None else None)
-                for _, x, p in items]
+        rows = [_new_row(p, x) for _, x, p in items]
+        for j, r in enumerate(rows):
+            if r.params.prompt_logprobs is not None:
+                r.prompt_logprobs = _prompt_logprobs(out.logits[j], ids[j], width, r.params.prompt_logprobs)
+            if r.params.max_new_tokens <= 0:
+                r.done = "length"
         toks = self._sample_rows(out.logits[:, -1, :], rows)
         events, keep = [], []
         for j, ((key, _, _), r, tok) in enumerate(zip(items, rows, toks)):
-            if r.params.max_new_tokens <= 0:
-                r.done = "length"
-                events.append(Event(key, "", Completion("", [], r.prompt_tokens, "length")))
+            if tok is None:                          # max_new_tokens 0: the prompt only (echo)
+                events.append(Event(key, "", r.completion()))
                 continue
             _check_stop(r, self._eos, tok, self.tokenizer)
             delta = _streamable(r)
-            events.append(Event(key, delta, Completion(r.text, r.ids, r.prompt_tokens, r.done) if r.done else None))
+            events.append(Event(key, delta, r.completion() if r.done else None))
             if not r.done:
                 keep.append(j)
         if keep:
@@ -341,7 +465,7 @@ class DecodeBatch:
         for i, (key, r) in enumerate(zip(self.keys, self.rows)):
             if which(key):
                 r.done = "cancelled"
-                events.append(Event(key, "", Completion(r.text, r.ids, r.prompt_tokens, "cancelled")))
+                events.append(Event(key, "", r.completion()))
             else:
                 keep.append(i)
         self.remove(keep)
