@@ -472,3 +472,51 @@ def test_stopping_during_start_up_leaves_nothing_running(tmp_path, sig):
         wait_for(lambda: not any(alive(p) for p in procs), 15, "the engine's processes to end")
     finally:
         _reap(proc, procs)
+
+
+def test_logprobs_echo_and_sampling_extras_equal_transformers(served):
+    """/v1 on vLLM passes logprobs, echo (prompt logprobs), penalties, min_tokens,
+    stop_token_ids, logit_bias, ignore_eos and token-id prompts to vLLM's SamplingParams;
+    the replies equal the embedded decoder's on the same weights (float32): the same
+    tokens, logprobs within 1e-3, the same top tokens."""
+    from server.openai_api import completion_logprobs
+
+    s, _ = served
+    rt = s.runtime
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{s.http_port}/v1", api_key="x", max_retries=0)
+    a = rt.tokenizer("a", add_special_tokens=False)["input_ids"][0]
+    cases = [
+        ("add:12+30=", dict(logprobs=5, echo=True), dict(logprobs=5, prompt_logprobs=5)),
+        ("copy:abcabc=", dict(logprobs=2, repetition_penalty=1.3, frequency_penalty=0.5, presence_penalty=0.3),
+         dict(logprobs=2, repetition_penalty=1.3, frequency_penalty=0.5, presence_penalty=0.3)),
+        ("rev:abcd=", dict(logprobs=1, min_tokens=6, logit_bias={str(a): 2.0}),
+         dict(logprobs=1, min_tokens=6, logit_bias=((a, 2.0),))),
+        ("upper:ab=", dict(logprobs=0, ignore_eos=True), dict(logprobs=0, ignore_eos=True)),
+        ("sort:dcba=", dict(logprobs=0, stop_token_ids=[a]), dict(logprobs=0, stop_token_ids=(a,))),
+    ]
+    for prompt, body, params in cases:
+        r = client.completions.create(model=rt.cfg.model_name, prompt=prompt, max_tokens=10, temperature=0,
+                                      extra_body={k: v for k, v in body.items() if k not in ("logprobs", "echo")},
+                                      logprobs=body["logprobs"], echo=body.get("echo", False))
+        ids = rt.tokenizer(prompt)["input_ids"]
+        want = generate(rt.gens.live.model, rt.tokenizer, [prompt], SamplingParams(max_new_tokens=10, **params),
+                        prompt_ids=[ids])[0]
+        got = r.choices[0].logprobs
+        ref = completion_logprobs(rt.tokenizer, want, type("R", (), {"prompt_ids": ids})(), body["logprobs"],
+                                  body.get("echo", False))
+        assert r.choices[0].text == (prompt if body.get("echo") else "") + want.text, (prompt, body)
+        assert got.tokens == ref["tokens"], (prompt, body)
+        assert r.choices[0].finish_reason == {"eos": "stop", "stop": "stop"}.get(want.finish_reason, "length")
+        for g, w in zip(got.token_logprobs, ref["token_logprobs"]):
+            assert (g is None) == (w is None) and (g is None or abs(g - w) < 1e-3), (prompt, body, g, w)
+        for g, w in zip(got.top_logprobs, ref["top_logprobs"]):
+            assert (g is None) == (w is None)
+            if g is not None:
+                assert list(g)[:2] == list(w)[:2] and all(abs(g[k] - w[k]) < 1e-3 for k in g if k in w)
+    # token ids as the prompt, and echo with max_tokens 0 (the prompt's logprobs only)
+    ids = rt.tokenizer("add:5+7=")["input_ids"]
+    by_ids = client.completions.create(model=rt.cfg.model_name, prompt=ids, max_tokens=4, temperature=0)
+    assert by_ids.choices[0].text == hf(s, ["add:5+7="], 4)[0].text
+    only = client.completions.create(model=rt.cfg.model_name, prompt="add:5+7=", max_tokens=0, echo=True, logprobs=1)
+    assert only.choices[0].text == "add:5+7=" and only.choices[0].logprobs.token_logprobs[0] is None
+    assert len(only.choices[0].logprobs.tokens) == len(ids)

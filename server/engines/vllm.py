@@ -116,6 +116,15 @@ def _env(spec) -> None:
     os.environ.setdefault("DO_NOT_TRACK", "1")
 
 
+def _logprob(token: int, d: dict, n: int):
+    """vLLM's {token id: Logprob(logprob, rank)} for one position as ours: the token's
+    logprob and the top n by rank."""
+    from transplant_core.generation import TokenLogprob
+
+    top = sorted(((t, v) for t, v in d.items() if v.rank is not None and v.rank <= n), key=lambda x: x[1].rank)
+    return TokenLogprob(token, float(d[token].logprob), tuple((t, float(v.logprob)) for t, v in top[:n]))
+
+
 def _finish_reason(o) -> str:
     if o.finish_reason == "length":
         return "length"
@@ -356,15 +365,29 @@ class VllmEngine:
         from vllm.sampling_params import RequestOutputKind
 
         p = req.params
-        sp = SamplingParams(max_tokens=p.max_new_tokens, temperature=p.temperature, top_p=p.top_p, seed=p.seed,
-                            stop=list(p.stop) or None, skip_special_tokens=True,
-                            output_kind=RequestOutputKind.DELTA)
-        text, ids, last = [], [], None
+        echo_only = p.max_new_tokens == 0            # the prompt's logprobs only: vLLM decodes one token, unused
+        sp = SamplingParams(max_tokens=max(1, p.max_new_tokens), temperature=p.temperature, top_p=p.top_p,
+                            seed=p.seed, stop=list(p.stop) or None, skip_special_tokens=True,
+                            output_kind=RequestOutputKind.DELTA, top_k=p.top_k or 0, min_p=p.min_p,
+                            presence_penalty=p.presence_penalty, frequency_penalty=p.frequency_penalty,
+                            repetition_penalty=p.repetition_penalty, min_tokens=p.min_tokens,
+                            ignore_eos=p.ignore_eos, stop_token_ids=list(p.stop_token_ids) or None,
+                            logit_bias=dict(p.logit_bias) or None, logprobs=p.logprobs,
+                            prompt_logprobs=p.prompt_logprobs)
+        text, ids, last, lps, plps = [], [], None, [], None
         try:
             async for out in self.engine.generate({"prompt_token_ids": req.prompt_ids}, sp, request_id=rid):
                 o = out.outputs[0]
+                if plps is None and out.prompt_logprobs is not None:
+                    plps = [None] + [_logprob(t, d, p.prompt_logprobs)
+                                     for t, d in zip(req.prompt_ids[1:], out.prompt_logprobs[1:])]
+                if echo_only:
+                    last = o
+                    break
                 text.append(o.text)
                 ids.extend(o.token_ids)
+                if p.logprobs is not None:
+                    lps += [_logprob(t, d, p.logprobs) for t, d in zip(o.token_ids, o.logprobs or [])]
                 req.deliver(o.text)
                 last = o
                 if req.cancelled():
@@ -377,13 +400,20 @@ class VllmEngine:
             if type(e).__name__ == "VLLMValidationError":
                 raise InvalidArgument(str(e).splitlines()[0]) from None
             raise
-        reason = _finish_reason(last)
-        if reason == "eos" and ids:
-            ids = ids[:-1]                       # as on the embedded engine: EOS is not an output token
+        if echo_only:
+            await self.engine.abort(rid)
+            req.result = Completion("", [], len(req.prompt_ids), "length", prompt_logprobs=plps)
+            return
+        reason, stop_token = _finish_reason(last), None
+        if ids and (reason == "eos" or isinstance(last.stop_reason, int)):
+            # as on the embedded engine: the EOS or stop token is not an output token (its logprob stays)
+            ids, stop_token = ids[:-1], ids[-1]
         spans = self._spans(last, len(ids), req.generation)
         if spans and len({g for g, _, _ in spans}) == 1:     # frozen before its first token: wholly the next one's
             req.generation, spans = spans[0][0], None
-        req.result = Completion("".join(text), ids, len(req.prompt_ids), reason, spans=spans)
+        req.result = Completion("".join(text), ids, len(req.prompt_ids), reason, spans=spans,
+                                logprobs=lps if p.logprobs is not None else None, prompt_logprobs=plps,
+                                stop_token=stop_token)
 
     @staticmethod
     def _spans(o, n: int, generation: int) -> list[tuple[int, int, int]] | None:
