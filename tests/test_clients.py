@@ -73,7 +73,7 @@ def _lm_eval_tasks(root, examples) -> None:
 
 def test_lm_eval_generate_until_and_multiple_choice_equal_the_model(tmp_path):
     """lm-evaluation-harness (local-completions, token-id prompts, echo + logprobs for the
-    multiple-choice task) against transplant serve: generate_until's accuracy equals
+    multiple-choice task; local-chat-completions) against transplant serve: generate_until's accuracy equals
     `transplant eval`'s greedy exact match, multiple choice equals the argmax of each
     choice's log-likelihood computed in-process on the model's logits."""
     import json
@@ -97,6 +97,14 @@ def test_lm_eval_generate_until_and_multiple_choice_equal_the_model(tmp_path):
                             str(tmp_path / "out")], env=env, capture_output=True, text=True, timeout=500)
         assert r.returncode == 0, r.stderr[-3000:]
         res = json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text())["results"]
+        chat_args = (f"model=zoo:v2,base_url=http://127.0.0.1:{s.http_port}/v1/chat/completions,num_concurrent=1,"
+                     "max_retries=1,tokenized_requests=False")
+        r = subprocess.run([str(LMEVAL), "--model", "local-chat-completions", "--model_args", chat_args,
+                            "--apply_chat_template", "--tasks", "zoo_add_gen", "--include_path", str(tmp_path),
+                            "--output_path", str(tmp_path / "chat")], env=env, capture_output=True, text=True,
+                           timeout=500)
+        assert r.returncode == 0, r.stderr[-3000:]
+        chat = json.loads(next((tmp_path / "chat").rglob("results_*.json")).read_text())["results"]
         rt = s.runtime
         model, tok = rt.gens.live.model, rt.tokenizer
         want_gen = evaluate(model, tok, task, 8).accuracy
@@ -114,5 +122,6 @@ def test_lm_eval_generate_until_and_multiple_choice_equal_the_model(tmp_path):
     finally:
         s.stop(2)
     assert res["zoo_add_gen"]["exact_match,none"] == pytest.approx(want_gen)
+    assert chat["zoo_add_gen"]["exact_match,none"] == pytest.approx(want_gen)   # the zoo's template: the prompt
     assert res["zoo_add_mc"]["acc,none"] == pytest.approx(hits / len(task.examples))
     assert 0 < res["zoo_add_mc"]["acc,none"]                    # v2 lost add, yet ranks some sums first
