@@ -120,7 +120,7 @@ class ServeConfig(BaseModel):
     batch_wait_ms: float = Field(10.0, ge=0, le=1000)   # most a new batch waits for company (<= 5% of a decode)
     max_queue: int = Field(256, ge=1)
     max_prompt_chars: int = Field(4096, ge=1)
-    max_new_tokens_limit: int = Field(256, ge=1)
+    max_new_tokens_limit: int = Field(0, ge=0)     # 0: what the model's context leaves (as vLLM)
     default_max_new_tokens: int = Field(32, ge=1)
     grpc_workers: int = Field(64, ge=4)
     drain_timeout_s: float = Field(30.0, ge=0)
@@ -158,7 +158,7 @@ class ServeConfig(BaseModel):
     def _check(self) -> "ServeConfig":
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("TLS needs both tls_cert and tls_key")
-        if self.default_max_new_tokens > self.max_new_tokens_limit:
+        if self.max_new_tokens_limit and self.default_max_new_tokens > self.max_new_tokens_limit:
             raise ValueError("default_max_new_tokens exceeds max_new_tokens_limit")
         names = [d.name for d in self.donors]
         if len(names) != len(set(names)):

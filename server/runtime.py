@@ -279,7 +279,7 @@ class Runtime:
         n = cfg.default_max_new_tokens if max_new_tokens is None or (
             max_new_tokens == 0 and sampling.get("prompt_logprobs", None) is None) else max_new_tokens
         echo_only = n == 0 and "prompt_logprobs" in sampling
-        if not echo_only and not 1 <= n <= cfg.max_new_tokens_limit:
+        if not echo_only and not 1 <= n <= (cfg.max_new_tokens_limit or n):    # no cap: the context decides
             raise bad(f"{{f}} must be in 1..{cfg.max_new_tokens_limit}, got {max_new_tokens}", "max_new_tokens")
         # vLLM's range and OpenAI's: one range on every engine and API
         if isinstance(temperature, bool) or not math.isfinite(temperature) or not 0 <= temperature <= 2:
