@@ -44,3 +44,17 @@ def test_bench_vllm_runs_quick(tmp_path):
     d = data["details"]
     assert d["failed_requests"] == {"drain": 0, "freeze": 0, "tok_s": 0}
     assert d["modules_sent_to_vllm"] >= len(d["modules"])
+
+
+@pytest.mark.parametrize("name", ["logprobs", "vs_vllm"])
+def test_benches_with_vllms_client_run_quick(tmp_path, name):
+    """bench.logprobs and bench.vs_vllm (vLLM's benchmark client; plain vLLM's own server)
+    on their quick settings: every request completes, the figures are finite."""
+    out = tmp_path / "r.json"
+    env = dict(os.environ, TRANSPLANT_BENCH_DIR=str(tmp_path / "bench"),
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    p = subprocess.run([sys.executable, "-m", f"bench.{name}", "--quick", "--json", str(out)], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=1100)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
+    data = json.loads(out.read_text())
+    assert data["bench"] == name and all(math.isfinite(f["median"]) for f in data["figures"])
