@@ -46,7 +46,6 @@ def test_pick_modules_spreads_distinct_names():
     ("throughput", ["--requests", "4", "--clients", "1,4"]),
     ("swap_load", ["--duration", "1.5", "--clients", "4"]),
     ("lae_cost", ["--repeats", "1", "--prompts", "2"]),
-    ("logprobs", ["--repeats", "1"]),
     ("memory", []),
     ("soak", ["--cycles", "4"]),
     ("continuous", ["--repeats", "1", "--mixed-range", "8,64", "--http-requests", "2"]),
