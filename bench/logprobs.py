@@ -1,7 +1,8 @@
 """What logprobs cost on the embedded engine: output tokens/s of the same load with
 `logprobs: 5` (each token's logprob and the top 5, OpenAI's shape) and without, measured
-by vLLM's own benchmark client (`vllm bench serve`, random prompts, ignore_eos so both
-sides decode the same number of tokens) against one server, windows alternating.
+by vLLM's own benchmark client (`vllm bench serve`, in its own process: random prompts,
+ignore_eos so both sides decode the same number of tokens) against one server, windows
+alternating.
 Target: logprobs cost at most 10% (ratio on / off >= 0.9).
 
     python -m bench.logprobs              # 300M Llama, 8 concurrent, 32 prompts x 32 tokens, 3 repeats
@@ -14,30 +15,9 @@ embedded one. The logprob work is one log_softmax and one top-k per decoded toke
 from __future__ import annotations
 
 from . import common as C
+from .vs_vllm import client
 
 PROG = "logprobs"
-
-
-def _bench(port: int, tokenizer: str, prompts: int, concurrency: int, out_len: int, logprobs: int | None) -> dict:
-    import contextlib
-    import io
-
-    from vllm.benchmarks.serve import add_cli_args, main
-    from vllm.utils.argparse_utils import FlexibleArgumentParser
-
-    parser = FlexibleArgumentParser()
-    add_cli_args(parser)
-    argv = ["--backend", "vllm", "--base-url", f"http://127.0.0.1:{port}", "--endpoint", "/v1/completions",
-            "--model", "bench", "--served-model-name", "bench", "--tokenizer", tokenizer, "--dataset-name", "random",
-            "--random-input-len", "16", "--random-output-len", str(out_len), "--num-prompts", str(prompts),
-            "--max-concurrency", str(concurrency), "--ignore-eos", "--disable-tqdm", "--seed", "0"]
-    if logprobs is not None:
-        argv += ["--logprobs", str(logprobs)]
-    with contextlib.redirect_stdout(io.StringIO()):          # its own report: ours is the ratio
-        res = main(parser.parse_args(argv))
-    if res["failed"] or res["completed"] != prompts:
-        raise SystemExit(f"vllm bench serve: {res['failed']} of {prompts} requests failed")
-    return res
 
 
 def run(args) -> C.Result:
@@ -46,7 +26,8 @@ def run(args) -> C.Result:
                                                f"{args.prompts} prompts x {args.tokens} tokens")
     ratios, tps = [], {"off": [], "on": []}
     with C.serving(m, donor_name=None, served_model_name="bench", probes=[], max_batch_size=16) as (server, _):
-        run_one = lambda lp: _bench(server.http_port, m.target, args.prompts, args.concurrency, args.tokens, lp)  # noqa: E731
+        run_one = lambda lp: client(server.http_port, m.target, args.prompts, args.concurrency, args.tokens,  # noqa: E731
+                                    input_len=16, logprobs=lp)
         run_one(None)                                                   # warm-up
         for i in range(args.repeats):
             t = {}

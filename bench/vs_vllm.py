@@ -102,11 +102,16 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait(30)
 
 
-def client(port: int, tokenizer: str, prompts: int, concurrency: int, tokens: int) -> dict:
+def client(port: int, tokenizer: str, prompts: int, concurrency: int, tokens: int, input_len: int = 32,
+           logprobs: int | None = None) -> dict:
+    """vLLM's benchmark client in its own process against the server on `port` (served as
+    "bench"): random prompts, ignore_eos; its figures (every request must complete)."""
     argv = ["--backend", "vllm", "--base-url", f"http://127.0.0.1:{port}", "--endpoint", "/v1/completions",
-            "--model", "bench", "--tokenizer", tokenizer, "--dataset-name", "random", "--random-input-len", "32",
-            "--random-output-len", str(tokens), "--num-prompts", str(prompts), "--max-concurrency",
+            "--model", "bench", "--tokenizer", tokenizer, "--dataset-name", "random", "--random-input-len",
+            str(input_len), "--random-output-len", str(tokens), "--num-prompts", str(prompts), "--max-concurrency",
             str(concurrency), "--ignore-eos", "--disable-tqdm", "--seed", "0"]
+    if logprobs is not None:
+        argv += ["--logprobs", str(logprobs)]
     r = subprocess.run([sys.executable, "-c", CLIENT, json.dumps(argv)], capture_output=True, text=True,
                        env=_env(), timeout=3600)
     if r.returncode != 0:
