@@ -57,7 +57,7 @@ def _wait_http(port: int, proc: subprocess.Popen, path: str, timeout: float = 60
             with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as r:
                 if r.status == 200:
                     return
-        except OSError:
+        except OSError:                # not listening yet: poll again
             pass
         time.sleep(0.5)
     raise SystemExit("the server did not come up")

@@ -251,7 +251,7 @@ class VllmEngine:
                 continue
             try:
                 os.kill(child.pid, signal.SIGKILL)
-            except OSError:
+            except OSError:                # already gone: nothing to free
                 pass
 
     @staticmethod
