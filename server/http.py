@@ -26,6 +26,7 @@ API_ROUTES = {"/v1/completions": False, "/v1/chat/completions": True}
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True              # SO_REUSEADDR (the default) only skips TIME_WAIT; a taken port still fails
+    request_queue_size = 1024          # socketserver's 5: a burst of new connections past it waits ~1 s for a SYN retry
 
     def handle_error(self, request, client_address) -> None:
         """A client that hung up is not an error; anything else goes to the log, not stderr."""

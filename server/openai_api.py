@@ -262,7 +262,9 @@ FINISH = {"eos": "stop", "stop": "stop", "length": "length"}
 
 
 class _Tagged:
-    """Puts a row's text deltas on the call's one queue, tagged with its choice index."""
+    """Puts a row's (text delta, logprob entries) on the call's one queue, tagged with its
+    choice index."""
+    with_logprobs = True
 
     def __init__(self, q: queue.SimpleQueue, index: int):
         self.q, self.index = q, index
@@ -407,41 +409,60 @@ class OpenAIApi:
                            "usage": _usage(results, call.n)}, headers=headers)
 
     def _events(self, call: Call, reqs, q: queue.SimpleQueue, meta: dict, alive: dict) -> Iterator[bytes]:
+        """A streamed call's chunks. With logprobs, each chunk carries the entries of the
+        tokens it brings (text held back for a stop sequence: on the next chunk), the
+        finishing chunk the rest (the EOS that ended the row); with echo, the first
+        chunk of a row is its prompt, with the prompt's logprobs."""
         obj = "chat.completion.chunk" if call.chat else "text_completion"
-
         tok, n_lp, echo = self.rt.tokenizer, call.sampling.get("logprobs"), call.sampling.get("echo", False)
+        sent = [0] * len(reqs)                # output entries streamed per row
+        offset = [0] * len(reqs)              # completions: the text offset the row's next entry has
+
+        def logprobs(i: int, entries: list):
+            if n_lp is None:
+                return None
+            sent[i] += len(entries)
+            if call.chat:
+                return chat_entries(tok, entries)
+            lp, offset[i] = completion_entries(tok, output_entries(entries), offset[i])
+            return lp
 
         def chunk(i: int, text: str | None, finish: str | None = None, role: bool = False, spans=None,
-                  done=None) -> bytes:
-            """A choice's delta; its finishing chunk carries all its logprobs (where asked)."""
+                  lp=None) -> bytes:
             if call.chat:
                 delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
-                choice = {"index": i, "delta": delta, "finish_reason": finish, **(spans or {}),
-                          "logprobs": chat_logprobs(tok, done, n_lp) if done is not None else None}
+                choice = {"index": i, "delta": delta, "finish_reason": finish, **(spans or {}), "logprobs": lp}
             else:
-                lp = completion_logprobs(tok, done, reqs[i], n_lp, echo) if done is not None else None
                 choice = {"index": i, "text": text or "", "finish_reason": finish, "logprobs": lp, **(spans or {})}
             return _sse({**meta, "object": obj, "choices": [choice]})
 
-        roled: set[int] = set()
+        started: set[int] = set()
 
-        def role(i: int) -> Iterator[bytes]:
-            """Chat: the assistant-role chunk goes out with a row's first token (as vLLM's
-            server sends it), so a client that times the first chunk measures prefill."""
-            if call.chat and i not in roled:
-                roled.add(i)
+        def first(i: int) -> Iterator[bytes]:
+            """A row's first chunk goes out with its first token (as vLLM's server sends it),
+            so a client that times the first chunk measures prefill: chat, the
+            assistant-role chunk; completions with echo, the prompt (and its logprobs)."""
+            if i in started:
+                return
+            started.add(i)
+            if call.chat:
                 yield chunk(i, None, role=True)
+            elif echo:
+                r, lp = reqs[i], None
+                if n_lp is not None:
+                    plps = r.prompt_logprobs if r.prompt_logprobs is not None else \
+                        getattr(r.result, "prompt_logprobs", None)
+                    lp, offset[i] = completion_entries(tok, list(zip(r.prompt_ids, plps or [None] * len(r.prompt_ids))))
+                yield chunk(i, r.prompt, lp=lp)
 
         try:
-            if echo:
-                for i, r in enumerate(reqs):
-                    yield chunk(i, r.prompt)
             open_rows = len(reqs)
             while open_rows:
-                i, delta = q.get()
-                if delta is not None:
-                    yield from role(i)
-                    yield chunk(i, delta)
+                i, item = q.get()
+                if item is not None:
+                    delta, entries = item
+                    yield from first(i)
+                    yield chunk(i, delta, lp=logprobs(i, entries))
                     continue
                 open_rows -= 1
                 r = reqs[i]
@@ -451,9 +472,9 @@ class OpenAIApi:
                     yield _sse(error_reply(e).body)
                     yield b"data: [DONE]\n\n"
                     return
-                yield from role(i)
+                yield from first(i)
                 yield chunk(i, None, FINISH.get(c.finish_reason, "stop"), spans=_spans(c, r.generation, meta["generation"]),
-                            done=c)
+                            lp=logprobs(i, (c.logprobs or [])[sent[i]:]))
             if call.include_usage:
                 yield _sse({**meta, "object": obj, "choices": [], "usage": _usage([r.result for r in reqs], call.n)})
             yield b"data: [DONE]\n\n"
@@ -475,22 +496,29 @@ def _token_str(tok, i: int) -> str:
     return tok.decode([i])
 
 
-def _output_logprobs(c) -> list:
-    """The reply's tokens' logprobs (the EOS or stop token that ended it included, as vLLM
-    counts it)."""
-    return list(c.logprobs or [])
-
-
 def completion_logprobs(tok, c, req, n: int | None, echo: bool) -> dict | None:
     """OpenAI's completions logprobs: tokens, token_logprobs, top_logprobs (the top-N and
     the chosen token, as vLLM gives them) and text_offset; with echo, the prompt's tokens
     first (the first has none)."""
     if n is None:
         return None
-    entries = (list(zip(req.prompt_ids, c.prompt_logprobs or [None] * len(req.prompt_ids))) if echo else []) + \
-        [(e.token, e) for e in _output_logprobs(c)]
+    return completion_entries(tok, (prompt_entries(c, req) if echo else []) + output_entries(c.logprobs))[0]
+
+
+def prompt_entries(c, req) -> list:
+    return list(zip(req.prompt_ids, c.prompt_logprobs or [None] * len(req.prompt_ids)))
+
+
+def output_entries(logprobs) -> list:
+    """(token, entry) for a reply's tokens (the EOS or stop token that ended it included,
+    as vLLM counts it)."""
+    return [(e.token, e) for e in logprobs or []]
+
+
+def completion_entries(tok, entries: list, at: int = 0) -> tuple[dict, int]:
+    """Completions logprobs for (token, entry or None) pairs whose text starts at offset
+    `at`; and the offset after them (a stream's next chunk goes on from there)."""
     out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-    at = 0
     for token, e in entries:
         s = _token_str(tok, token)
         out["tokens"].append(s)
@@ -503,20 +531,23 @@ def completion_logprobs(tok, c, req, n: int | None, echo: bool) -> dict | None:
         top = {_token_str(tok, t): lp for t, lp in e.top}
         top.setdefault(s, e.logprob)
         out["top_logprobs"].append(top)
-    return out
+    return out, at
 
 
 def chat_logprobs(tok, c, n: int | None) -> dict | None:
     """OpenAI's chat logprobs: {"content": [{token, logprob, bytes, top_logprobs: [...]}]}."""
     if n is None:
         return None
+    return chat_entries(tok, c.logprobs)
 
+
+def chat_entries(tok, logprobs) -> dict:
     def one(t: int, lp: float) -> dict:
         s = _token_str(tok, t)
         return {"token": s, "logprob": lp, "bytes": list(s.encode("utf-8", "surrogatepass"))}
 
     return {"content": [dict(one(e.token, e.logprob), top_logprobs=[one(t, lp) for t, lp in e.top])
-                        for e in _output_logprobs(c)]}
+                        for e in logprobs or []]}
 
 
 def _usage(results, n: int) -> dict:

@@ -139,8 +139,8 @@ class Scheduler(InProcess):
         for r in live:
             r.admit(target.id)
 
-        def on_text(i: int, delta: str) -> None:
-            live[i].deliver(delta)
+        def on_text(i: int, delta: str, logprobs: list, prompt_logprobs) -> None:
+            live[i].deliver(delta, logprobs, prompt_logprobs)
 
         self._on_step(len(live))
         try:

@@ -46,7 +46,7 @@ def test_stop_sequence_trims_and_streams_consistently(tokenizer):
     stop = full[2:4]
     streamed = []
     out = generate(model, tokenizer, ["hello"], SamplingParams(max_new_tokens=12, stop=(stop,)),
-                   on_text=lambda i, d: streamed.append(d))[0]
+                   on_text=lambda i, d, lp, plp: streamed.append(d))[0]
     assert out.finish_reason == "stop"
     assert out.text == full[:full.find(stop)]
     assert "".join(streamed) == out.text

@@ -435,6 +435,37 @@ def test_logprobs_and_echo_equal_a_direct_forward_pass(served):
         assert bytes(e.bytes).decode() == e.token
 
 
+def test_streamed_logprobs_arrive_with_their_tokens(served):
+    """Streamed with logprobs, each chunk carries the entries of the tokens it brings, in
+    order, and all the chunks together equal the unstreamed reply's logprobs (the EOS on
+    the finishing chunk); with echo, the row's first chunk is the prompt with its
+    logprobs; a stop sequence's held-back text keeps its tokens' entries for later."""
+    s, _, client = served
+    kw = dict(model="target", prompt=PROMPT, max_tokens=8, temperature=0, logprobs=2,
+              extra_body={"ignore_eos": True})         # 8 tokens: more than a stop sequence holds back
+    for extra in ({}, {"echo": True}, {"stop": ["zzzz"]}):
+        whole = client.completions.create(**kw, **extra).choices[0]
+        chunks = [c.choices[0] for c in client.completions.create(**kw, **extra, stream=True)]
+        lps = [c.logprobs for c in chunks if c.logprobs is not None]
+        assert "".join(c.text for c in chunks) == whole.text, extra
+        assert sum((x.tokens for x in lps), []) == whole.logprobs.tokens, extra
+        assert sum((x.token_logprobs for x in lps), []) == pytest.approx(whole.logprobs.token_logprobs,
+                                                                         abs=1e-6, nan_ok=True), extra
+        assert sum((x.text_offset for x in lps), []) == whole.logprobs.text_offset, extra
+        assert sum((x.top_logprobs for x in lps), []) == whole.logprobs.top_logprobs, extra
+        streamed_text = [c for c in chunks if c.text]
+        assert len(streamed_text) > 1 and all(c.logprobs.tokens for c in streamed_text[1:]), extra
+        if extra.get("echo"):
+            assert chunks[0].text == PROMPT and chunks[0].logprobs.token_logprobs[0] is None
+    msgs = [{"role": "user", "content": PROMPT}]
+    ck = dict(model="target", messages=msgs, max_tokens=8, temperature=0, logprobs=True, top_logprobs=2)
+    whole = client.chat.completions.create(**ck).choices[0].logprobs.content
+    chunks = [c.choices[0] for c in client.chat.completions.create(**ck, stream=True) if c.choices]
+    streamed = sum((c.logprobs.content for c in chunks if c.logprobs is not None), [])
+    assert [e.model_dump() for e in streamed] == [e.model_dump() for e in whole]
+    assert all(c.logprobs.content for c in chunks if c.delta.content)
+
+
 def _id(rt, token: str) -> int:
     return rt.tokenizer.convert_tokens_to_ids(token)
 

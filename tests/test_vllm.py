@@ -528,3 +528,13 @@ def test_logprobs_echo_and_sampling_extras_equal_transformers(served):
     only = client.completions.create(model=rt.cfg.model_name, prompt="add:5+7=", max_tokens=0, echo=True, logprobs=1)
     assert only.choices[0].text == "add:5+7=" and only.choices[0].logprobs.token_logprobs[0] is None
     assert len(only.choices[0].logprobs.tokens) == len(ids)
+    # streamed, with echo: the chunks' logprobs together equal the unstreamed reply's
+    kw = dict(model=rt.cfg.model_name, prompt="add:12+30=", max_tokens=8, temperature=0, logprobs=2, echo=True,
+              extra_body={"ignore_eos": True})
+    whole = client.completions.create(**kw).choices[0].logprobs
+    chunks = [c.choices[0] for c in client.completions.create(**kw, stream=True)]
+    lps = [c.logprobs for c in chunks if c.logprobs is not None]
+    assert chunks[0].text == "add:12+30=" and len([c for c in chunks if c.text]) > 2
+    assert sum((x.tokens for x in lps), []) == whole.tokens
+    assert sum((x.text_offset for x in lps), []) == whole.text_offset
+    assert sum((x.token_logprobs for x in lps), []) == pytest.approx(whole.token_logprobs, abs=1e-5, nan_ok=True)

@@ -75,6 +75,7 @@ class _Row:
     ids: list[int] = field(default_factory=list)
     text: str = ""
     sent: int = 0                     # characters already streamed
+    lp_sent: int = 0                  # logprob entries already streamed
     done: str | None = None
     prompt: tuple[int, ...] = ()      # for the repetition penalty
     counts: dict[int, int] = field(default_factory=dict)    # output token -> occurrences
@@ -223,6 +224,14 @@ def _streamable(row: _Row) -> str:
     return delta
 
 
+def _new_logprobs(row: _Row) -> list[TokenLogprob]:
+    """The row's logprob entries not yet streamed (none where it asked for none)."""
+    if not row.logprobs or row.lp_sent == len(row.logprobs):
+        return []
+    new, row.lp_sent = row.logprobs[row.lp_sent:], len(row.logprobs)
+    return new
+
+
 def cache_argument(model: nn.Module) -> str:
     """The KV-cache keyword: `cache` in transformers >= 5.2x, `past_key_values` before."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
@@ -241,11 +250,13 @@ def generate(
     tokenizer,
     prompts: list[str],
     params: SamplingParams | list[SamplingParams],
-    on_text: Callable[[int, str], None] | None = None,
+    on_text: Callable[[int, str, list[TokenLogprob], list | None], None] | None = None,
     cancelled: Callable[[int], bool] | None = None,
     prompt_ids: list[list[int]] | None = None,
 ) -> list[Completion]:
-    """Decode a batch. `on_text(row, delta)` streams text as it becomes final;
+    """Decode a batch. `on_text(row, delta, logprobs, prompt_logprobs)` streams text as it
+    becomes final (with the logprob entries of the tokens since the last call and the
+    prompt's, where the row asks for them);
     `cancelled(row)` lets a caller drop a row (its client went away)."""
     n = len(prompts)
     plist = params if isinstance(params, list) else [params] * n
@@ -286,7 +297,7 @@ def generate(
             if on_text is not None:
                 delta = _streamable(r)
                 if delta or r.done:
-                    on_text(i, delta)
+                    on_text(i, delta, _new_logprobs(r), r.prompt_logprobs)
         step_ids = torch.tensor(nxt, dtype=torch.long)[:, None]
         mask = torch.cat([mask, torch.ones(n, 1, dtype=torch.long)], dim=1)
         positions = positions[:, -1:] + 1
@@ -319,10 +330,13 @@ def greedy(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size
 
 @dataclass
 class Event:
-    """What one row did in one call: new streamable text, and its completion if it ended."""
+    """What one row did in one call: new streamable text (with the logprob entries of its
+    tokens since the last event, where the row asks for them), and its completion if it ended."""
     key: object
     delta: str
     completion: Completion | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list | None = None
 
 
 def _layers(cache) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
@@ -379,7 +393,8 @@ class DecodeBatch:
     def _emit(self, i: int, r: _Row, tok: int) -> Event:
         _check_stop(r, self._eos, tok, self.tokenizer)
         delta = _streamable(r)
-        return Event(self.keys[i] if i < len(self.keys) else None, delta, r.completion() if r.done else None)
+        return Event(self.keys[i] if i < len(self.keys) else None, delta, r.completion() if r.done else None,
+                     _new_logprobs(r), r.prompt_logprobs)
 
     def _sample_rows(self, logits: torch.Tensor, rows: list[_Row]) -> list[int]:
         return _pick_rows(logits, rows, self._eos)
@@ -415,7 +430,7 @@ class DecodeBatch:
                 continue
             _check_stop(r, self._eos, tok, self.tokenizer)
             delta = _streamable(r)
-            events.append(Event(key, delta, r.completion() if r.done else None))
+            events.append(Event(key, delta, r.completion() if r.done else None, _new_logprobs(r), r.prompt_logprobs))
             if not r.done:
                 keep.append(j)
         if keep:

@@ -31,7 +31,7 @@ class Request:
     params: SamplingParams
     deadline: float | None = None                   # time.monotonic() value
     alive: Callable[[], bool] = lambda: True
-    stream: object | None = None                    # .put(text delta), then .put(None)
+    stream: object | None = None                    # .put(text delta), then .put(None); see deliver
     pinned: object | None = None                    # generations.Live to run on; None: the live one
     group: "Group | None" = None                    # the call's other choices: one generation for all
     enqueued: float = field(default_factory=time.monotonic)
@@ -42,6 +42,8 @@ class Request:
     error: BaseException | None = None
     done: threading.Event = field(default_factory=threading.Event)
     admitted: threading.Event = field(default_factory=threading.Event)
+    prompt_logprobs: list | None = None             # known once prefilled, where asked for (echo)
+    _logprobs: list = field(default_factory=list)   # entries not yet streamed (their text was held)
 
     def cancelled(self) -> bool:
         return not self.alive() or (self.deadline is not None and time.monotonic() > self.deadline)
@@ -55,11 +57,25 @@ class Request:
             raise TimeoutError("the deadline passed or the call was cancelled during generation")
         return self.result
 
-    def deliver(self, delta: str) -> None:
+    def deliver(self, delta: str, logprobs: list | None = None, prompt_logprobs: list | None = None) -> None:
+        """New final text, with the logprob entries of the tokens sampled since the last
+        call (and the prompt's, once known). A stream gets each non-empty delta; one that
+        says `with_logprobs` gets (delta, entries) instead, the entries of tokens whose
+        text was held back included."""
         if self.first_token is None:
             self.first_token = time.monotonic()
-        if self.stream is not None and delta:
-            self.stream.put(delta)
+        if prompt_logprobs is not None:
+            self.prompt_logprobs = prompt_logprobs
+        if self.stream is None:
+            return
+        if logprobs:
+            self._logprobs.extend(logprobs)
+        if delta:
+            if getattr(self.stream, "with_logprobs", False):
+                entries, self._logprobs = self._logprobs, []
+                self.stream.put((delta, entries))
+            else:
+                self.stream.put(delta)
 
     def admit(self, generation: int) -> None:
         self.started, self.generation = time.monotonic(), generation

@@ -154,7 +154,7 @@ class ContinuousEngine(InProcess):
             if r.done.is_set():
                 continue
             try:
-                r.deliver(e.delta)
+                r.deliver(e.delta, e.logprobs, e.prompt_logprobs)
             except Exception as err:          # noqa: BLE001 - a client's stream broke: this row only
                 r.fail(err)
                 self._done(r)

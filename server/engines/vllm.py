@@ -386,9 +386,10 @@ class VllmEngine:
                     break
                 text.append(o.text)
                 ids.extend(o.token_ids)
-                if p.logprobs is not None:
-                    lps += [_logprob(t, d, p.logprobs) for t, d in zip(o.token_ids, o.logprobs or [])]
-                req.deliver(o.text)
+                new = [_logprob(t, d, p.logprobs) for t, d in zip(o.token_ids, o.logprobs or [])] \
+                    if p.logprobs is not None else []
+                lps += new
+                req.deliver(o.text, new, plps)
                 last = o
                 if req.cancelled():
                     await self.engine.abort(rid)
