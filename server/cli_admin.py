@@ -5,6 +5,7 @@ import argparse
 import json
 import sys
 import time
+import uuid
 from pathlib import Path
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
@@ -64,6 +65,8 @@ def register(sub) -> None:
             q.add_argument("--eval", default="", help="tasks to measure before/after, comma separated")
             q.add_argument("--n", type=int, default=0, help="examples per quality measurement (default: the server's)")
         q.add_argument("--reason", default="", help="free text recorded with the generation")
+        if name == "transplant":
+            _key_flag(q)
         q.add_argument("--cast", action="store_true",
                        help="convert donor values stored in another dtype to the live model's (the rounding error "
                             "is reported and journaled); without it such modules are refused")
@@ -79,6 +82,7 @@ def register(sub) -> None:
     q.add_argument("--to", type=int, help="generation id to make live again (default: the live one's parent)")
     q.add_argument("--reason", default="", help="free text recorded with the generation")
     q.add_argument("--eval", default="", help="tasks to measure before/after, comma separated")
+    _key_flag(q)
     action("history", "every generation", _history)
     q = action("eval", "task accuracy on the live generation", _eval)
     q.add_argument("--task", required=True, help="zoo:NAME or a JSONL file in a task root")
@@ -117,6 +121,38 @@ class Client:
     def __getattr__(self, name):
         method = getattr(self.stub, name)
         return lambda req: method(req, metadata=self.md, timeout=self.timeout)
+
+
+PENDING, UNKNOWN = 3, 4          # exit codes: appended but not live here; the outcome is not known
+
+
+def _key_flag(q) -> None:
+    q.add_argument("--idempotency-key", default="", metavar="KEY",
+                   help="a key for this change (default: a new one per run, printed if the outcome is unknown); "
+                        "the same command again with the same key returns the first outcome, never a second "
+                        "generation")
+
+
+def _send_keyed(args, call, req) -> int:
+    """Send a transplant or revert with an idempotency key; an outcome the server could not
+    learn (exit 4) says which key resolves it."""
+    import grpc
+
+    req.idempotency_key = args.idempotency_key or f"cli-{uuid.uuid4().hex}"
+    try:
+        reply = call(req)
+    except grpc.RpcError as e:
+        if e.code() != grpc.StatusCode.UNKNOWN:
+            raise
+        print(f"error: outcome unknown: {e.details()}\n  to learn it, run the same command again with "
+              f"--idempotency-key {req.idempotency_key}", file=sys.stderr)
+        return UNKNOWN
+    d = _doc(reply)
+    if args.json:
+        sys.stdout.write(json.dumps(d, indent=2) + "\n")
+    else:
+        _swap_human(d)
+    return 0 if (d.get("rollout") or {}).get("live_here", True) else PENDING
 
 
 def _doc(msg) -> dict:
@@ -249,7 +285,7 @@ def _quality_lines(d) -> None:
 
 
 def _swap_human(d) -> None:
-    g = d["generation"]
+    g, r = d["generation"], d.get("rollout") or {}
     if g["kind"] == "revert":
         what = f"revert to generation {g.get('reverted_to', '?')}"
     else:
@@ -257,8 +293,17 @@ def _swap_human(d) -> None:
     ranks = g.get("ranks") or {}
     lowrank = f", low-rank (ranks {', '.join(f'{m} {r}' for m, r in sorted(ranks.items()))}; " \
               f"{g.get('stored_bytes', 0)} bytes stored)" if ranks else ""
-    print(f"generation {g['id']} ({what}) is live (parent {g.get('parent')}, "
-          f"{len(g['modules'])} modules{lowrank}, swap {float(d['swap_seconds']) * 1e3:.1f} ms)")
+    again = "(replayed: this key's earlier call made it) " if d.get("replayed") else ""
+    fleet = r.get("phase", "") != "" or int(r.get("replicas") or 1) > 1
+    where = f"live on {len(r.get('serving', []))} of {r.get('replicas')} replicas" if fleet else ""
+    if r and not r.get("live_here"):
+        print(f"{again}generation {g['id']} ({what}) is NOT live on this server: {r.get('progress') or 'pending'}"
+              + (f"; {where} ({', '.join(r['serving']) or 'none'})" if fleet else "")
+              + (f"; rollout phase {r['phase']}" if r.get("phase") not in ("", "none") else ""))
+        return
+    print(f"{again}generation {g['id']} ({what}) is live (parent {g.get('parent')}, "
+          f"{len(g['modules'])} modules{lowrank}, swap {float(d['swap_seconds']) * 1e3:.1f} ms)"
+          + (f"; {where}" + (f": {r['progress']}" if r.get("progress") else "") if fleet else ""))
     chose = json.loads(g.get("selection_json") or "{}").get("front", {}).get("why")
     if chose:
         print(f"  {chose}")
@@ -266,7 +311,7 @@ def _swap_human(d) -> None:
 
 
 def _transplant(args) -> int:
-    return _out(args, Client(args).Transplant(_treq(args)), _swap_human)
+    return _send_keyed(args, Client(args).Transplant, _treq(args))
 
 
 def _revert(args) -> int:
@@ -275,7 +320,7 @@ def _revert(args) -> int:
     req = A.RevertRequest(reason=args.reason, eval_tasks=[t for t in args.eval.split(",") if t])
     if args.to is not None:
         req.to_generation = args.to
-    return _out(args, Client(args).Revert(req), _swap_human)
+    return _send_keyed(args, Client(args).Revert, req)
 
 
 def _history_lines(d) -> list[str]:

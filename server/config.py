@@ -70,6 +70,8 @@ class FleetSpec(BaseModel):
     replica: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")   # default: host name
     canaries: float = Field(1, ge=0)           # >= 1: that many replicas install first; < 1: a fraction; 0: none
     probe_window_s: float = Field(30.0, ge=0)  # canaries serve this long before the rest install
+    canary_timeout_s: float = Field(180.0, gt=0)    # a canary phase with a canary not serving it by then ...
+    on_canary_timeout: Literal["revert", "repick"] = "revert"   # ... fails (the fleet reverts), or re-picks
     rollout_timeout_s: float = Field(300.0, gt=0)   # longest a Transplant/Revert call waits for this replica
     lease_ttl_s: int = Field(10, ge=2, le=3600)     # a dead replica's report expires after this
     tick_s: float = Field(1.0, gt=0, le=60)         # how often the rollout is looked at without changes

@@ -12,6 +12,7 @@ from transplant_core import errors as E
 from .engines.base import QueueFull
 from .fleet.etcd import Unavailable as FleetUnavailable
 from .fleet.log import Conflict as FleetConflict
+from .fleet.log import OutcomeUnknown
 
 log = logging.getLogger("transplant.server")
 
@@ -39,6 +40,7 @@ STATUS = {
     NotReady: grpc.StatusCode.UNAVAILABLE,
     FleetUnavailable: grpc.StatusCode.UNAVAILABLE,      # etcd unreachable: nothing changed, retry
     FleetConflict: grpc.StatusCode.ABORTED,             # another record won the fleet log's head
+    OutcomeUnknown: grpc.StatusCode.UNKNOWN,            # sent, reply lost: the message names the record
 }
 
 

@@ -91,6 +91,7 @@ class Record:
     ranks: dict[str, int] = field(default_factory=dict)    # low-rank: module -> rank of its factors
     derived: dict[str, dict] = field(default_factory=dict)  # low-rank: weight digest -> recipe (see above)
     stored_bytes: int = 0         # bytes this generation added to describe its change (factors, values)
+    idempotency: dict = field(default_factory=dict)   # {"key", "request"}: the call that made it, if it gave a key
 
     def to_journal(self) -> dict:
         return {"type": "generation", **{k: v for k, v in self.__dict__.items() if k != "quality"}}
@@ -402,7 +403,7 @@ class Generations:
 
     def commit(self, c: "Candidate", kind: str, requested_by: str = "", reason: str = "",
                selection: dict | None = None, reverted_to: int | None = None, record: Record | None = None,
-               skipped: tuple[Record, ...] = ()) -> Record:
+               skipped: tuple[Record, ...] = (), idempotency: dict | None = None) -> Record:
         """Make a prepared candidate the live generation (write-ahead, then swap). A fleet
         replica passes the `record` from the fleet log (its id, its weights: checked
         against the candidate) and the records it never made live (`skipped`)."""
@@ -438,7 +439,8 @@ class Generations:
                 rec = Record(gen, c.parent, kind, p.donor, [str(r) for r in p.refs], p.alpha, selection or {},
                              digests, state, requested_by=requested_by, reason=reason, created=time.time(),
                              reverted_to=reverted_to, bytes=p.nbytes, ranks=p.ranks, derived=derived,
-                             stored_bytes=0 if reverted_to is not None else p.stored_bytes)
+                             stored_bytes=0 if reverted_to is not None else p.stored_bytes,
+                             idempotency=idempotency or {})
             if state and record is None:    # every object the record names is durable, even one an
                 fsync_dir(self.object_dir)  # earlier failed commit renamed in
             self._crash("after_tensors")
@@ -507,7 +509,7 @@ class Generations:
                       bytes=sum(self.table[r].nbytes for r in refs), **fields)
 
     def stage(self, c: "Candidate", kind: str, requested_by: str = "", reason: str = "",
-              selection: dict | None = None) -> Record:
+              selection: dict | None = None, idempotency: dict | None = None) -> Record:
         """The record committing candidate `c` would write, its tensors already durable in
         the store, without committing it (a fleet appends it to its log first)."""
         with self.lock:
@@ -518,7 +520,7 @@ class Generations:
             return Record(c.parent + 1, c.parent, kind, c.plan.donor, [str(r) for r in c.plan.refs], c.plan.alpha,
                           selection or {}, digests, state, requested_by=requested_by, reason=reason,
                           created=time.time(), bytes=c.plan.nbytes, ranks=c.plan.ranks, derived=derived,
-                          stored_bytes=c.plan.stored_bytes)
+                          stored_bytes=c.plan.stored_bytes, idempotency=idempotency or {})
 
     def _next_state(self, c: "Candidate", digests: dict[str, str]) -> dict[str, str]:
         base_sums = self.records[0].checksums

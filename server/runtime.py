@@ -25,6 +25,7 @@ from .config import ServeConfig
 from .donors import Donor, DonorRegistry
 from .engines import Request, make_engine
 from .errors import NotReady
+from .control import outcome
 from .generations import Generations, Record, claim
 from .metrics import Metrics, QualityMetrics
 from .quality import QualityMonitor
@@ -54,6 +55,7 @@ class TransplantArgs:
     param_budget: int = 0         # > 0: a low-rank transplant, factor parameters shared across modules
     retention_floor: float = 0.0  # > 0: K = the largest Recovery (up to k) whose retention stays >= this
     retain: list[str] = field(default_factory=list)   # the tasks retention is measured on (default: probes)
+    idempotency_key: str = ""     # the same call sent again with it returns the first outcome
 
 
 @dataclass
@@ -75,6 +77,8 @@ class SwapResult:
     before: list[dict]
     after: list[dict]
     seconds: float
+    rollout: dict | None = None       # where the generation stands (control.outcome), filled in on return
+    replayed: bool = False            # an idempotency key named an earlier call: its generation
 
 
 def _check_text(text: str, what: str, field: str) -> None:
@@ -513,7 +517,13 @@ class Runtime:
         if a.selector == "all":
             raise InvalidArgument("selector 'all' compares selectors in a dry run (PlanTransplant, `transplant admin "
                                   "plan --selector all`); give the selector to transplant with")
+        key = outcome.check_key(a.idempotency_key)
+        digest = outcome.request_digest("transplant", a)
+        if key and (done := self._keyed(key, digest)) is not None:   # (a fleet waits for it: not under the lock)
+            return done
         with self.gens.lock:
+            if key and (done := self._keyed(key, digest, wait=False)) is not None:
+                return done
             pr = self.plan(a)
             tasks = list(dict.fromkeys(([a.task] if a.task else []) + list(a.eval_tasks)))
             k = next((p.k for p in pr.front if p.chosen), a.k)     # a retention floor chose K
@@ -531,29 +541,64 @@ class Runtime:
             if a.task:
                 selection["selected_on"] = ("probe split" if a.task.startswith("zoo:") else
                                             "even-numbered examples (evaluated on the odd ones)")
+            idem = outcome.stamp(key, digest)
             if self.fleet is None:
-                return self._swap(pr.plan, "transplant", tasks, a.eval_examples, requested_by, a.reason, selection,
-                                  held_out=a.task)
+                return self._where(self._swap(pr.plan, "transplant", tasks, a.eval_examples, requested_by, a.reason,
+                                              selection, held_out=a.task, idempotency=idem))
             rec, before, seconds = self._append(pr.plan, tasks, a.eval_examples, requested_by, a.reason, selection,
-                                                held_out=a.task)
+                                                held_out=a.task, idempotency=idem)
         return self._await(rec, before, tasks, a.eval_examples, seconds, held_out=a.task)
 
     def revert(self, to: int | None, reason: str = "", requested_by: str = "", eval_tasks=(), eval_examples: int = 0,
-               why: str = "manual", extra: dict | None = None) -> SwapResult:
+               why: str = "manual", extra: dict | None = None, idempotency_key: str = "") -> SwapResult:
+        key = outcome.check_key(idempotency_key)
+        digest = outcome.request_digest("revert", {"to": to, "reason": reason, "eval_tasks": list(eval_tasks),
+                                                   "eval_examples": eval_examples})
+        idem = outcome.stamp(key, digest)
+        if key and (done := self._keyed(key, digest)) is not None:
+            return done
         if self.fleet is not None:
             live = self.gens.live
             before = [self.evaluate_on(live.model, live.id, t, eval_examples) for t in eval_tasks]
-            rec = self.fleet.revert(to, why, requested_by, reason, extra)
+            rec = self.fleet.revert(to, why, requested_by, reason, extra, idempotency=idem)
             return self._await(rec, before, list(eval_tasks), eval_examples, 0.0)
         with self.gens.lock:
+            if key and (done := self._keyed(key, digest, wait=False)) is not None:
+                return done
             p, target = self.gens.revert_plan(to)
-            return self._swap(p, "revert", list(eval_tasks), eval_examples, requested_by, reason,
-                              {"method": "revert", "why": why, **(extra or {})}, reverted_to=target)
+            return self._where(self._swap(p, "revert", list(eval_tasks), eval_examples, requested_by, reason,
+                                          {"method": "revert", "why": why, **(extra or {})}, reverted_to=target,
+                                          idempotency=idem))
+
+    # ---- outcomes: idempotency keys and where a generation stands --------------------------------
+
+    def _keyed(self, key: str, digest: str, wait: bool = True) -> SwapResult | None:
+        """The outcome of the earlier call that gave `key` (the generation it made, where it
+        stands now), or None if no generation carries it. In a fleet the log is read fresh
+        (a call whose outcome was unknown may have landed meanwhile) and, with `wait`, the
+        generation is waited for as a new call's would be."""
+        if self.fleet is None:
+            rec = outcome.find(self.gens.records.values(), key, digest)
+            return None if rec is None else self._where(SwapResult(rec, [], [], 0.0, replayed=True))
+        self.fleet.refresh()
+        doc = outcome.find(self.fleet.records.values(), key, digest)
+        if doc is None:
+            return None
+        gen = int(doc["id"])
+        if wait:
+            self.fleet.wait_installed(gen, self.cfg.fleet.rollout_timeout_s)
+        rec = self.gens.records.get(gen) or self.fleet.record(gen)
+        return self._where(SwapResult(rec, [], [], 0.0, replayed=True))
+
+    def _where(self, res: SwapResult) -> SwapResult:
+        res.rollout = (outcome.standalone(res.record, self.gens.live.id, self.cfg.model_name) if self.fleet is None
+                       else self.fleet.rollout_of(res.record.id))
+        return res
 
     # ---- fleet: append to the fleet log, install what it says -----------------------------------
 
     def _append(self, p: tp.Plan, tasks: list[str], n: int, requested_by: str, reason: str, selection: dict,
-                held_out: str = "") -> tuple[Record, list[dict], float]:
+                held_out: str = "", idempotency: dict | None = None) -> tuple[Record, list[dict], float]:
         """A transplant on a fleet replica: prepared, shadow-measured and judged here exactly
         as on a single server, its tensors written to the shared store, then appended to the
         fleet log (on this replica's live generation, which must be the fleet's head). Every
@@ -563,7 +608,7 @@ class Runtime:
         t0 = time.perf_counter()
         cand = self.gens.prepare(p)
         verdict, shadow = self._judge(cand, parent, "transplant", p, requested_by, fleet=True)   # any guard mode
-        rec = self.gens.stage(cand, "transplant", requested_by, reason, selection)
+        rec = self.gens.stage(cand, "transplant", requested_by, reason, selection, idempotency)
         seconds = time.perf_counter() - t0
         # installing it here needs no second build (if it is this record that wins the head)
         self._prepared = {rec.id: (cand, verdict, shadow, dict(rec.state))}
@@ -595,7 +640,7 @@ class Runtime:
         else:
             log.warning("generation %d is in fleet %s's log but not live here after %.0f s: %s", rec.id,
                         self.cfg.fleet.name, self.cfg.fleet.rollout_timeout_s, why)
-        return SwapResult(rec, before, after, seconds)
+        return self._where(SwapResult(rec, before, after, seconds))
 
     def install_record(self, rec: Record, skipped: tuple[Record, ...] = ()) -> SwapResult | None:
         """Make a record of the fleet log live here, through the same path as every swap:
@@ -621,7 +666,8 @@ class Runtime:
 
     def _swap(self, p: tp.Plan, kind: str, tasks: list[str], n: int, requested_by: str, reason: str,
               selection: dict, reverted_to: int | None = None, held_out: str = "", record: Record | None = None,
-              skipped: tuple[Record, ...] = (), prepared: tuple | None = None) -> SwapResult:
+              skipped: tuple[Record, ...] = (), prepared: tuple | None = None,
+              idempotency: dict | None = None) -> SwapResult:
         """Prepare off to the side, shadow-measure the probes, let the guard judge,
         commit (write-ahead, swap), then measure again on the live generation. The task
         `held_out` (the one modules were selected on) is measured on its held-out part.
@@ -644,7 +690,8 @@ class Runtime:
         t0 = time.perf_counter()
         try:
             rec = self.scheduler.install(parent.model, cand, lambda: self.gens.commit(
-                cand, kind, requested_by, reason, selection, reverted_to, record=record, skipped=skipped))
+                cand, kind, requested_by, reason, selection, reverted_to, record=record, skipped=skipped,
+                idempotency=idempotency))
         except Exception:
             self.metrics.swaps.labels(kind, "error", why).inc()
             raise

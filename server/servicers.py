@@ -69,7 +69,15 @@ def _generation(rec: Record, live: int) -> A.Generation:
                         checksums=rec.checksums, quality=[_quality(q) for q in rec.quality],
                         requested_by=rec.requested_by, reason=rec.reason, created_unix=rec.created,
                         reverted_to=rec.reverted_to, bytes=rec.bytes, live=rec.id == live, ranks=rec.ranks,
-                        stored_bytes=rec.stored_bytes)
+                        stored_bytes=rec.stored_bytes, idempotency_key=(rec.idempotency or {}).get("key", ""))
+
+
+def _rollout(r: dict | None) -> A.Rollout | None:
+    if r is None:
+        return None
+    return A.Rollout(generation=r["generation"], kind=r["kind"], phase=r["phase"], canaries=r["canaries"],
+                     serving=r["serving"], progress=r["progress"], live_here=r.get("live_here", False),
+                     replicas=r.get("replicas", 0))
 
 
 def _donor(d) -> A.Donor:
@@ -83,7 +91,8 @@ def _args(req) -> TransplantArgs:
     return TransplantArgs(req.donor, list(req.modules), req.task, req.k,
                           req.alpha if req.HasField("alpha") else 1.0, req.probe_prompts, req.max_new_tokens,
                           req.alignment, list(req.eval_tasks), req.eval_examples, req.reason, req.selector,
-                          req.cast, req.rank, req.param_budget, req.retention_floor, list(req.retain))
+                          req.cast, req.rank, req.param_budget, req.retention_floor, list(req.retain),
+                          req.idempotency_key)
 
 
 def _ranks(p) -> list:
@@ -139,7 +148,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
     def _swap_reply(self, res) -> A.TransplantResponse:
         return A.TransplantResponse(generation=_generation(res.record, self.rt.gens.live.id),
                                     before=[_quality(q) for q in res.before], after=[_quality(q) for q in res.after],
-                                    swap_seconds=res.seconds)
+                                    swap_seconds=res.seconds, rollout=_rollout(res.rollout), replayed=res.replayed)
 
     @rpc
     def Transplant(self, request, context):
@@ -149,7 +158,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
     def Revert(self, request, context):
         to = request.to_generation if request.HasField("to_generation") else None
         return self._swap_reply(self.rt.revert(to, request.reason, _who(context), list(request.eval_tasks),
-                                               request.eval_examples))
+                                               request.eval_examples, idempotency_key=request.idempotency_key))
 
     @rpc
     def ListGenerations(self, request, context):
@@ -171,9 +180,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         return A.Fleet(enabled=True, name=v["name"], etcd=v["etcd"], replica=v["replica"],
                        etcd_reachable=v["reachable"], etcd_error=v["etcd_error"], head=max(v["head"], 0),
                        replicas=reps, fatal=v["fatal"],
-                       rollout=A.Rollout(generation=r["generation"], kind=r["kind"], phase=r["phase"],
-                                         canaries=r["canaries"], serving=r["serving"], progress=r["progress"])
-                       if r else None)
+                       rollout=_rollout(r))
 
     @rpc
     def Evaluate(self, request, context):

@@ -111,6 +111,47 @@ def test_transplant_revert_round_trip(server):
     assert again.generation.id == 3 and live_sums(s) == s.runtime.gens.state_checksums(1)
 
 
+def test_an_idempotency_key_returns_the_first_outcome_and_survives_a_restart(models, tmp_path):
+    """The same Transplant (or Revert) sent again with its key makes no second generation:
+    the reply is the first call's generation, replayed, where it stands now; the key on
+    another request is refused; keys are journaled, so a restart still knows them."""
+    cfg = config(tmp_path, models / "target", [models / "donors"], watch_donor_roots=False)
+    s, c = start_with_other(models, cfg)
+    try:
+        req = A.TransplantRequest(donor="other", modules=["layers.0.mlp.up"], idempotency_key="change-1")
+        first = c.admin("Transplant", req)
+        assert first.generation.id == 1 and not first.replayed and first.rollout.live_here
+        assert first.generation.idempotency_key == "change-1" and list(first.rollout.serving) == ["target"]
+        again = c.admin("Transplant", req)
+        assert again.replayed and again.generation.id == 1 and again.rollout.live_here
+        assert [g.id for g in c.admin("ListGenerations", A.ListGenerationsRequest()).generations] == [0, 1]
+        other = A.TransplantRequest(donor="other", modules=["layers.1.mlp.up"], idempotency_key="change-1")
+        code, details = code_of(lambda: c.admin("Transplant", other))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "generation 1" in details
+        code, details = code_of(lambda: c.admin("Transplant", A.TransplantRequest(
+            donor="other", modules=["layers.1.mlp.up"], idempotency_key="x" * 129)))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "idempotency_key" in details
+        back = c.admin("Revert", A.RevertRequest(idempotency_key="back-1"))
+        assert back.generation.id == 2 and not back.replayed
+        assert c.admin("Revert", A.RevertRequest(idempotency_key="back-1")).generation.id == 2
+        # a replay of a generation that is no longer live says so
+        stale = c.admin("Transplant", req)
+        assert stale.replayed and stale.generation.id == 1 and not stale.rollout.live_here
+        assert "generation 2" in stale.rollout.progress
+    finally:
+        c.close()
+        s.stop(2)
+    s, c = start(cfg), None
+    try:
+        c = Clients(s.grpc_port, s.token)
+        after = c.admin("Revert", A.RevertRequest(idempotency_key="back-1"))
+        assert after.replayed and after.generation.id == 2
+        assert len(c.admin("ListGenerations", A.ListGenerationsRequest()).generations) == 3
+    finally:
+        c.close()
+        s.stop(2)
+
+
 def test_task_k_transplant_reports_quality(server, tmp_path):
     s, c = server
     r = c.admin("Transplant", A.TransplantRequest(donor="other", task="zoo:add", k=3, eval_examples=6))

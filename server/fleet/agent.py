@@ -37,6 +37,7 @@ class FleetAgent:
         self.log = FleetLog(self.etcd, spec.name)
         self.records: dict[int, dict] = {}          # the fleet log as last read
         self.decided: dict[int, dict] = {}          # rollout outcomes
+        self.picks: dict[int, dict] = {}            # canaries re-picked after a deadline
         self.replicas: dict[str, dict] = {}         # reports, as last read
         self.joined = False
         self.reachable = False
@@ -141,6 +142,7 @@ class FleetAgent:
         with self._refresh_lock:
             new, rev = self.log.records(max(self.records) if self.records else -1)
             self.decided = self.log.rollouts()      # (outcomes first: a revert is never seen without its why)
+            self.picks = self.log.picks()
             self.records = {**self.records, **new}  # replaced, never changed in place: readers on
                                                     # other threads see one version or the other
             self.replicas = self.log.replicas()
@@ -150,7 +152,7 @@ class FleetAgent:
     def reconcile(self) -> int:
         rev = self.refresh()
         live = self.rt.gens.live.id
-        t = rollout.target(self.records, live, self.name, self.decided)
+        t = rollout.target(self.records, live, self.name, self.decided, self.picks)
         if t is not None and t not in self._refused and self._retry_at.get(t, 0) <= time.monotonic():
             self._install(t)
         if self.error and self.rt.gens.live.id >= self.error["generation"]:
@@ -183,32 +185,48 @@ class FleetAgent:
         self._report()                               # canaries' outcomes reach the others at once
 
     def _duties(self) -> None:
-        """What any replica may do for the head's rollout: promote it, or fail and revert it."""
+        """What any replica may do for the head's rollout: promote it, fail and revert it,
+        or (past its deadline, as configured) re-pick its canaries."""
         head = max(self.records)
         rec = self.records[head]
         if rollout.phase(rec, self.decided) != "canary":
             return
-        canaries = rec["rollout"]["canaries"]
+        canaries = rollout.canaries_of(rec, self.picks)
         if all((self.replicas.get(n) or {}).get("live") == head for n in canaries):
             self._all_live_since.setdefault(head, time.monotonic())
         else:
             self._all_live_since.pop(head, None)
-        v = rollout.judge(rec, self.replicas, self._all_live_since.get(head), time.monotonic(),
-                          self.spec.probe_window_s)
+        v = self._judge(rec)
         if v.action == "promote":
             if self.log.decide(head, ROLLOUT_PROMOTED, self.name, v.why):
                 log.info("fleet %s: generation %d promoted: %s", self.spec.name, head, v.why)
                 self.decided = {**self.decided, head: {"phase": ROLLOUT_PROMOTED, "why": v.why}}
-        elif v.action == "fail":
+            return
+        if v.action == "timeout" and self.spec.on_canary_timeout == "repick":
+            fresh = [n for n in self.log.fresh() if (self.replicas.get(n) or {}).get("health") == "SERVING"]
+            new = rollout.replace_stuck(canaries, v.waiting_for, fresh, self.spec.canaries)
+            if new is not None:
+                rnd = (self.picks.get(head) or {}).get("round", 0) + 1
+                if self.log.repick(head, rnd, new, self.name, v.why):
+                    log.warning("fleet %s: %s; canaries now %s", self.spec.name, v.why, ", ".join(new))
+                return
+            v.why += "; no other replica heard from recently to take over"
+        if v.action in ("fail", "timeout"):
             target = self.records.get(rec.get("parent"))
             if target is None:
                 return
             revert = self.rt.gens.revert_record(
-                rec, target, selection={"method": "revert", "why": "canary", "canary": v.failed, "error": v.why},
+                rec, target, selection={"method": "revert", "why": "canary", "canary": v.failed or
+                                        ", ".join(v.waiting_for), "error": v.why},
                 requested_by=f"fleet rollout ({self.name})", reason="canary", replica=self.name)
             if self.log.fail_and_revert(head, revert.to_journal(), self.name, v.why):
                 log.warning("fleet %s: rollout of generation %d failed (%s); the fleet reverts to %d as generation %d",
                             self.spec.name, head, v.why, target["id"], revert.id)
+
+    def _judge(self, rec: dict) -> rollout.Verdict:
+        head = int(rec["id"])
+        return rollout.judge(rec, self.replicas, self._all_live_since.get(head), time.monotonic(),
+                             self.spec.probe_window_s, self.picks, time.time(), self.spec.canary_timeout_s)
 
     # ---- reporting --------------------------------------------------------------------------
 
@@ -265,7 +283,8 @@ class FleetAgent:
                                      f"({self.progress(head)}); wait for it to be promoted, or revert it first")
         rec.replica = self.name
         if rec.kind == "transplant" and self.spec.canaries > 0:
-            alive = [n for n, s in self.log.replicas().items() if s.get("health") == "SERVING"]
+            fresh = self.log.fresh()              # heard from recently, not merely with a lease not yet expired
+            alive = [n for n, s in self.log.replicas().items() if s.get("health") == "SERVING" and n in fresh]
             rec.rollout = {"canaries": rollout.pick_canaries(self.spec.canaries, alive, self.name),
                            "window_s": self.spec.probe_window_s}
         self.log.append(rec.to_journal())
@@ -274,7 +293,7 @@ class FleetAgent:
                  f"; canaries {', '.join(rec.rollout['canaries'])}" if rec.rollout else "")
 
     def revert(self, to: int | None, why: str, requested_by: str = "", reason: str = "", extra: dict | None = None,
-               expect: int | None = None, _again: bool = True):
+               expect: int | None = None, _again: bool = True, idempotency: dict | None = None):
         """Append a revert of the fleet's head (to its parent, or to `to`), built from the log
         alone: this replica need not serve the head. `expect`: only if the head is still
         that generation (an alert's). Returns the record."""
@@ -294,11 +313,13 @@ class FleetAgent:
             raise PreconditionFailed(f"generation {to} is already the fleet's head")
         rec = self.rt.gens.revert_record(h, self.records[to], selection={"method": "revert", "why": why,
                                                                          **(extra or {})},
-                                         requested_by=requested_by, reason=reason, replica=self.name)
+                                         requested_by=requested_by, reason=reason, replica=self.name,
+                                         idempotency=idempotency or {})
         if rollout.phase(h, self.decided) == "canary":      # its rollout stops here too
             if not self.log.fail_and_revert(head, rec.to_journal(), self.name, f"reverted ({why})"):
                 if _again:                                   # promoted meanwhile: revert it as promoted
-                    return self.revert(to, why, requested_by, reason, extra, expect=head, _again=False)
+                    return self.revert(to, why, requested_by, reason, extra, expect=head, _again=False,
+                                       idempotency=idempotency)
                 raise Conflict(f"fleet {self.spec.name} moved past generation {head} meanwhile; look again")
         else:
             self.log.append(rec.to_journal())
@@ -350,14 +371,36 @@ class FleetAgent:
 
     # ---- views -----------------------------------------------------------------------------------
 
+    def record(self, gen: int):
+        from ..generations import Record
+
+        return _record(Record, self.records[gen])
+
+    def rollout_of(self, gen: int) -> dict:
+        """Where generation `gen` stands: live here or not, its phase, the replicas serving
+        it (this one as it is, the others as they last reported) and what it waits for."""
+        rec = self.records.get(gen) or {}
+        here = self.rt.gens.live.id == gen
+        reports = dict(self.replicas)
+        serving = {n for n, s in reports.items() if s.get("live") == gen and n != self.name}
+        if here:
+            serving.add(self.name)
+        names = set(reports) | {self.name}
+        progress = "" if serving == names else self.progress(gen)
+        live = self.rt.gens.live.id
+        if not here and live > gen and gen in self.rt.gens.records and not self.rt.gens.records[gen].skipped:
+            progress = f"no longer live here: generation {live} is; {progress}".rstrip("; ")
+        return {"generation": gen, "kind": rec.get("kind", ""), "phase": rollout.phase(rec, self.decided) if rec else "",
+                "canaries": rollout.canaries_of(rec, self.picks) if rec else [], "serving": sorted(serving),
+                "progress": progress, "live_here": here, "replicas": len(names)}
+
     def progress(self, gen: int) -> str:
         rec = self.records.get(gen)
         if rec is None:
             return f"generation {gen} is not in the fleet log"
         p = rollout.phase(rec, self.decided)
         if p == "canary":
-            return rollout.judge(rec, self.replicas, self._all_live_since.get(gen), time.monotonic(),
-                                 self.spec.probe_window_s).why
+            return self._judge(rec).why
         behind = sorted(n for n, s in self.replicas.items() if (s.get("live") or 0) < gen)
         if behind:
             return f"not yet served by {', '.join(behind)}"
@@ -377,9 +420,10 @@ class FleetAgent:
             rec = self.records[head]
             p = rollout.phase(rec, self.decided)
             out["rollout"] = {"generation": head, "kind": rec.get("kind"), "phase": p,
-                              "canaries": (rec.get("rollout") or {}).get("canaries", []),
+                              "canaries": rollout.canaries_of(rec, self.picks),
                               "serving": sorted(n for n, s in self.replicas.items() if s.get("live") == head),
-                              "progress": self.progress(head)}
+                              "progress": self.progress(head), "live_here": self.rt.gens.live.id == head,
+                              "replicas": len(self.replicas)}
         return out
 
 

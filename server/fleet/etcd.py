@@ -21,7 +21,12 @@ from urllib.parse import urlsplit
 
 
 class Unavailable(Exception):
-    """etcd cannot be reached (or answered with a server error)."""
+    """etcd cannot be reached (or answered with a server error). `sent`: the request went
+    out and no reply came back, so etcd may have applied it."""
+
+    def __init__(self, message: str, sent: bool = False):
+        super().__init__(message)
+        self.sent = sent
 
 
 @dataclass(frozen=True)
@@ -108,10 +113,12 @@ class Etcd:
 
     def call(self, path: str, body: dict) -> dict:
         data = json.dumps(body).encode()
+        sent = False
         for attempt in (0, 1):                   # a kept-alive connection the server closed: once more
             try:
                 c = self._conn()
                 c.request("POST", path, data, {"Content-Type": "application/json"})
+                sent = True
                 r = c.getresponse()
                 raw = r.read()
             except (OSError, http.client.HTTPException) as e:
@@ -119,7 +126,8 @@ class Etcd:
                 if attempt == 0 and isinstance(e, (http.client.RemoteDisconnected, BrokenPipeError,
                                                    ConnectionResetError)):
                     continue
-                raise Unavailable(f"etcd at {self.endpoint} is unreachable: {e or type(e).__name__}") from None
+                raise Unavailable(f"etcd at {self.endpoint} is unreachable: {e or type(e).__name__}",
+                                  sent=sent) from None
             break
         try:
             doc = json.loads(raw)
@@ -127,8 +135,8 @@ class Etcd:
             raise Unavailable(f"etcd at {self.endpoint} answered {path} with HTTP {r.status} and no JSON") from None
         if r.status >= 500 or (r.status >= 400 and "error" in doc):
             msg = doc.get("message") or doc.get("error") or raw[:200]
-            if r.status >= 500 or "unavailable" in str(msg).lower():
-                raise Unavailable(f"etcd at {self.endpoint}: {msg}")
+            if r.status >= 500 or "unavailable" in str(msg).lower():   # (a timeout inside etcd: maybe applied)
+                raise Unavailable(f"etcd at {self.endpoint}: {msg}", sent=True)
             raise ValueError(f"etcd at {self.endpoint} refused {path}: {msg}")
         return doc
 
@@ -169,6 +177,11 @@ class Etcd:
         """Refresh a lease; its remaining TTL, 0 when it has expired."""
         doc = self.call("/v3/lease/keepalive", {"ID": str(lease)})
         return int(doc.get("result", {}).get("TTL", 0))
+
+    def time_to_live(self, lease: int) -> tuple[int, int]:
+        """A lease's (remaining, granted) TTL in seconds; remaining -1 once it has expired."""
+        doc = self.call("/v3/lease/timetolive", {"ID": str(lease)})
+        return int(doc.get("TTL", -1)), int(doc.get("grantedTTL", 0))
 
     def revoke(self, lease: int) -> None:
         self.call("/v3/lease/revoke", {"ID": str(lease)})

@@ -7,7 +7,14 @@ the canaries install it. It is promoted, and the rest install it, once every can
 reports it live and a probe window has passed with none failing; a canary that cannot
 install it (the guard refused it on that replica's probes, an object failed its
 digest) fails the rollout, and the fleet reverts to the parent before any other
-replica installs it. Reverts go to every replica at once: a rollback has no canary."""
+replica installs it. Reverts go to every replica at once: a rollback has no canary.
+
+The canary phase has a deadline (canary_timeout_s from the record's creation, or from
+the last re-pick): past it with canaries that never served the generation, the rollout
+fails and the fleet reverts (`on_canary_timeout: revert`, the default: a canary that
+hangs may be hung by the change), or the stuck canaries are replaced by replicas heard
+from recently (`repick`; none left: revert). It never waits forever, and canaries are
+only ever picked among replicas heard from recently (not merely with a live lease)."""
 from __future__ import annotations
 
 import math
@@ -25,6 +32,12 @@ def pick_canaries(canaries: float, alive: list[str], origin: str = "") -> list[s
     return names[:min(n, len(names))]
 
 
+def canaries_of(rec: dict, picks: dict[int, dict] | None = None) -> list[str]:
+    """The canaries now: the newest re-pick's, else the record's own."""
+    p = (picks or {}).get(int(rec["id"]))
+    return list(p["canaries"]) if p else list((rec.get("rollout") or {}).get("canaries", []))
+
+
 def phase(rec: dict, decided: dict[int, dict]) -> str:
     """canary, promoted, failed, or none (a revert, or a transplant without canaries)."""
     if rec.get("kind") != "transplant" or not (rec.get("rollout") or {}).get("canaries"):
@@ -33,7 +46,7 @@ def phase(rec: dict, decided: dict[int, dict]) -> str:
     return d["phase"] if d else "canary"
 
 
-def installable(rec: dict, me: str, head: int, decided: dict[int, dict]) -> bool:
+def installable(rec: dict, me: str, head: int, decided: dict[int, dict], picks: dict[int, dict] | None = None) -> bool:
     """May this replica make `rec` live now?"""
     if rec.get("kind") == "load":
         return False
@@ -42,31 +55,35 @@ def installable(rec: dict, me: str, head: int, decided: dict[int, dict]) -> bool
         return True
     if p == ROLLOUT_FAILED:
         return False
-    return int(rec["id"]) == head and me in rec["rollout"]["canaries"]
+    return int(rec["id"]) == head and me in canaries_of(rec, picks)
 
 
-def target(records: dict[int, dict], live: int, me: str, decided: dict[int, dict]) -> int | None:
+def target(records: dict[int, dict], live: int, me: str, decided: dict[int, dict],
+           picks: dict[int, dict] | None = None) -> int | None:
     """The newest record after `live` this replica may install (older ones it never
     installed are skipped: superseded before they reached it)."""
     head = max(records) if records else live
     for i in sorted((i for i in records if i > live), reverse=True):
-        if installable(records[i], me, head, decided):
+        if installable(records[i], me, head, decided, picks):
             return i
     return None
 
 
 @dataclass
 class Verdict:
-    action: str                       # wait, promote, fail
+    action: str                       # wait, promote, fail, timeout
     why: str = ""
     waiting_for: list[str] = field(default_factory=list)
     failed: str = ""                  # the canary that failed
 
 
-def judge(rec: dict, replicas: dict[str, dict], all_live_since: float | None, now: float, window_s: float) -> Verdict:
-    """The canary phase of head transplant `rec`, from the replicas' reports."""
+def judge(rec: dict, replicas: dict[str, dict], all_live_since: float | None, now: float, window_s: float,
+          picks: dict[int, dict] | None = None, wall: float | None = None, deadline_s: float | None = None) -> Verdict:
+    """The canary phase of head transplant `rec`, from the replicas' reports. `wall`
+    (time.time()) and `deadline_s`: past the deadline with a canary that never served
+    it, "timeout"."""
     gen = int(rec["id"])
-    canaries = rec["rollout"]["canaries"]
+    canaries = canaries_of(rec, picks)
     for name in canaries:
         err = (replicas.get(name) or {}).get("error") or {}
         if err.get("generation") == gen and not err.get("retryable"):   # a verdict, not a passing error
@@ -74,9 +91,24 @@ def judge(rec: dict, replicas: dict[str, dict], all_live_since: float | None, no
                            failed=name)
     waiting = [n for n in canaries if (replicas.get(n) or {}).get("live") != gen]
     if waiting:
+        since = ((picks or {}).get(gen) or {}).get("since") or rec.get("created") or 0.0
+        if deadline_s is not None and wall is not None and since and wall - since > deadline_s:
+            return Verdict("timeout", f"canar{'ies' if len(waiting) > 1 else 'y'} {', '.join(waiting)} did not serve "
+                                      f"generation {gen} within the {deadline_s:g} s canary deadline", waiting)
         return Verdict("wait", f"waiting for canaries {', '.join(waiting)} to serve generation {gen}", waiting)
     if all_live_since is None or now - all_live_since < window_s:
         left = window_s if all_live_since is None else window_s - (now - all_live_since)
         return Verdict("wait", f"probe window: {max(left, 0):.1f} s left before the other replicas install it")
     return Verdict("promote", f"every canary ({', '.join(canaries)}) served generation {gen} for the "
                               f"{window_s:g} s probe window")
+
+
+def replace_stuck(canaries: list[str], stuck: list[str], fresh: list[str], count: float) -> list[str] | None:
+    """New canaries after a deadline: the ones that served it, and replicas heard from
+    recently that were not stuck, as many as before; None when there are none to take."""
+    keep = [n for n in canaries if n not in stuck]
+    spare = [n for n in sorted(fresh) if n not in canaries]
+    want = max(len(canaries), len(pick_canaries(count, fresh))) - len(keep)
+    if not spare or want <= 0:
+        return None
+    return keep + spare[:want]
