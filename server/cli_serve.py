@@ -27,8 +27,9 @@ def register(sub) -> None:
                         "(needs `bash deploy/setup.sh --vllm`)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                    help="the live model's dtype (default: the dtype its weights are stored in)")
-    p.add_argument("--fleet", metavar="etcd://HOST:PORT",
-                   help="join a fleet of replicas coordinated through etcd (with --fleet-name, --fleet-store)")
+    p.add_argument("--fleet", metavar="etcd://HOST:PORT[,HOST:PORT...]",
+                   help="join a fleet of replicas coordinated through etcd (with --fleet-name, --fleet-store); "
+                        "name every member of an etcd cluster, separated by commas, to fail over between them")
     p.add_argument("--fleet-name", metavar="NAME", help="the fleet to join (replicas of one model share it)")
     p.add_argument("--fleet-store", metavar="DIR", help="the fleet's shared tensor store (every replica mounts it)")
     p.add_argument("--replica-name", metavar="NAME", help="this replica's name in the fleet (default: the host name)")

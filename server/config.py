@@ -64,7 +64,7 @@ class VllmSpec(BaseModel):
 class FleetSpec(BaseModel):
     """Replicas of one model coordinated through etcd (README: "A fleet")."""
     model_config = ConfigDict(frozen=True, extra="forbid")
-    etcd: str                                  # etcd://HOST:PORT (the v3 JSON gateway, on every etcd >= 3.3)
+    etcd: str                                  # etcd://HOST:PORT[,HOST:PORT...] (the v3 JSON gateway, etcd >= 3.3)
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
     store: Path                                # the shared tensor store (a ReadWriteMany volume)
     replica: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")   # default: host name
@@ -80,9 +80,9 @@ class FleetSpec(BaseModel):
     @field_validator("etcd")
     @classmethod
     def _endpoint(cls, v: str) -> str:
-        from .fleet.etcd import parse_endpoint
+        from .fleet.etcd import parse_endpoints
 
-        parse_endpoint(v)
+        parse_endpoints(v)
         return v
 
     @field_validator("canaries")

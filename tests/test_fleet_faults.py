@@ -155,6 +155,36 @@ def test_an_unknown_outcome_says_so_and_its_key_resolves_it(world):
     assert [g.idempotency_key for g in gens if g.idempotency_key == "unknown-1"] == ["unknown-1"]
 
 
+def test_a_cut_off_replica_answers_getfleet_at_once_and_heals_without_tracebacks(world):
+    """b's etcd is black-holed past its lease: GetFleet answers from what b last read
+    (at most one etcd timeout for the call that finds out, then at once); after the heal
+    b takes a new lease and reports again, with no traceback in its log."""
+    reps = world["reps"]
+    settle(reps)
+    b = reps["b"]
+    b.proxy.set("blackhole")
+    try:
+        time.sleep(6)                                     # past the 4 s lease
+        t0 = time.monotonic()
+        f = b.c.admin("GetFleet", A.GetFleetRequest(), timeout=10)
+        assert not f.etcd_reachable and time.monotonic() - t0 < 3.0
+        t0 = time.monotonic()
+        b.c.admin("GetFleet", A.GetFleetRequest(), timeout=10)
+        assert time.monotonic() - t0 < 0.5
+        assert b.live() == head(reps["a"])               # still serving
+    finally:
+        b.proxy.set("pass")
+    deadline = time.monotonic() + 30
+    while not b.c.admin("GetFleet", A.GetFleetRequest()).etcd_reachable:
+        assert time.monotonic() < deadline
+        time.sleep(0.3)
+    while "b" not in {r.name for r in reps["a"].c.admin("GetFleet", A.GetFleetRequest()).replicas}:
+        assert time.monotonic() < deadline, "b did not report again"
+        time.sleep(0.3)
+    logtext = (b.tmp / "server.log").read_text()
+    assert "lease not found" not in logtext and "Traceback" not in logtext, logtext[-3000:]
+
+
 def test_a_replica_silent_for_seconds_is_not_picked_as_canary(world):
     """a (first by name, the canary so far) is stopped; 2.5 s later its lease (4 s) may
     not have expired but it has missed its renewals: b and c are picked among, b goes
@@ -220,3 +250,85 @@ def test_past_the_deadline_a_stuck_canary_is_replaced(world):
     finally:
         reps["a"].signal(signal.SIGCONT)
     converge(reps.values(), g0 + 1)
+
+
+class EtcdCluster:
+    """Three etcd members on loopback, one cluster."""
+
+    def __init__(self, tmp: Path):
+        self.tmp = tmp
+        self.client = [serverkit.free_port() for _ in range(3)]
+        self.peer = [serverkit.free_port() for _ in range(3)]
+        self.procs: dict[int, subprocess.Popen] = {}
+        self.endpoint = "etcd://" + ",".join(f"127.0.0.1:{p}" for p in self.client)
+
+    def start(self, i: int | None = None) -> "EtcdCluster":
+        cluster = ",".join(f"m{j}=http://127.0.0.1:{self.peer[j]}" for j in range(3))
+        for j in ([i] if i is not None else range(3)):
+            url, peer = f"http://127.0.0.1:{self.client[j]}", f"http://127.0.0.1:{self.peer[j]}"
+            self.procs[j] = subprocess.Popen(
+                [shutil.which("etcd"), "--name", f"m{j}", "--data-dir", str(self.tmp / f"m{j}"),
+                 "--listen-client-urls", url, "--advertise-client-urls", url, "--listen-peer-urls", peer,
+                 "--initial-advertise-peer-urls", peer, "--initial-cluster", cluster,
+                 "--initial-cluster-state", "new", "--initial-cluster-token", "faults"],
+                stdout=open(self.tmp / f"m{j}.log", "ab"), stderr=subprocess.STDOUT)
+        from server.fleet.etcd import Etcd, Unavailable
+
+        e, deadline = Etcd(self.endpoint, 2.0), time.monotonic() + 60
+        while True:                              # a leader, and a write through it
+            try:
+                e.put("/ready", "1")
+                return self
+            except Unavailable:
+                assert time.monotonic() < deadline, "the etcd cluster did not form"
+                time.sleep(0.3)
+
+    def stop(self, i: int | None = None) -> None:
+        for j in ([i] if i is not None else list(self.procs)):
+            p = self.procs.pop(j, None)
+            if p is not None and p.poll() is None:
+                p.terminate()
+                p.wait(timeout=20)
+
+
+def test_a_cluster_of_three_keeps_the_fleet_writable_with_a_member_down(tmp_path):
+    """`fleet.etcd` names every member; with the first member (the one requests went to)
+    stopped, reads, transactions, leases and the watch fail over to the others, and a
+    replica on the cluster still takes transplants. Before: a list was refused with an
+    opaque urllib message, and one endpoint down meant no writes."""
+    from server.fleet.etcd import Etcd, parse_endpoints
+
+    with pytest.raises(ValueError, match="empty endpoint"):
+        parse_endpoints("etcd://127.0.0.1:1,,127.0.0.1:2")
+    with pytest.raises(ValueError, match="twice"):
+        parse_endpoints("etcd://127.0.0.1:1,127.0.0.1:1")
+    assert parse_endpoints("etcd://a:1,http://b:2,c:3") == [("a", 1), ("b", 2), ("c", 3)]
+    cluster = EtcdCluster(tmp_path).start()
+    (tmp_path / "token").write_text(TOKEN + "\n")
+    rep = None
+    try:
+        cfg = serverkit.config(tmp_path / "r", "zoo:v2", [], watch_donor_roots=False, probes=[],
+                               admin_token_file=str(tmp_path / "token"),
+                               fleet={"etcd": cluster.endpoint, "name": "cluster", "store": str(tmp_path / "store"),
+                                      "replica": "r", "canaries": 0, "lease_ttl_s": 4, "tick_s": 0.3,
+                                      "etcd_timeout_s": 2.0, "rollout_timeout_s": 20})
+        (tmp_path / "r").mkdir()
+        proc, port, _ = serverkit.spawn(cfg, tmp_path / "r")
+        rep = Clients(port, TOKEN)
+        assert rep.admin("Transplant", A.TransplantRequest(donor="v1", modules=["layers.0.mlp.up"])).rollout.live_here
+        cluster.stop(0)
+        e = Etcd(cluster.endpoint, 2.0)
+        lease = e.grant(5)
+        assert e.put("/k", "v", lease=lease) > 0 and e.get("/k").value == b"v" and e.keepalive(lease) > 0
+        ok, _ = e.txn([], [{"requestPut": {"key": "L2s=", "value": "dg=="}}])
+        assert ok
+        res = rep.admin("Transplant", A.TransplantRequest(donor="v1", modules=["layers.1.mlp.up"]))
+        assert res.rollout.live_here and res.generation.id == 2
+        f = rep.admin("GetFleet", A.GetFleetRequest())
+        assert f.etcd_reachable and f.head == 2
+    finally:
+        if rep is not None:
+            rep.close()
+            proc.terminate()
+            proc.wait(timeout=30)
+        cluster.stop()

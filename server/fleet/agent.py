@@ -245,7 +245,13 @@ class FleetAgent:
             state = self.state()
             if state == self._reported and not force:
                 return
-            self.log.report(self.name, dict(state, updated=time.time()), self._lease)
+            try:
+                self.log.report(self.name, dict(state, updated=time.time()), self._lease)
+            except ValueError as e:          # the lease expired while etcd could not be reached: a new one
+                if "lease not found" not in str(e):
+                    raise
+                self._lease = self.etcd.grant(self.spec.lease_ttl_s)
+                self.log.report(self.name, dict(state, updated=time.time()), self._lease)
             self._reported = state
 
     def _heartbeat_once(self) -> None:
@@ -407,11 +413,13 @@ class FleetAgent:
         return f"served by all {len(self.replicas)} replicas reporting"
 
     def view(self) -> dict:
-        """The fleet as this replica sees it (read fresh when etcd answers)."""
-        try:
-            self.refresh()
-        except Unavailable as e:
-            self._unreachable(e)
+        """The fleet as this replica sees it: read fresh when etcd answers; while it does
+        not, as last read (the follower keeps trying), without waiting on etcd again."""
+        if self.reachable:
+            try:
+                self.refresh()
+            except Unavailable as e:
+                self._unreachable(e)
         head = max(self.records) if self.records else -1
         out = {"name": self.spec.name, "etcd": self.spec.etcd, "replica": self.name, "reachable": self.reachable,
                "etcd_error": self.etcd_error, "fatal": self.fatal, "head": head, "replicas": self.replicas,

@@ -62,8 +62,21 @@ def parse_endpoint(spec: str) -> tuple[str, int]:
     u = urlsplit(spec if "://" in spec else f"etcd://{spec}")
     if u.scheme not in ("etcd", "http") or not u.hostname or not u.port or u.path not in ("", "/"):
         raise ValueError(f"{spec!r} is not an etcd endpoint; expected etcd://HOST:PORT (for example "
-                         "etcd://127.0.0.1:2379)")
+                         "etcd://127.0.0.1:2379), or a cluster's members separated by commas "
+                         "(etcd://a:2379,b:2379,c:2379)")
     return u.hostname, u.port
+
+
+def parse_endpoints(spec: str) -> list[tuple[str, int]]:
+    """etcd://a:2379,b:2379,c:2379 (the scheme once, or on each) -> [(host, port), ...]."""
+    parts = [p.strip() for p in spec.split(",")]
+    if not all(parts):
+        raise ValueError(f"{spec!r} has an empty endpoint; expected etcd://HOST:PORT[,HOST:PORT...]")
+    scheme = spec.split("://", 1)[0] + "://" if "://" in parts[0] else ""
+    out = [parse_endpoint(p if "://" in p else scheme + p) for p in parts]
+    if len(set(out)) != len(out):
+        raise ValueError(f"{spec!r} names an endpoint twice")
+    return out
 
 
 # ---- compare/op builders for txn ----------------------------------------------------------
@@ -88,56 +101,98 @@ def get(key: str) -> dict:
 
 
 class Etcd:
+    """The v3 JSON gateway of one etcd cluster, through any of its members: a request that
+    cannot reach one member goes to the next (each member forwards writes to the leader,
+    so a cluster that keeps quorum stays writable with members down)."""
+
     def __init__(self, endpoint: str, timeout: float = 5.0):
-        self.endpoint = endpoint
-        self.host, self.port = parse_endpoint(endpoint)
+        self.endpoint = endpoint                 # as configured: one member, or several
+        self.members = parse_endpoints(endpoint)
         self.timeout = timeout
-        self._local = threading.local()          # one keep-alive connection per thread
+        self._at = 0                             # the member requests go to first (the last that answered)
+        self._local = threading.local()          # one keep-alive connection per thread (and member)
 
     def __repr__(self) -> str:
         return f"Etcd({self.endpoint})"
 
+    @property
+    def host(self) -> str:
+        return self.members[self._at][0]
+
+    @property
+    def port(self) -> int:
+        return self.members[self._at][1]
+
     # ---- transport -----------------------------------------------------------------------
 
-    def _conn(self) -> http.client.HTTPConnection:
-        c = getattr(self._local, "conn", None)
+    def _conn(self, i: int) -> http.client.HTTPConnection:
+        conns = getattr(self._local, "conns", None)
+        if conns is None:
+            conns = self._local.conns = {}
+        c = conns.get(i)
         if c is None:
-            c = self._local.conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+            host, port = self.members[i]
+            c = conns[i] = http.client.HTTPConnection(host, port, timeout=self.timeout)
         return c
 
-    def _drop(self) -> None:
-        c = getattr(self._local, "conn", None)
+    def _drop(self, i: int) -> None:
+        c = getattr(self._local, "conns", {}).pop(i, None)
         if c is not None:
             c.close()
-            self._local.conn = None
+
+    def _where(self, i: int) -> str:
+        host, port = self.members[i]
+        return f"etcd at {self.endpoint}" if len(self.members) == 1 else f"etcd member {host}:{port} of {self.endpoint}"
 
     def call(self, path: str, body: dict) -> dict:
+        """POST to the member that answered last, then to the others in turn; Unavailable
+        (sent: if any member may have applied it) when none answers."""
         data = json.dumps(body).encode()
+        sent, errors = False, []
+        start = self._at
+        for step in range(len(self.members)):
+            i = (start + step) % len(self.members)
+            try:
+                r, raw = self._post(i, path, data)
+            except Unavailable as e:
+                sent = sent or e.sent
+                errors.append(str(e))
+                continue
+            if r.status >= 500 and len(self.members) > 1:        # this member cannot serve it (no leader)
+                sent = True
+                errors.append(f"{self._where(i)} answered HTTP {r.status}")
+                continue
+            self._at = i
+            return self._doc(i, path, r, raw)
+        msg = errors[0] if len(errors) == 1 else "no member answered: " + "; ".join(errors)
+        raise Unavailable(msg, sent=sent)
+
+    def _post(self, i: int, path: str, data: bytes):
         sent = False
         for attempt in (0, 1):                   # a kept-alive connection the server closed: once more
             try:
-                c = self._conn()
+                c = self._conn(i)
                 c.request("POST", path, data, {"Content-Type": "application/json"})
                 sent = True
                 r = c.getresponse()
-                raw = r.read()
+                return r, r.read()
             except (OSError, http.client.HTTPException) as e:
-                self._drop()
+                self._drop(i)
                 if attempt == 0 and isinstance(e, (http.client.RemoteDisconnected, BrokenPipeError,
                                                    ConnectionResetError)):
                     continue
-                raise Unavailable(f"etcd at {self.endpoint} is unreachable: {e or type(e).__name__}",
-                                  sent=sent) from None
-            break
+                raise Unavailable(f"{self._where(i)} is unreachable: {e or type(e).__name__}", sent=sent) from None
+
+    def _doc(self, i: int, path: str, r, raw: bytes) -> dict:
         try:
             doc = json.loads(raw)
         except ValueError:
-            raise Unavailable(f"etcd at {self.endpoint} answered {path} with HTTP {r.status} and no JSON") from None
+            raise Unavailable(f"{self._where(i)} answered {path} with HTTP {r.status} and no JSON", sent=True) from None
         if r.status >= 500 or (r.status >= 400 and "error" in doc):
             msg = doc.get("message") or doc.get("error") or raw[:200]
             if r.status >= 500 or "unavailable" in str(msg).lower():   # (a timeout inside etcd: maybe applied)
-                raise Unavailable(f"etcd at {self.endpoint}: {msg}", sent=True)
-            raise ValueError(f"etcd at {self.endpoint} refused {path}: {msg}")
+                raise Unavailable(f"{self._where(i)}: {msg}", sent=True)
+            raise ValueError(f"{self._where(i)} refused {path}: {msg}")
         return doc
 
     # ---- kv --------------------------------------------------------------------------------
@@ -175,7 +230,12 @@ class Etcd:
 
     def keepalive(self, lease: int) -> int:
         """Refresh a lease; its remaining TTL, 0 when it has expired."""
-        doc = self.call("/v3/lease/keepalive", {"ID": str(lease)})
+        try:
+            doc = self.call("/v3/lease/keepalive", {"ID": str(lease)})
+        except ValueError as e:            # "requested lease not found": expired while we were cut off
+            if "lease not found" in str(e):
+                return 0
+            raise
         return int(doc.get("result", {}).get("TTL", 0))
 
     def time_to_live(self, lease: int) -> tuple[int, int]:
@@ -198,10 +258,17 @@ class Etcd:
                                               "start_revision": str(start_revision)}}).encode()
         head = (f"POST /v3/watch HTTP/1.1\r\nHost: {self.host}:{self.port}\r\nContent-Type: application/json\r\n"
                 f"Content-Length: {len(body)}\r\n\r\n").encode()
-        try:
-            sock = socket.create_connection((self.host, self.port), timeout=self.timeout)
-        except OSError as e:
-            raise Unavailable(f"etcd at {self.endpoint} is unreachable: {e}") from None
+        sock = None
+        for step in range(len(self.members)):    # the member that answered last, then the others
+            i = (self._at + step) % len(self.members)
+            try:
+                sock = socket.create_connection(self.members[i], timeout=self.timeout)
+                self._at = i
+                break
+            except OSError as e:
+                err = e
+        if sock is None:
+            raise Unavailable(f"etcd at {self.endpoint} is unreachable: {err}") from None
         try:
             sock.sendall(head + body)
             sock.settimeout(idle)
