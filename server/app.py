@@ -81,7 +81,8 @@ class Server:
             self.http = HttpServer(cfg.http_listen, self.runtime.metrics.registry, self.token, self._on_alert,
                                    api=OpenAIApi(self.runtime, cfg.http_timeout_s), inference_key=self.inference_key,
                                    count=self.runtime.metrics.count_http,
-                                   serving=lambda: self.runtime.serving)
+                                   serving=lambda: self.runtime.serving,
+                                   fleet_state=lambda: self.runtime.fleet.public_state() if self.runtime.fleet else None)
         except OSError as e:
             self.grpc.stop(0)
             raise PreconditionFailed(f"cannot listen on {cfg.http_listen} (HTTP: /metrics, /alerts): {_why(e)}; "
@@ -95,6 +96,7 @@ class Server:
         self.exit_on_engine_death = False   # `transplant serve`: a supervisor restarts it
         self._health_lock = threading.Lock()   # start, stop and an engine's death set health in turn
         self.runtime.on_engine_dead = self._on_engine_dead
+        self.runtime.on_fence = self._on_fence
 
     def _bind_grpc(self, cfg: ServeConfig) -> int:
         try:
@@ -128,6 +130,17 @@ class Server:
                 log.error("the engine is dead: stopping (exit status 1)")
                 self.stop(drain_s=0)
             threading.Thread(target=later, name="engine-dead-exit", daemon=True).start()
+
+    def _on_fence(self, why: str) -> None:
+        """A fleet replica cut off from etcd whose generation the fleet reverted stops
+        serving (`why`), and serves again once etcd answers (`why` empty)."""
+        with self._health_lock:
+            if self._stopped.is_set() or self.runtime.engine_dead or not self.runtime.ready.is_set():
+                return
+            self.runtime.serving = not why
+            self.runtime.metrics.healthy.set(0 if why else 1)
+            self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING if why else
+                             health_pb2.HealthCheckResponse.SERVING)
 
     def _set_health(self, status) -> None:
         for s in SERVICES:

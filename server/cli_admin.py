@@ -192,6 +192,8 @@ def _fleet(args) -> int:
         print(f"fleet {d['name']}: etcd {d['etcd']} {reach}; head generation {d['head']} (answered by {d['replica']})")
         if d.get("fatal"):
             print(f"  this replica cannot join: {d['fatal']}")
+        if d.get("fenced"):
+            print(f"  this replica does not serve: {d['fenced']}")
         r = d.get("rollout")
         if r:
             can = f", canaries {', '.join(r['canaries'])}" if r["canaries"] else ""
@@ -199,6 +201,9 @@ def _fleet(args) -> int:
         print(f"  {'replica':<16} {'live':>5} {'health':<12} {'grpc':<22} error")
         for rep in d["replicas"]:
             err = f"generation {rep['error_generation']}: {rep['error']}" if rep["error"] else ""
+            notes = (["STALE: not heard from recently"] if rep.get("stale") else []) + \
+                ([f"{rep['behind']} behind the head"] if int(rep.get("behind") or 0) else [])
+            err = "; ".join(notes + ([err] if err else []))
             print(f"  {rep['name']:<16} {rep['live_generation']:>5} {rep['health']:<12} {rep['grpc']:<22} {err}")
 
     return _out(args, Client(args).GetFleet(A.GetFleetRequest()), human)

@@ -43,7 +43,7 @@ class HttpServer:
     def __init__(self, listen: str, registry, token: str,
                  on_alert: Callable[[dict], tuple[int, dict]] | None = None, api=None,
                  inference_key: str | None = None, count: Callable[[str, int, float], None] | None = None,
-                 serving: Callable[[], bool] | None = None):
+                 serving: Callable[[], bool] | None = None, fleet_state: Callable[[], dict | None] | None = None):
         host, _, port = listen.rpartition(":")
         outer = self
 
@@ -113,6 +113,8 @@ class HttpServer:
                     self._json(200 if ok else 503, {"status": "SERVING" if ok else "NOT_SERVING"})
                 elif path == "/version":
                     self._api(lambda body: outer.api.version(), path, False)
+                elif path == "/fleet/state" and outer.fleet_state() is not None:   # peers ask (generation ids only)
+                    self._json(200, outer.fleet_state())
                 elif path == "/v1/models" or path.startswith("/v1/models/"):
                     self._api(lambda body: outer.api.models(path[len("/v1/models/"):] or None), path, False)
                 else:
@@ -195,6 +197,7 @@ class HttpServer:
 
         self.on_alert = on_alert
         self.serving = serving or (lambda: True)
+        self.fleet_state = fleet_state or (lambda: None)
         self.api = api
         self.inference_key = inference_key
         self.count = count or (lambda route, status, seconds: None)

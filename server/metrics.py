@@ -4,9 +4,20 @@ low-cardinality: RPC names, status codes, results and reasons; never module name
 prompts or donors' paths."""
 from __future__ import annotations
 
+import time
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+FLEET_GAUGES = {
+    "transplant_fleet_etcd_reachable": "1 while this replica reaches etcd",
+    "transplant_fleet_etcd_silence_seconds": "Seconds since etcd last answered this replica",
+    "transplant_fleet_head_lag": "Generations between the fleet's head (as last read) and the one live here",
+    "transplant_fleet_fenced": "1 while this replica does not serve: cut off from etcd, and a peer says its "
+                               "generation was reverted",
+}
 
 
 class Metrics:
@@ -41,6 +52,19 @@ class Metrics:
         self.healthy = Gauge("transplant_serving", "1 when the server is SERVING", registry=r)
         self.engine_up = Gauge("transplant_engine_up", "1 while the engine can decode (0: its process died; "
                                "the server reports NOT_SERVING and exits)", registry=r)
+
+    def watch_fleet(self, agent) -> None:
+        """A fleet replica's view of etcd (FLEET_GAUGES), read at each scrape; only a fleet
+        replica exports them."""
+        values = {
+            "transplant_fleet_etcd_reachable": lambda: float(agent.reachable),
+            "transplant_fleet_etcd_silence_seconds": lambda: time.monotonic() - agent.contact,
+            "transplant_fleet_head_lag": lambda: max(0, (max(agent.records) if agent.records else 0)
+                                                     - agent.rt.gens.live.id),
+            "transplant_fleet_fenced": lambda: float(bool(agent.fenced)),
+        }
+        for name, help_ in FLEET_GAUGES.items():
+            Gauge(name, help_, registry=self.registry).set_function(values[name])
 
     def count_http(self, route: str, status: int, seconds: float) -> None:
         route = route if route in ("/v1/completions", "/v1/chat/completions") else "/v1/models"

@@ -103,6 +103,7 @@ class Runtime:
         self.endpoints: dict[str, str] = {}  # set by the server: where clients reach this replica
         self._prepared: dict[int, tuple] = {}   # fleet: candidates this replica built and appended
         self.on_engine_dead = lambda: None      # the server: health NOT_SERVING, exit
+        self.on_fence = lambda why: None          # the server: health NOT_SERVING while a fleet replica is fenced
         self.engine_dead = False
         self._closing = threading.Event()
 
@@ -150,6 +151,8 @@ class Runtime:
             from .fleet.agent import FleetAgent
 
             self.fleet = FleetAgent(self, cfg.fleet, self.endpoints)
+            self.fleet.on_fence = lambda why: self.on_fence(why)
+            self.metrics.watch_fleet(self.fleet)
             self.fleet.start()              # catches up to the fleet's head before serving
         self._stopped_during_start()
         self.ready.set()

@@ -174,12 +174,13 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
                           grpc=s.get("grpc", ""), http=s.get("http", ""),
                           error=(s.get("error") or {}).get("message", "") or s.get("fatal") or "",
                           error_generation=(s.get("error") or {}).get("generation", 0),
-                          updated_unix=s.get("updated", 0.0), servable=s.get("servable", []))
+                          updated_unix=s.get("updated", 0.0), servable=s.get("servable", []),
+                          stale=s.get("stale", False), behind=s.get("behind", 0))
                 for n, s in sorted(v["replicas"].items())]
         r = v["rollout"]
         return A.Fleet(enabled=True, name=v["name"], etcd=v["etcd"], replica=v["replica"],
                        etcd_reachable=v["reachable"], etcd_error=v["etcd_error"], head=max(v["head"], 0),
-                       replicas=reps, fatal=v["fatal"],
+                       replicas=reps, fatal=v["fatal"], fenced=v.get("fenced", ""),
                        rollout=_rollout(r))
 
     @rpc

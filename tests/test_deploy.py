@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from server.metrics import Metrics, QualityMetrics
+from server.metrics import FLEET_GAUGES, Metrics, QualityMetrics
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 
@@ -61,7 +61,7 @@ def _exported_names() -> set[str]:
     for fam in m.registry.collect():       # histograms and counters expose suffixed series
         for suffix in ("_total", "_bucket", "_sum", "_count"):
             names.add(fam.name + suffix)
-    return names
+    return names | set(FLEET_GAUGES)       # a fleet replica's (Metrics.watch_fleet)
 
 
 def test_rules_and_dashboard_use_only_exported_metrics():

@@ -63,7 +63,8 @@ def _fleet(tmp: Path, etcd, proxies: dict, **spec) -> dict:
                                admin_token_file=str(tmp / "token"),
                                fleet={"etcd": proxies[name].endpoint, "name": "faults", "store": str(tmp / "store"),
                                       "replica": name, "canaries": 1, "probe_window_s": 1.0, "lease_ttl_s": 4,
-                                      "tick_s": 0.3, "etcd_timeout_s": 2.0, "rollout_timeout_s": 8, **spec})
+                                      "tick_s": 0.3, "etcd_timeout_s": 2.0, "rollout_timeout_s": 8, "cut_off_s": 4,
+                                      **spec})
         reps[name] = Replica(name, cfg, d, proxies[name])
     return reps
 
@@ -183,6 +184,60 @@ def test_a_cut_off_replica_answers_getfleet_at_once_and_heals_without_tracebacks
         time.sleep(0.3)
     logtext = (b.tmp / "server.log").read_text()
     assert "lease not found" not in logtext and "Traceback" not in logtext, logtext[-3000:]
+
+
+def health(rep) -> str:
+    return rep.c.admin("GetStatus", A.GetStatusRequest(), timeout=10).health
+
+
+def test_a_cut_off_replica_stops_serving_a_generation_the_fleet_reverted(world):
+    """b is cut off from etcd (its peers still reach it and it them) while the fleet
+    reverts the generation b serves: past cut_off_s b learns it from a peer and reports
+    NOT_SERVING (gRPC health, /health, metrics, GetFleet says why), so a load balancer
+    stops sending it traffic; healed, it serves again and catches up. With every replica
+    cut off (etcd itself down), nobody stops serving."""
+    import urllib.request
+
+    reps = world["reps"]
+    settle(reps)
+    res = transplant(reps["c"], "layers.2.mlp.gate")
+    g = res.generation.id
+    converge(reps.values(), g)
+    b = reps["b"]
+    http = json.loads(sorted(b.tmp.glob("cfg-*.json"))[-1].read_text())["http_listen"]
+    b.proxy.set("blackhole")
+    try:
+        back = reps["c"].c.admin("Revert", A.RevertRequest(), timeout=60)
+        converge([reps["a"], reps["c"]], back.generation.id)
+        deadline = time.monotonic() + 30
+        while health(b) != "NOT_SERVING":
+            assert time.monotonic() < deadline, "b kept serving a reverted generation"
+            time.sleep(0.3)
+        assert b.live() == g
+        f = b.c.admin("GetFleet", A.GetFleetRequest())
+        assert f"reverted generation {g}" in f.fenced and not f.etcd_reachable
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(f"http://{http}/health", timeout=5)
+        assert e.value.code == 503
+        with urllib.request.urlopen(f"http://{http}/metrics", timeout=5) as r:
+            text = r.read().decode()
+        assert "transplant_fleet_fenced 1.0" in text and "transplant_fleet_etcd_reachable 0.0" in text
+    finally:
+        b.proxy.set("pass")
+    converge(reps.values(), back.generation.id)
+    deadline = time.monotonic() + 30
+    while health(b) != "SERVING":
+        assert time.monotonic() < deadline
+        time.sleep(0.3)
+    for r in reps.values():                       # etcd unreachable for everyone: all keep serving
+        r.proxy.set("blackhole")
+    try:
+        time.sleep(8)
+        assert [health(r) for r in reps.values()] == ["SERVING"] * 3
+    finally:
+        for r in reps.values():
+            r.proxy.set("pass")
+    settle(reps)
 
 
 def test_a_replica_silent_for_seconds_is_not_picked_as_canary(world):

@@ -11,11 +11,14 @@ and says so in its status; writes (transplant, revert, alert reverts) fail as
 UNAVAILABLE naming the endpoint; when etcd returns it catches up to the head."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
 import threading
 import time
+import urllib.request
+from typing import Callable
 
 from transplant_core.errors import NotFound, PreconditionFailed
 
@@ -48,6 +51,9 @@ class FleetAgent:
         self._retry_at: dict[int, float] = {}
         self._all_live_since: dict[int, float] = {}
         self._lease = 0
+        self.contact = time.monotonic()             # when etcd last answered
+        self.fenced = ""                             # why this replica stopped serving (cut off, its generation reverted)
+        self.on_fence: Callable[[str], None] = lambda why: None    # the server sets health
         self._reported: dict | None = None
         self._report_lock = threading.Lock()
         self._refresh_lock = threading.Lock()        # one reader of etcd's state at a time
@@ -119,6 +125,12 @@ class FleetAgent:
                 for _ in self.etcd.watch(self.log.root, rev + 1, self._stop, idle=self.spec.tick_s):
                     self.reconcile()          # on changes, and every tick (probe window, retries)
             except Unavailable as e:
+                try:                          # a broken watch: another member may answer at once
+                    self.refresh()
+                    self._stop.wait(0.1)
+                    continue
+                except Unavailable:
+                    pass
                 self._unreachable(e)
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 5.0)
@@ -147,6 +159,11 @@ class FleetAgent:
                                                     # other threads see one version or the other
             self.replicas = self.log.replicas()
             self.reachable, self.etcd_error = True, ""
+            self.contact = time.monotonic()
+            if self.fenced:
+                log.warning("fleet %s: etcd answers again: serving (catching up to the head)", self.spec.name)
+                self.fenced = ""
+                self.on_fence("")
             return rev
 
     def reconcile(self) -> int:
@@ -267,14 +284,57 @@ class FleetAgent:
                 self._report()
             except Unavailable as e:
                 self._unreachable(e)
+                self._check_cut_off()
             except Exception:                    # noqa: BLE001 - the lease must outlive odd replies
                 log.exception("fleet %s: renewing the lease failed", self.spec.name)
+
+    # ---- cut off from etcd -------------------------------------------------------------------
+
+    def public_state(self) -> dict:
+        """What a replica cut off from etcd asks its peers (GET /fleet/state): whether they
+        reach etcd, the head, and the generations the fleet reverted (a revert's parent, a
+        failed rollout). Generation ids only."""
+        records = dict(self.records)
+        reverted = {int(r["parent"]) for r in records.values() if r.get("kind") == "revert" and r.get("parent")}
+        reverted |= {g for g, d in self.decided.items() if d.get("phase") == ROLLOUT_FAILED}
+        return {"fleet": self.spec.name, "replica": self.name, "etcd_reachable": self.reachable,
+                "head": max(records) if records else -1, "reverted": sorted(reverted)}
+
+    def _check_cut_off(self) -> None:
+        """Cut off from etcd for longer than cut_off_s: ask the peers (as last reported);
+        if one that reaches etcd says the fleet reverted the generation this replica
+        serves, stop serving it (health NOT_SERVING) until etcd answers again. With every
+        peer cut off too (etcd itself is down), keep serving."""
+        silent = time.monotonic() - self.contact
+        if self.fenced or not self.spec.cut_off_s or silent < self.spec.cut_off_s:
+            return
+        live = self.rt.gens.live.id
+        for name, rep in sorted(self.replicas.items()):
+            if name == self.name or not rep.get("http"):
+                continue
+            try:
+                with urllib.request.urlopen(f"http://{rep['http']}/fleet/state", timeout=1.0) as r:
+                    peer = json.loads(r.read())
+            except (OSError, ValueError):
+                continue
+            if peer.get("fleet") == self.spec.name and peer.get("etcd_reachable") and live in peer.get("reverted", []):
+                self.fenced = (f"cut off from etcd for {silent:.0f} s, and replica {name} (which reaches it) says the "
+                               f"fleet reverted generation {live}, which this replica serves; not serving until etcd "
+                               "answers (fleet.cut_off_s)")
+                log.error("fleet %s: %s", self.spec.name, self.fenced)
+                self.on_fence(self.fenced)
+                return
 
     # ---- writes (from the runtime) ------------------------------------------------------------
 
     def _writable(self) -> None:
         if self.fatal:
             raise PreconditionFailed(self.fatal)
+        if self.joined and not self.reachable:     # the last try failed: ask again (another member may answer)
+            try:
+                self.refresh()
+            except Unavailable as e:
+                self._unreachable(e)
         if not self.joined or not self.reachable:
             raise Unavailable(f"fleet {self.spec.name}: {self.etcd_error or f'etcd at {self.spec.etcd} is unreachable'}"
                               "; nothing changed (the replicas keep serving; try again when etcd answers)")
@@ -421,9 +481,17 @@ class FleetAgent:
             except Unavailable as e:
                 self._unreachable(e)
         head = max(self.records) if self.records else -1
+        fresh = None
+        if self.reachable:
+            try:
+                fresh = self.log.fresh()
+            except Unavailable as e:
+                self._unreachable(e)
+        replicas = {n: dict(s, stale=fresh is not None and n not in fresh, behind=max(0, head - (s.get("live") or 0)))
+                    for n, s in self.replicas.items()}
         out = {"name": self.spec.name, "etcd": self.spec.etcd, "replica": self.name, "reachable": self.reachable,
-               "etcd_error": self.etcd_error, "fatal": self.fatal, "head": head, "replicas": self.replicas,
-               "rollout": None}
+               "etcd_error": self.etcd_error, "fatal": self.fatal, "head": head, "replicas": replicas,
+               "rollout": None, "fenced": self.fenced}
         if head >= 0:
             rec = self.records[head]
             p = rollout.phase(rec, self.decided)
