@@ -184,10 +184,10 @@ def _analysis(args, target, donor, report):
     """The ranking of args.selector (with "all": the comparison's choice) and the
     comparison (None unless "all")."""
     from transplant_core.errors import InvalidArgument
-    from transplant_core.tasks import load_task
+    from transplant_core.tasks import selection_task
     from transplant_core.workflow import compare, rank
 
-    task = load_task(args.task, n=args.n, split="probe" if args.task.startswith("zoo:") else "eval")
+    task = selection_task(args.task, n=args.n)       # the server's split too: the same task and K, the same modules
     selector, comparison = args.selector, None
     if selector == "all":
         if not args.k:

@@ -75,6 +75,8 @@ class FleetSpec(BaseModel):
     rollout_timeout_s: float = Field(300.0, gt=0)   # longest a Transplant/Revert call waits for this replica
     cut_off_s: float = Field(30.0, ge=0)       # cut off from etcd this long, and a peer says our generation was
                                                # reverted: NOT_SERVING until etcd answers (0: keep serving)
+    store_sweep_s: float = Field(3600.0, ge=0)      # how often objects no record names leave the store (0: never)
+    store_sweep_grace_s: float = Field(3600.0, ge=0)   # ... once older than this (an append may be on its way)
     lease_ttl_s: int = Field(10, ge=2, le=3600)     # a dead replica's report expires after this
     tick_s: float = Field(1.0, gt=0, le=60)         # how often the rollout is looked at without changes
     etcd_timeout_s: float = Field(5.0, gt=0)

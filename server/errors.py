@@ -109,10 +109,11 @@ HTTP_STATUS = {
     grpc.StatusCode.UNAUTHENTICATED: 401, grpc.StatusCode.PERMISSION_DENIED: 401,
     grpc.StatusCode.RESOURCE_EXHAUSTED: 429, grpc.StatusCode.UNAVAILABLE: 503,
     grpc.StatusCode.DEADLINE_EXCEEDED: 504, grpc.StatusCode.INTERNAL: 500,
+    grpc.StatusCode.UNKNOWN: 502,          # an outcome etcd never confirmed: a retry (same key) learns it
 }
 ERROR_TYPE = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
               409: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
-              500: "server_error", 503: "service_unavailable", 504: "timeout_error"}
+              500: "server_error", 502: "server_error", 503: "service_unavailable", 504: "timeout_error"}
 
 
 def http_status_of(exc: BaseException) -> int:

@@ -52,6 +52,15 @@ from transplant_core.errors import NotFound, PreconditionFailed
 from .journal import Journal, fsync_dir
 
 
+class StoreDamaged(PreconditionFailed):
+    """A tensor the store should hold is missing, unreadable or not what its digest says.
+    Not a verdict on the change: restoring the object fixes it (a fleet replica retries)."""
+
+    def __init__(self, message: str, digest: str):
+        super().__init__(message)
+        self.digest = digest
+
+
 @dataclass(frozen=True)
 class Live:
     """What a request pins: a generation id and the model that computes it."""
@@ -225,10 +234,15 @@ class Generations:
         path = self._obj(digest)
         if not path.is_file():
             return None
-        with safe_open(str(path), framework="pt") as f:
-            t = f.get_tensor("tensor").clone()          # our own memory, not a map of the file
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                t = f.get_tensor("tensor").clone()          # our own memory, not a map of the file
+        except Exception as e:                  # noqa: BLE001 - a torn or foreign file (SafetensorError, OSError)
+            raise StoreDamaged(f"tensor store object {path} cannot be read ({type(e).__name__}: "
+                               f"{str(e).splitlines()[0] if str(e) else ''}); restore it from a replica's "
+                               "store or a backup", digest) from None
         if tp.tensor_digest(t) != digest:
-            raise PreconditionFailed(f"tensor store object {path} does not match its digest")
+            raise StoreDamaged(f"tensor store object {path} does not match its digest", digest)
         return t
 
     def _load_overrides(self, gen: int) -> dict[str, torch.Tensor]:
@@ -246,8 +260,8 @@ class Generations:
                     legacy = self._read_legacy(gen)
                 t = legacy.get(k)
                 if t is None or tp.tensor_digest(t) != digest:
-                    raise PreconditionFailed(f"tensor {k} of generation {gen} ({digest[:12]}) is missing from "
-                                             f"the tensor store in {self.object_dir}")
+                    raise StoreDamaged(f"tensor {k} of generation {gen} ({digest}) is missing from the tensor "
+                                       f"store in {self.object_dir}", digest)
             out[k] = self._typed(k, t)
         return out
 
@@ -257,7 +271,7 @@ class Generations:
             return self._base_params[k]
         t = self._find(digest)
         if t is None:
-            raise PreconditionFailed(f"tensor {k} ({digest[:12]}) is missing from the tensor store in {self.object_dir}")
+            raise StoreDamaged(f"tensor {k} ({digest}) is missing from the tensor store in {self.object_dir}", digest)
         return self._typed(k, t)
 
     def _find(self, digest: str) -> torch.Tensor | None:
@@ -301,8 +315,8 @@ class Generations:
             b, a = self._factor(r["B"], (out, rank)), self._factor(r["A"], (rank, inp))
             t = tp.lowrank_update(t, b, a, float(r["alpha"]))
             if tp.tensor_digest(t) != want:
-                raise PreconditionFailed(f"tensor {k} rebuilt from its low-rank factors does not match its digest "
-                                         f"{want[:12]}; the store in {self.object_dir} is damaged")
+                raise StoreDamaged(f"tensor {k} rebuilt from its low-rank factors does not match its digest "
+                                         f"{want[:12]}; the store in {self.object_dir} is damaged", want)
         return t
 
     def _factor(self, digest: str, shape: tuple[int, int]) -> torch.Tensor:
@@ -310,8 +324,8 @@ class Generations:
         if t is None:
             t = self._read_object(digest)
         if t is None:
-            raise PreconditionFailed(f"low-rank factor {digest[:12]} is missing from the tensor store in "
-                                     f"{self.object_dir}")
+            raise StoreDamaged(f"low-rank factor {digest} is missing from the tensor store in {self.object_dir}",
+                               digest)
         return t.reshape(-1).view(torch.uint8).view(torch.float32).reshape(shape)
 
     def _store_change(self, c: "Candidate") -> tuple[dict[str, str], dict[str, dict]]:
@@ -557,6 +571,26 @@ class Generations:
                 orphans = self.tensor_dir / "orphans"
                 orphans.mkdir(exist_ok=True)
                 os.replace(f, orphans / f.name)
+
+    def sweep_shared(self, named: set[str], grace_s: float) -> list[str]:
+        """A fleet's shared store: move objects that no record of the fleet log names
+        (`named`) and that are older than `grace_s` (a replica may have just written one
+        for an append still on its way) to <store>/orphans/, out of the way but
+        recoverable by hand. Returns the digests moved."""
+        orphans = self.object_dir.parent / "orphans"
+        moved, now = [], time.time()
+        for f in self.object_dir.iterdir():
+            if f.suffix != ".safetensors" or f.stem in named:
+                continue
+            try:
+                if now - f.stat().st_mtime < grace_s:
+                    continue
+                orphans.mkdir(exist_ok=True)
+                os.replace(f, orphans / f.name)
+            except FileNotFoundError:            # another replica swept it first
+                continue
+            moved.append(f.stem)
+        return moved
 
     def _migrate_legacy(self) -> None:
         """State directories from before the store kept each generation's tensors in

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import os
 import signal
 import threading
@@ -15,25 +14,24 @@ from pathlib import Path
 from transplant_core import front
 from transplant_core import transplant as tp
 from transplant_core.checkpoint import ModelTensors
-from transplant_core.errors import Incompatible, InvalidArgument, NotFound, PreconditionFailed
+from transplant_core.errors import Incompatible, InvalidArgument, PreconditionFailed
 from transplant_core.evaluate import evaluate
 from transplant_core.generation import DecodeBatch, SamplingParams, SpliceUnsupported
-from transplant_core.tasks import Task, load_task
+from transplant_core.tasks import Task, held_out_task, load_task, selection_task
 from transplant_core.workflow import compare, explicit_modules, open_model, rank, select
 
 from .config import ServeConfig
 from .donors import Donor, DonorRegistry
 from .engines import Request, make_engine
 from .errors import NotReady
-from .control import outcome
+from .control import alerts, outcome
+from .control.requests import Requests
 from .generations import Generations, Record, claim
 from .metrics import Metrics, QualityMetrics
 from .quality import QualityMonitor
 
 log = logging.getLogger("transplant.runtime")
 
-MAX_STOP_SEQUENCES, MAX_STOP_CHARS = 8, 64
-CHAT_ROLES = ("system", "user", "assistant")
 
 
 @dataclass
@@ -79,16 +77,6 @@ class SwapResult:
     seconds: float
     rollout: dict | None = None       # where the generation stands (control.outcome), filled in on return
     replayed: bool = False            # an idempotency key named an earlier call: its generation
-
-
-def _check_text(text: str, what: str, field: str) -> None:
-    """Text a client sent must be Unicode that UTF-8 can hold: JSON lets a lone surrogate
-    through ("\\ud800"), and the tokenizer would fail on it with a TypeError."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise InvalidArgument(f"{what} is not valid Unicode: a lone surrogate {text[e.start]!r} at "
-                              f"character {e.start}", field=field) from None
 
 
 class Runtime:
@@ -140,6 +128,7 @@ class Runtime:
         self._stopped_during_start()
         self.scheduler = make_engine(kind, self.gens, self.tokenizer, cfg, self._on_finish,
                                      self.metrics.batch_size.observe, table=self.table, model_path=self.loaded.path)
+        self.requests = Requests(cfg, self.tokenizer, self.gens, self.scheduler)
         self.scheduler.start()
         self._stopped_during_start()
         self.metrics.engine_up.set(1)
@@ -242,85 +231,9 @@ class Runtime:
                            messages, model, generation, pinned)
         return self.submit([req])[0]
 
-    def prepare(self, prompt: str, max_new_tokens: int, temperature: float, top_p: float, seed: int | None,
-                stop: list[str], deadline: float | None = None, alive=lambda: True, stream=None,
-                messages: list[dict] | None = None, model: str = "", generation: int | None = None,
-                pinned=None, names: dict | None = None, group=None, sampling: dict | None = None,
-                prompt_ids: list[int] | None = None) -> Request:
-        """The one validation of a generate request, for gRPC and /v1 alike: a prompt (or
-        its token ids), or chat messages rendered with the model's chat template; pinned by
-        `model` "NAME@N" or `generation`, or to `pinned` (a generations.Live); None: the
-        generation live when it starts. `sampling`: SamplingParams' extras (checked for
-        their form by the API; token ids here). `max_new_tokens` None: the default; 0 only
-        with prompt logprobs (echo). Errors name the field as the caller's API calls it
-        (`names` maps gRPC's names to the API's: {"max_new_tokens": "max_tokens"}).
-        Nothing is queued."""
-        cfg = self.cfg
-        name = (names or {}).get
-
-        def bad(msg: str, f: str):
-            return InvalidArgument(msg.replace("{f}", name(f, f)), field=name(f, f))
-
-        pinned = pinned or self.pin(model, generation)
-        sampling = {k: v for k, v in (sampling or {}).items() if k != "echo"}
-        vocab = len(self.tokenizer)
-        if prompt_ids is not None:
-            if messages or prompt:
-                raise bad("give one of a prompt, its token ids or chat messages", "prompt")
-            if not prompt_ids or not all(0 <= t < vocab for t in prompt_ids):
-                raise bad(f"{{f}}: token ids must be in 0..{vocab - 1}", "prompt")
-            prompt = self.tokenizer.decode(prompt_ids)
-        elif messages:
-            if prompt:
-                raise bad("give a prompt or chat messages, not both", "prompt")
-            for i, m in enumerate(messages):
-                if isinstance(m, dict) and isinstance(m.get("content"), str):
-                    _check_text(m["content"], f"messages[{i}].content", name("messages", "messages"))
-            prompt = self.render_chat(messages, name("messages", "messages"))
-        else:
-            _check_text(prompt, name("prompt", "prompt"), name("prompt", "prompt"))
-        if not prompt:
-            raise bad("{f} is empty", "prompt")
-        if len(prompt) > cfg.max_prompt_chars:
-            raise bad(f"{{f}} has {len(prompt)} characters; the limit is {cfg.max_prompt_chars}", "prompt")
-        n = cfg.default_max_new_tokens if max_new_tokens is None or (
-            max_new_tokens == 0 and sampling.get("prompt_logprobs", None) is None) else max_new_tokens
-        echo_only = n == 0 and "prompt_logprobs" in sampling
-        if not echo_only and not 1 <= n <= (cfg.max_new_tokens_limit or n):    # no cap: the context decides
-            raise bad(f"{{f}} must be in 1..{cfg.max_new_tokens_limit}, got {max_new_tokens}", "max_new_tokens")
-        # vLLM's range and OpenAI's: one range on every engine and API
-        if isinstance(temperature, bool) or not math.isfinite(temperature) or not 0 <= temperature <= 2:
-            raise bad(f"{{f}} must be in [0, 2] (0 = greedy), got {temperature}", "temperature")
-        if not math.isfinite(top_p) or not 0 <= top_p <= 1:
-            raise bad(f"{{f}} must be in [0, 1] (0 or 1 = disabled), got {top_p}", "top_p")
-        if len(stop) > MAX_STOP_SEQUENCES or any(not s or len(s) > MAX_STOP_CHARS for s in stop):
-            raise bad(f"at most {MAX_STOP_SEQUENCES} {{f}} sequences of 1..{MAX_STOP_CHARS} characters", "stop")
-        for s in stop:
-            _check_text(s, name("stop", "stop"), name("stop", "stop"))
-        for f in ("stop_token_ids", "logit_bias"):
-            bad_ids = [t for t in (t[0] if isinstance(t, tuple) else t for t in (sampling.get(f) or ()))
-                       if not 0 <= t < vocab]
-            if bad_ids:
-                raise bad(f"{{f}}: {bad_ids[0]} is not a token id of this model (0..{vocab - 1})", f)
-        if sampling.get("min_tokens", 0) > n:
-            raise bad(f"{{f}} ({sampling['min_tokens']}) exceeds the reply's maximum of {n} tokens", "min_tokens")
-        # as the tokenizer makes them (BOS where expected)
-        ids = list(prompt_ids) if prompt_ids is not None else self.tokenizer(prompt)["input_ids"]
-        if not ids:
-            raise bad("{f} has no tokens", "prompt")
-        limit = self.scheduler.context_limit()
-        if limit is not None and not max_new_tokens and len(ids) < limit:
-            n = min(n, limit - len(ids))           # the default: what the context leaves room for
-        if limit is not None and len(ids) + n > limit:
-            which = "messages" if messages else "prompt"
-            if len(ids) >= limit:
-                raise bad(f"{{f}} has {len(ids)} tokens, more than the model's maximum context length of {limit} "
-                          "tokens (prompt and reply together)", which)
-            raise bad(f"the prompt ({len(ids)} tokens) plus {{f}} ({n}) exceed the model's maximum context length "
-                      f"of {limit} tokens: ask for at most {limit - len(ids)}", "max_new_tokens")
-        params = SamplingParams(n, float(temperature), float(top_p) if top_p > 0 else 1.0, seed, tuple(stop),
-                                **sampling)
-        return Request(prompt, ids, params, deadline, alive, stream, pinned=pinned, group=group)
+    def prepare(self, *args, **kwargs) -> Request:
+        """The one validation of a generate request (server/control/requests.py)."""
+        return self.requests.prepare(*args, **kwargs)
 
     def submit(self, reqs: list[Request]) -> list[Request]:
         """Queue validated requests; several (the choices of one /v1 call) start together,
@@ -330,44 +243,10 @@ class Runtime:
         return reqs
 
     def pin(self, model: str = "", generation: int | None = None, field: str = "model"):
-        """The generation a request names: `model` is "" or the served name (the live
-        generation) or "NAME@N"; `generation` pins by number. None: the live one."""
-        name, at, num = (model or "").rpartition("@") if "@" in (model or "") else (model or "", "", "")
-        if name and name != self.cfg.model_name:
-            raise NotFound(f"model {name!r} is not served here; this server serves {self.cfg.model_name!r} "
-                           f"(pin a generation with {self.cfg.model_name}@N)", field=field)
-        if at:
-            if not num.isdigit():
-                raise InvalidArgument(f"model {model!r}: expected NAME@N with N a generation number", field=field)
-            if generation is not None and generation != int(num):
-                raise InvalidArgument(f"model {model!r} and generation {generation} disagree", field=field)
-            generation = int(num)
-        if generation is None:
-            return None
-        try:
-            return self.gens.servable(generation)
-        except NotFound as e:
-            raise NotFound(str(e), field=field if at else "generation") from None
+        return self.requests.pin(model, generation, field)
 
     def render_chat(self, messages: list[dict], field: str = "messages") -> str:
-        """Chat messages as the model's own chat template renders them for a reply."""
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise InvalidArgument(f"model {self.cfg.model_name!r} has no chat template (chat_template in its "
-                                  "tokenizer_config.json); send a plain prompt (/v1/completions) instead", field=field)
-        for i, m in enumerate(messages):
-            if not isinstance(m, dict) or m.get("role") not in CHAT_ROLES:
-                role = m.get("role") if isinstance(m, dict) else m
-                raise InvalidArgument(f"messages[{i}]: role {role!r} is not one of {', '.join(CHAT_ROLES)}",
-                                      field=field)
-            if not isinstance(m.get("content"), str):
-                raise InvalidArgument(f"messages[{i}]: content must be text", field=field)
-        if not any(m["content"] for m in messages):
-            raise InvalidArgument("messages are all empty", field=field)
-        try:
-            return self.tokenizer.apply_chat_template([{"role": m["role"], "content": m["content"]} for m in messages],
-                                                      tokenize=False, add_generation_prompt=True)
-        except Exception as e:        # noqa: BLE001 - a template may raise on input it does not accept
-            raise InvalidArgument(f"the model's chat template refused these messages: {e}", field=field) from None
+        return self.requests.render_chat(messages, field)
 
     def _on_finish(self, r: Request) -> None:
         m = self.metrics
@@ -406,19 +285,15 @@ class Runtime:
         return load_task(spec, n=n)
 
     def selection_task(self, spec: str, n: int | None = None) -> Task:
-        """The prompts a task + K selection analyses: never ones its quality is measured on.
-        A zoo task: its probe split (disjoint from eval); a JSONL file: its even positions."""
-        if spec.startswith("zoo:"):
-            self.task(spec)                               # the same checks and errors
-            return load_task(spec, n=n, split="probe")
-        return self.task(spec).split()[0].head(n)
+        """The prompts a task + K selection analyses (transplant_core.tasks.selection_task,
+        as the CLI's), after the server's checks on the task."""
+        self.task(spec)                               # the same checks and errors
+        return selection_task(spec, n)
 
     def held_out_task(self, spec: str, n: int | None = None) -> Task:
-        """What a selection's task is evaluated on: disjoint from selection_task. A zoo
-        task: its eval split; a JSONL file: its odd positions."""
-        if spec.startswith("zoo:"):
-            return self.task(spec, n)
-        return self.task(spec).split()[1].head(n)
+        """What a selection's task is evaluated on: disjoint from selection_task."""
+        self.task(spec)
+        return held_out_task(spec, n)
 
     def evaluate_on(self, model, gen: int, spec: str, n: int = 0, max_new_tokens: int = 0,
                     held_out: bool = False) -> dict:
@@ -611,6 +486,7 @@ class Runtime:
         t0 = time.perf_counter()
         cand = self.gens.prepare(p)
         verdict, shadow = self._judge(cand, parent, "transplant", p, requested_by, fleet=True)   # any guard mode
+        self.fleet.check_publishable(parent.id)          # before any object is written: a refusal leaves none
         rec = self.gens.stage(cand, "transplant", requested_by, reason, selection, idempotency)
         seconds = time.perf_counter() - t0
         # installing it here needs no second build (if it is this record that wins the head)
@@ -801,13 +677,9 @@ class Runtime:
             return dict(out, action="reverted", reason=why, generation=new)
         with self.gens.lock:
             live = self.gens.live.id
-            if gen != live:
-                return ignored(f"generation {gen} is not live (live is {live})")
-            if any(r.kind == "revert" and r.selection.get("why") == "alert" and r.parent == gen
-                   for r in self.gens.records.values()):
-                return ignored(f"generation {gen} was already reverted for an alert")
-            if self.gens.records[gen].parent is None:
-                return ignored("generation 0 is the model as loaded: nothing to revert to")
+            why = alerts.refusal(gen, live, self.gens.records, f"generation {gen} is not live (live is {live})")
+            if why is not None:
+                return ignored(why)
             res = self.revert(None, reason="alert", requested_by="alertmanager", why="alert",
                               extra={"fingerprint": fp, "alertname": labels.get("alertname"), "task": labels.get("task")})
         self.quality.metrics.alerts.labels("reverted").inc()

@@ -64,7 +64,7 @@ def _fleet(tmp: Path, etcd, proxies: dict, **spec) -> dict:
                                fleet={"etcd": proxies[name].endpoint, "name": "faults", "store": str(tmp / "store"),
                                       "replica": name, "canaries": 1, "probe_window_s": 1.0, "lease_ttl_s": 4,
                                       "tick_s": 0.3, "etcd_timeout_s": 2.0, "rollout_timeout_s": 8, "cut_off_s": 4,
-                                      **spec})
+                                      "store_sweep_s": 2, "store_sweep_grace_s": 30, **spec})
         reps[name] = Replica(name, cfg, d, proxies[name])
     return reps
 
@@ -270,6 +270,11 @@ def test_a_hung_canary_is_pending_not_ok_and_its_deadline_reverts_the_fleet(worl
         assert r.returncode == 3, r.stdout + r.stderr
         assert f"generation {g0 + 1}" in r.stdout and "NOT live on this server" in r.stdout, r.stdout
         assert "canaries a" in r.stdout and "live on 0 of" in r.stdout, r.stdout
+        objects = sorted((world["tmp"] / "store" / "objects").iterdir())
+        with pytest.raises(grpc.RpcError) as e:          # refused while the head is in its canary phase ...
+            transplant(reps["c"], "layers.0.mlp.gate")
+        assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "canary phase" in e.value.details()
+        assert sorted((world["tmp"] / "store" / "objects").iterdir()) == objects   # ... and wrote nothing
         deadline = time.monotonic() + 30
         while head(reps["b"]) != g0 + 2:                 # the revert the deadline makes
             assert time.monotonic() < deadline, "the canary deadline did not revert the rollout"
@@ -285,6 +290,65 @@ def test_a_hung_canary_is_pending_not_ok_and_its_deadline_reverts_the_fleet(worl
     finally:
         reps["a"].signal(signal.SIGCONT)
     converge(reps.values(), g0 + 3)
+
+
+def test_a_missing_object_is_retried_and_the_newest_verifiable_generation_served(world):
+    """a was away for two generations; one object of the newer is missing from the shared
+    store: a installs the older one (which it can verify), reports the newer's missing
+    digest (GetFleet names it), retries with backoff and no traceback, and installs it
+    once the object is back. Before: it stayed on what it had, refused the record for
+    good, and never retried after the object was restored."""
+    reps = world["reps"]
+    g0 = settle(reps)
+    a = reps["a"]
+    mark = (a.tmp / "server.log").stat().st_size
+    a.signal(signal.SIGSTOP)
+    store = world["tmp"] / "store" / "objects"
+    try:
+        time.sleep(2.5)
+        transplant(reps["c"], "layers.1.mlp.gate")
+        g2 = transplant(reps["c"], "layers.3.mlp.gate").generation
+        converge([reps["b"], reps["c"]], g2.id)
+        digest = next(iter(g2.checksums.values()))
+        (store / f"{digest}.safetensors").rename(world["tmp"] / "away.safetensors")
+    finally:
+        a.signal(signal.SIGCONT)
+    try:
+        deadline = time.monotonic() + 30
+        while a.live() != g0 + 1:
+            assert time.monotonic() < deadline, "a did not install the generation it can verify"
+            time.sleep(0.3)
+        while True:
+            rep = {r.name: r for r in reps["b"].c.admin("GetFleet", A.GetFleetRequest()).replicas}.get("a")
+            if rep is not None and digest in rep.error:
+                break
+            assert time.monotonic() < deadline, "a's report does not name the missing object"
+            time.sleep(0.3)
+        assert rep.error_generation == g2.id and rep.behind == 1 and rep.live_generation == g0 + 1
+        assert health(a) == "SERVING"
+    finally:
+        (world["tmp"] / "away.safetensors").rename(store / f"{digest}.safetensors")
+    converge(reps.values(), g2.id, timeout=90)            # retried once the object is back
+    assert "Traceback" not in (a.tmp / "server.log").read_text()[mark:]
+
+
+def test_objects_no_record_names_are_swept_once_old(world):
+    """The shared store's objects that no record of the fleet log names (a transplant that
+    lost the race, a crash before its append) move to orphans/ once older than the
+    grace period; a young one (an append may be on its way) and every named one stay."""
+    store = world["tmp"] / "store" / "objects"
+    named = sorted(store.iterdir())
+    old, young = store / f"{'a' * 64}.safetensors", store / f"{'b' * 64}.safetensors"
+    for f in (old, young):
+        f.write_bytes(named[0].read_bytes())
+    os.utime(old, (time.time() - 120, time.time() - 120))
+    deadline = time.monotonic() + 30
+    while old.exists():
+        assert time.monotonic() < deadline, "the old orphan was not swept"
+        time.sleep(0.3)
+    assert (world["tmp"] / "store" / "orphans" / old.name).exists()
+    assert young.exists() and all(f.exists() for f in named)
+    young.unlink()
 
 
 def test_past_the_deadline_a_stuck_canary_is_replaced(world):

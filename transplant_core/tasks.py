@@ -92,6 +92,23 @@ class Task:
         return (Task(f"{self.name}/dev", self.examples[0::2]), Task(f"{self.name}/test", self.examples[1::2]))
 
 
+def selection_task(spec: str, n: int | None = None) -> Task:
+    """The prompts a task + K selection ranks modules on, the same for the CLI and the
+    server: never ones the selection's quality is measured on (held_out_task). A zoo
+    task: its probe split (disjoint from eval); a JSONL file: its even positions."""
+    if spec.startswith("zoo:"):
+        return load_task(spec, n=n, split="probe")
+    return load_task(spec).split()[0].head(n)
+
+
+def held_out_task(spec: str, n: int | None = None) -> Task:
+    """What a selection's task is evaluated on, disjoint from selection_task: a zoo task's
+    eval split; a JSONL file's odd positions."""
+    if spec.startswith("zoo:"):
+        return load_task(spec, n=n)
+    return load_task(spec).split()[1].head(n)
+
+
 def load_task(spec: str, n: int | None = None, split: str = "eval") -> Task:
     """Resolve a task spec; `n` keeps the first n examples."""
     if n is not None and n < 1:

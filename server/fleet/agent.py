@@ -22,6 +22,7 @@ from typing import Callable
 
 from transplant_core.errors import NotFound, PreconditionFailed
 
+from ..control import alerts
 from . import rollout
 from .etcd import Etcd, Unavailable
 from .log import ROLLOUT_FAILED, ROLLOUT_PROMOTED, Conflict, FleetLog
@@ -49,6 +50,7 @@ class FleetAgent:
         self.error: dict | None = None              # this replica's last failed install
         self._refused: dict[int, str] = {}          # guard refusals: not tried again
         self._retry_at: dict[int, float] = {}
+        self._damaged: dict[int, dict] = {}          # records the store cannot build now: digest, tries
         self._all_live_since: dict[int, float] = {}
         self._lease = 0
         self.contact = time.monotonic()             # when etcd last answered
@@ -169,8 +171,10 @@ class FleetAgent:
     def reconcile(self) -> int:
         rev = self.refresh()
         live = self.rt.gens.live.id
-        t = rollout.target(self.records, live, self.name, self.decided, self.picks)
-        if t is not None and t not in self._refused and self._retry_at.get(t, 0) <= time.monotonic():
+        now = time.monotonic()
+        waiting = {i for i, d in self._damaged.items() if self._retry_at.get(i, 0) > now}
+        t = rollout.target(self.records, live, self.name, self.decided, self.picks, waiting)
+        if t is not None and t not in self._refused and self._retry_at.get(t, 0) <= now:
             self._install(t)
         if self.error and self.rt.gens.live.id >= self.error["generation"]:
             self.error = None
@@ -181,17 +185,34 @@ class FleetAgent:
         return rev
 
     def _install(self, t: int) -> None:
-        from ..generations import Record
+        from ..generations import Record, StoreDamaged
 
         live = self.rt.gens.live.id
         rec = _record(Record, self.records[t])
         skipped = tuple(_record(Record, self.records[i]) for i in range(live + 1, t) if i in self.records)
         try:
             self.rt.install_record(rec, skipped)
+            self._damaged = {i: d for i, d in self._damaged.items() if i > t}
             if self.error and self.error["generation"] <= t:
                 self.error = None
             log.info("fleet %s: generation %d live on %s", self.spec.name, t, self.name)
-        except PreconditionFailed as e:          # a verdict (guard, digest): final, fails a canary phase
+        except StoreDamaged as e:
+            rec = self.records[t]
+            if rollout.phase(rec, self.decided) == "canary" and self.name in rollout.canaries_of(rec, self.picks):
+                self._refused[t] = str(e)           # a canary's verdict: the rollout fails before anyone serves it
+                self.error = {"generation": t, "message": str(e), "digest": e.digest}
+                log.warning("fleet %s: canary cannot build generation %d: %s", self.spec.name, t, e)
+            else:                                   # not a verdict: the newest it can verify, and again later
+                d = self._damaged.get(t, {"tries": 0})
+                tries = d["tries"] + 1
+                self._damaged[t] = {"digest": e.digest, "tries": tries}
+                wait = min(RETRY_S * 2 ** (tries - 1), 60.0)
+                self._retry_at[t] = time.monotonic() + wait
+                self.error = {"generation": t, "message": str(e), "digest": e.digest, "retryable": True}
+                if tries == 1 or d.get("digest") != e.digest:
+                    log.warning("fleet %s: cannot build generation %d here (%s); serving generation %d, trying "
+                                "again with backoff (next in %.0f s)", self.spec.name, t, e, self.rt.gens.live.id, wait)
+        except PreconditionFailed as e:          # a verdict (the guard): final, fails a canary phase
             self._refused[t] = str(e)
             self.error = {"generation": t, "message": str(e)}
             log.warning("fleet %s: generation %d not installed here: %s", self.spec.name, t, e)
@@ -277,11 +298,30 @@ class FleetAgent:
         self._lease = self.etcd.grant(self.spec.lease_ttl_s)     # new, or the old one expired
         self._report(force=True)
 
+    def sweep(self) -> list[str]:
+        """Objects of the shared store that no record of the fleet log names (a transplant
+        that lost the race to the head, a crash before its append) go to orphans/ once
+        older than store_sweep_grace_s."""
+        named = set()
+        for r in dict(self.records).values():
+            named |= set((r.get("state") or {}).values()) | set((r.get("checksums") or {}).values())
+            for d, recipe in (r.get("derived") or {}).items():
+                named |= {d, recipe.get("B", ""), recipe.get("A", ""), recipe.get("of", "")}
+        moved = self.rt.gens.sweep_shared(named, self.spec.store_sweep_grace_s)
+        if moved:
+            log.info("fleet %s: moved %d objects no record names to the store's orphans/", self.spec.name, len(moved))
+        return moved
+
     def _heartbeat(self) -> None:
+        last_sweep = 0.0
         while not self._stop.wait(self.spec.lease_ttl_s / 3):
             try:
                 self._heartbeat_once()
                 self._report()
+                if self.spec.store_sweep_s and self.joined and time.monotonic() - last_sweep > self.spec.store_sweep_s:
+                    self.refresh()               # every record, as etcd has them now
+                    self.sweep()
+                    last_sweep = time.monotonic()
             except Unavailable as e:
                 self._unreachable(e)
                 self._check_cut_off()
@@ -338,6 +378,24 @@ class FleetAgent:
         if not self.joined or not self.reachable:
             raise Unavailable(f"fleet {self.spec.name}: {self.etcd_error or f'etcd at {self.spec.etcd} is unreachable'}"
                               "; nothing changed (the replicas keep serving; try again when etcd answers)")
+
+    def check_publishable(self, parent: int) -> None:
+        """Would a record prepared on `parent` be appended now? Asked before its tensors are
+        written to the shared store, so a refused transplant leaves no objects behind."""
+        self._writable()
+        head = max(self.records)
+        if rollout.phase(self.records[head], self.decided) == "canary":
+            raise PreconditionFailed(f"generation {head} is still in its canary phase "
+                                     f"({self.progress(head)}); wait for it to be promoted, or revert it first")
+        if parent != head and head in self._damaged:
+            raise PreconditionFailed(f"this replica cannot build the fleet's head, generation {head}: object "
+                                     f"{self._damaged[head]['digest']} is missing or damaged in the shared store; "
+                                     "restore it, or revert the head (`transplant admin revert` on any replica), "
+                                     "then transplant again")
+        if parent != head:
+            raise Conflict(f"this replica serves generation {parent} and the fleet's head is {head}: it has not "
+                           f"caught up yet; nothing changed; try again in a moment (or send it to a replica "
+                           f"serving {head})")
 
     def publish(self, rec) -> None:
         """Append a record this replica built (a transplant prepared on its live generation,
@@ -398,13 +456,9 @@ class FleetAgent:
         self._writable()
         self.refresh()
         head = max(self.records)
-        if gen != head:
-            return "none", f"generation {gen} is not the fleet's head (generation {head})", None
-        if any(r.get("kind") == "revert" and r.get("parent") == gen and r.get("selection", {}).get("why") == "alert"
-               for r in self.records.values()):
-            return "none", f"generation {gen} was already reverted for an alert", None
-        if self.records[gen].get("parent") is None:
-            return "none", "generation 0 is the model as loaded: nothing to revert to", None
+        why = alerts.refusal(gen, head, self.records, f"generation {gen} is not the fleet's head (generation {head})")
+        if why is not None:
+            return "none", why, None
         try:
             rec = self.revert(None, "alert", requested_by="alertmanager", reason="alert", extra=extra, expect=gen)
         except Conflict:

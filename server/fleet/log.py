@@ -35,7 +35,7 @@ class OutcomeUnknown(Exception):
     """An append was sent, etcd's reply was lost and etcd could not be asked since: the
     record may or may not be in the log. `record` is the id it would have."""
 
-    def __init__(self, message: str, record: int):
+    def __init__(self, message: str, record: int = -1):
         super().__init__(message)
         self.record = record
 

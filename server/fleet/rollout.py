@@ -59,12 +59,14 @@ def installable(rec: dict, me: str, head: int, decided: dict[int, dict], picks: 
 
 
 def target(records: dict[int, dict], live: int, me: str, decided: dict[int, dict],
-           picks: dict[int, dict] | None = None) -> int | None:
+           picks: dict[int, dict] | None = None, unbuildable: set[int] = frozenset()) -> int | None:
     """The newest record after `live` this replica may install (older ones it never
-    installed are skipped: superseded before they reached it)."""
+    installed are skipped: superseded before they reached it), passing over those it
+    cannot build now (`unbuildable`: an object missing from the store; the newest it can
+    verify instead, until the object is back)."""
     head = max(records) if records else live
     for i in sorted((i for i in records if i > live), reverse=True):
-        if installable(records[i], me, head, decided, picks):
+        if i not in unbuildable and installable(records[i], me, head, decided, picks):
             return i
     return None
 
