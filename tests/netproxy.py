@@ -43,7 +43,7 @@ class Proxy:
                 for s in (c["client"], c["server"]):
                     try:
                         s.close()
-                    except OSError:
+                    except OSError:          # already closed by its pump: nothing to free
                         pass
 
     def _accept(self) -> None:
@@ -84,11 +84,11 @@ class Proxy:
                     drop = mode == "blackhole" or (not upstream and c["muted"])
                 if not drop:
                     dst.sendall(data)
-        except OSError:
+        except OSError:                      # either side hung up: this connection is over
             pass
         finally:
             for s in (src, dst):
                 try:
                     s.shutdown(socket.SHUT_RDWR)
-                except OSError:
+                except OSError:              # not connected any more: nothing to shut down
                     pass

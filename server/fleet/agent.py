@@ -131,7 +131,7 @@ class FleetAgent:
                     self.refresh()
                     self._stop.wait(0.1)
                     continue
-                except Unavailable:
+                except Unavailable:           # no member answers either: unreachable, back off below
                     pass
                 self._unreachable(e)
                 self._stop.wait(backoff)
