@@ -142,10 +142,11 @@ def _send_keyed(args, call, req) -> int:
     try:
         reply = call(req)
     except grpc.RpcError as e:
-        if e.code() != grpc.StatusCode.UNKNOWN:
+        # UNKNOWN: the server could not learn the outcome; a deadline or a cancel: we could not
+        if e.code() not in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
             raise
-        print(f"error: outcome unknown: {e.details()}\n  to learn it, run the same command again with "
-              f"--idempotency-key {req.idempotency_key}", file=sys.stderr)
+        print(f"error: outcome unknown: {e.code().name}: {e.details()}\n  to learn it, run the same command "
+              f"again with --idempotency-key {req.idempotency_key}", file=sys.stderr)
         return UNKNOWN
     d = _doc(reply)
     if args.json:

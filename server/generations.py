@@ -214,8 +214,14 @@ class Generations:
             k, t = item
             digest = tp.tensor_digest(t)
             path = self._obj(digest)
-            if digest == skip.get(k) or path.exists():
+            if digest == skip.get(k):
                 return k, digest, False
+            if path.exists():               # named again: fresh to the sweep (it goes by age), not rewritten
+                try:
+                    os.utime(path)
+                    return k, digest, False
+                except FileNotFoundError:   # swept a moment ago: write it again
+                    pass
             tmp = path.with_name(f".{digest}.{_HOST}.{os.getpid()}.{threading.get_ident()}.tmp")
             try:
                 write_tensor(tmp, t)

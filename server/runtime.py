@@ -438,7 +438,10 @@ class Runtime:
         if self.fleet is not None:
             live = self.gens.live
             before = [self.evaluate_on(live.model, live.id, t, eval_examples) for t in eval_tasks]
-            rec = self.fleet.revert(to, why, requested_by, reason, extra, idempotency=idem)
+            with self.gens.lock:                  # one call per key at a time on this replica
+                if key and (done := self._keyed(key, digest, wait=False)) is not None:
+                    return done
+                rec = self.fleet.revert(to, why, requested_by, reason, extra, idempotency=idem)
             return self._await(rec, before, list(eval_tasks), eval_examples, 0.0)
         with self.gens.lock:
             if key and (done := self._keyed(key, digest, wait=False)) is not None:
@@ -464,7 +467,11 @@ class Runtime:
             return None
         gen = int(doc["id"])
         if wait:
-            self.fleet.wait_installed(gen, self.cfg.fleet.rollout_timeout_s)
+            state, why = self.fleet.wait_installed(gen, self.cfg.fleet.rollout_timeout_s)
+            if state in ("failed", "refused"):       # what the first call was told
+                raise PreconditionFailed(f"generation {gen} (idempotency key {key!r}) was appended to fleet "
+                                         f"{self.cfg.fleet.name} but did not go live here: {why}; see "
+                                         "`transplant admin fleet`")
         rec = self.gens.records.get(gen) or self.fleet.record(gen)
         return self._where(SwapResult(rec, [], [], 0.0, replayed=True))
 

@@ -451,3 +451,19 @@ def test_a_cluster_of_three_keeps_the_fleet_writable_with_a_member_down(tmp_path
             proc.terminate()
             proc.wait(timeout=30)
         cluster.stop()
+
+
+def test_the_policy_never_falls_back_to_a_reverted_generation_nor_repicks_a_stuck_canary():
+    """Pure policy: with the head unbuildable, the fallback skips generations the fleet
+    reverted; a re-pick takes replicas never tried as canaries, and none left is None."""
+    from server.fleet import rollout
+
+    recs = {0: {"id": 0, "kind": "load", "parent": None}, 1: {"id": 1, "kind": "transplant", "parent": 0},
+            2: {"id": 2, "kind": "transplant", "parent": 1}, 3: {"id": 3, "kind": "revert", "parent": 2}}
+    decided = {1: {"phase": "promoted"}, 2: {"phase": "promoted"}}
+    assert rollout.target(recs, 0, "r", decided) == 3
+    assert rollout.target(recs, 0, "r", decided, unbuildable={3}) == 1      # not 2: the fleet reverted it
+    assert rollout.reverted(recs, {**decided, 1: {"phase": "failed"}}) == {1, 2}
+    assert rollout.replace_stuck(["a"], ["a"], ["a", "b", "c"], 1) == ["b"]
+    assert rollout.replace_stuck(["b"], ["b"], ["a", "b", "c"], 1, tried=["a", "b"]) == ["c"]
+    assert rollout.replace_stuck(["c"], ["c"], ["a", "b", "c"], 1, tried=["a", "b", "c"]) is None

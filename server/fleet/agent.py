@@ -25,7 +25,7 @@ from transplant_core.errors import NotFound, PreconditionFailed
 from ..control import alerts
 from . import rollout
 from .etcd import Etcd, Unavailable
-from .log import ROLLOUT_FAILED, ROLLOUT_PROMOTED, Conflict, FleetLog
+from .log import ROLLOUT_FAILED, ROLLOUT_PROMOTED, Conflict, FleetLog, OutcomeUnknown
 
 log = logging.getLogger("transplant.fleet")
 RETRY_S = 5.0                 # a failed install (not a guard refusal) is tried again after this
@@ -77,7 +77,10 @@ class FleetAgent:
             self._unreachable(e)
             log.warning("fleet %s: %s; serving generation %d until it answers", self.spec.name, e,
                         self.rt.gens.live.id)
-        for fn, name in ((self._follow, "fleet-log"), (self._heartbeat, "fleet-lease")):
+        loops = [(self._follow, "fleet-log"), (self._heartbeat, "fleet-lease")]
+        if self.spec.store_sweep_s:
+            loops.append((self._sweeper, "fleet-sweep"))
+        for fn, name in loops:
             t = threading.Thread(target=fn, name=name, daemon=True)
             t.start()
             self._threads.append(t)
@@ -242,10 +245,12 @@ class FleetAgent:
             return
         if v.action == "timeout" and self.spec.on_canary_timeout == "repick":
             fresh = [n for n in self.log.fresh() if (self.replicas.get(n) or {}).get("health") == "SERVING"]
-            new = rollout.replace_stuck(canaries, v.waiting_for, fresh, self.spec.canaries)
+            pick = self.picks.get(head) or {}
+            tried = sorted(set(pick.get("tried", [])) | set(canaries))
+            new = rollout.replace_stuck(canaries, v.waiting_for, fresh, self.spec.canaries, tried)
             if new is not None:
-                rnd = (self.picks.get(head) or {}).get("round", 0) + 1
-                if self.log.repick(head, rnd, new, self.name, v.why):
+                rnd = pick.get("round", 0) + 1
+                if self.log.repick(head, rnd, new, self.name, v.why, tried):
                     log.warning("fleet %s: %s; canaries now %s", self.spec.name, v.why, ", ".join(new))
                 return
             v.why += "; no other replica heard from recently to take over"
@@ -257,7 +262,12 @@ class FleetAgent:
                 rec, target, selection={"method": "revert", "why": "canary", "canary": v.failed or
                                         ", ".join(v.waiting_for), "error": v.why},
                 requested_by=f"fleet rollout ({self.name})", reason="canary", replica=self.name)
-            if self.log.fail_and_revert(head, revert.to_journal(), self.name, v.why):
+            try:
+                failed = self.log.fail_and_revert(head, revert.to_journal(), self.name, v.why)
+            except OutcomeUnknown as e:       # the next tick reads the log again and knows
+                log.warning("fleet %s: failing the rollout of generation %d: %s", self.spec.name, head, e)
+                return
+            if failed:
                 log.warning("fleet %s: rollout of generation %d failed (%s); the fleet reverts to %d as generation %d",
                             self.spec.name, head, v.why, target["id"], revert.id)
 
@@ -312,16 +322,23 @@ class FleetAgent:
             log.info("fleet %s: moved %d objects no record names to the store's orphans/", self.spec.name, len(moved))
         return moved
 
+    def _sweeper(self) -> None:
+        """Its own thread: a sweep over a large store must not delay the lease."""
+        while not self._stop.wait(self.spec.store_sweep_s):
+            try:
+                if self.joined:
+                    self.refresh()               # every record, as etcd has them now
+                    self.sweep()
+            except Unavailable as e:
+                self._unreachable(e)
+            except Exception:                    # noqa: BLE001 - tried again next time
+                log.exception("fleet %s: sweeping the store failed", self.spec.name)
+
     def _heartbeat(self) -> None:
-        last_sweep = 0.0
         while not self._stop.wait(self.spec.lease_ttl_s / 3):
             try:
                 self._heartbeat_once()
                 self._report()
-                if self.spec.store_sweep_s and self.joined and time.monotonic() - last_sweep > self.spec.store_sweep_s:
-                    self.refresh()               # every record, as etcd has them now
-                    self.sweep()
-                    last_sweep = time.monotonic()
             except Unavailable as e:
                 self._unreachable(e)
                 self._check_cut_off()
@@ -335,10 +352,8 @@ class FleetAgent:
         reach etcd, the head, and the generations the fleet reverted (a revert's parent, a
         failed rollout). Generation ids only."""
         records = dict(self.records)
-        reverted = {int(r["parent"]) for r in records.values() if r.get("kind") == "revert" and r.get("parent")}
-        reverted |= {g for g, d in self.decided.items() if d.get("phase") == ROLLOUT_FAILED}
         return {"fleet": self.spec.name, "replica": self.name, "etcd_reachable": self.reachable,
-                "head": max(records) if records else -1, "reverted": sorted(reverted)}
+                "head": max(records) if records else -1, "reverted": sorted(rollout.reverted(records, self.decided))}
 
     def _check_cut_off(self) -> None:
         """Cut off from etcd for longer than cut_off_s: ask the peers (as last reported);

@@ -256,8 +256,6 @@ class Etcd:
         cannot be read again after a read timed out.)"""
         body = json.dumps({"create_request": {"key": _b64(prefix), "range_end": _b64(prefix_end(prefix)),
                                               "start_revision": str(start_revision)}}).encode()
-        head = (f"POST /v3/watch HTTP/1.1\r\nHost: {self.host}:{self.port}\r\nContent-Type: application/json\r\n"
-                f"Content-Length: {len(body)}\r\n\r\n").encode()
         sock = None
         for step in range(len(self.members)):    # the member that answered last, then the others
             i = (self._at + step) % len(self.members)
@@ -269,6 +267,8 @@ class Etcd:
                 err = e
         if sock is None:
             raise Unavailable(f"etcd at {self.endpoint} is unreachable: {err}") from None
+        head = (f"POST /v3/watch HTTP/1.1\r\nHost: {self.host}:{self.port}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n").encode()
         try:
             sock.sendall(head + body)
             sock.settimeout(idle)

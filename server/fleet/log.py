@@ -105,12 +105,13 @@ class FleetLog:
                            f"it is fenced off now); nothing changed; plan again") from None
         if ok:
             return
+        own = self.etcd.get(self._log(rid))
+        if own is not None and own.value.decode() == mine:   # a resent request found its own first try
+            return
         head = int(resp[0][0].value) if resp and resp[0] else -1
         won = self.etcd.get(self._log(head)) if head >= 0 else None
         who = ""
         if won is not None:
-            if won.value.decode() == mine:      # a resent request found its own first try
-                return
             w = won.json()
             who = f" ({w.get('kind')} requested by {w.get('requested_by') or 'unknown'} on replica " \
                   f"{w.get('replica') or '?'})"
@@ -129,8 +130,8 @@ class FleetLog:
                 time.sleep(0.5 * (i + 1))
         raise OutcomeUnknown(f"generation {rid} was sent to the fleet log and etcd's reply was lost ({lost}); it may "
                              f"or may not have landed: look for generation {rid} in `transplant admin history` or "
-                             "`transplant admin fleet` once etcd answers, or send the same call again with the same "
-                             "idempotency key (it returns this call's outcome, never a second generation)", rid)
+                             "`transplant admin fleet` once etcd answers, or, if the call gave an idempotency key, send it "
+                             "again with the same key (it returns this call's outcome, never a second generation)", rid)
 
     # ---- rollouts ---------------------------------------------------------------------------
 
@@ -173,12 +174,13 @@ class FleetLog:
                 out[int(gen)] = doc
         return out
 
-    def repick(self, gen: int, rnd: int, canaries: list[str], by: str, why: str) -> bool:
+    def repick(self, gen: int, rnd: int, canaries: list[str], by: str, why: str, tried: list[str] = ()) -> bool:
         """Round `rnd` of generation `gen`'s canaries, if no other replica wrote it first and
         the rollout is still undecided."""
         key = f"{self.root}canaries/{gen:012d}/{rnd:04d}"
         ok, _ = self.etcd.txn([E.absent(key), E.absent(f"{self.root}rollout/{gen:012d}")],
-                              [E.put(key, _dump({"canaries": canaries, "since": time.time(), "by": by, "why": why}))])
+                              [E.put(key, _dump({"canaries": canaries, "since": time.time(), "by": by, "why": why,
+                                                  "tried": list(tried)}))])
         return ok
 
     # ---- replicas ---------------------------------------------------------------------------

@@ -66,9 +66,17 @@ def target(records: dict[int, dict], live: int, me: str, decided: dict[int, dict
     verify instead, until the object is back)."""
     head = max(records) if records else live
     for i in sorted((i for i in records if i > live), reverse=True):
-        if i not in unbuildable and installable(records[i], me, head, decided, picks):
+        if i not in unbuildable and i not in reverted(records, decided) and \
+                installable(records[i], me, head, decided, picks):
             return i
     return None
+
+
+def reverted(records: dict[int, dict], decided: dict[int, dict]) -> set[int]:
+    """Generations the fleet took back: a revert's parent, a failed rollout. None of them
+    is ever installed again as itself (a later revert to one is a new generation)."""
+    out = {int(r["parent"]) for r in records.values() if r.get("kind") == "revert" and r.get("parent") is not None}
+    return out | {g for g, d in decided.items() if d.get("phase") == ROLLOUT_FAILED}
 
 
 @dataclass
@@ -105,11 +113,13 @@ def judge(rec: dict, replicas: dict[str, dict], all_live_since: float | None, no
                               f"{window_s:g} s probe window")
 
 
-def replace_stuck(canaries: list[str], stuck: list[str], fresh: list[str], count: float) -> list[str] | None:
+def replace_stuck(canaries: list[str], stuck: list[str], fresh: list[str], count: float,
+                  tried: list[str] = ()) -> list[str] | None:
     """New canaries after a deadline: the ones that served it, and replicas heard from
-    recently that were not stuck, as many as before; None when there are none to take."""
+    recently that were never canaries of it before (`tried`: every round's), as many as
+    before; None when there are none left to take (the rollout then fails)."""
     keep = [n for n in canaries if n not in stuck]
-    spare = [n for n in sorted(fresh) if n not in canaries]
+    spare = [n for n in sorted(fresh) if n not in canaries and n not in tried]
     want = max(len(canaries), len(pick_canaries(count, fresh))) - len(keep)
     if not spare or want <= 0:
         return None
