@@ -118,15 +118,16 @@ def durable_floor(server, names: list[str], donor_path: str, reps: int = 3) -> f
 @contextmanager
 def phase_timers():
     """Inclusive seconds spent in each step of the swap path (patched in place, restored)."""
-    import server.generations as G
-    import server.journal as J
+    import server.generations.journal as J
+    import server.generations.live as G
+    import server.generations.store as S
     from transplant_core import transplant as tp
 
     totals: dict[str, float] = defaultdict(float)
     targets = [(tp, "plan"), (tp, "_all_finite"), (tp, "derive"), (tp, "fork"), (tp, "commit"), (tp, "checksums"),
-               (tp, "tensor_digest"), (G.Generations, "_store"), (G, "write_tensor"),
+               (tp, "tensor_digest"), (S.TensorStore, "put"), (S, "write_tensor"),
                (G.Generations, "_load_overrides"), (G.Generations, "revert_plan"),
-               (J.Journal, "append"), (os, "fsync"), (G, "fsync_dir")]
+               (J.Journal, "append"), (os, "fsync"), (S, "fsync_dir"), (J, "fsync_dir")]
     saved = []
     for owner, attr in targets:
         orig = getattr(owner, attr, None)
@@ -156,7 +157,7 @@ def forget(server, gen: int) -> None:
     store would otherwise find them already there and write nothing)."""
     gens = server.runtime.gens
     for digest in gens.records[gen].state.values():
-        gens._obj(digest).unlink(missing_ok=True)
+        gens.store.path(digest).unlink(missing_ok=True)
 
 
 def run(args) -> C.Result:

@@ -11,8 +11,8 @@ from transplant_core import errors as E
 
 from .engines.base import QueueFull
 from .fleet.etcd import Unavailable as FleetUnavailable
-from .fleet.log import Conflict as FleetConflict
-from .fleet.log import OutcomeUnknown
+from .generations.log import Conflict as FleetConflict
+from .generations.log import OutcomeUnknown
 
 log = logging.getLogger("transplant.server")
 

@@ -820,8 +820,8 @@ def test_a_lowrank_generation_is_journaled_as_factors_and_reverts_bitwise(models
         base = dict(s.runtime.gens.base.named_parameters())
         for digest, recipe in rec.derived.items():
             k = recipe["key"]
-            b = s.runtime.gens._factor(recipe["B"], (base[k].shape[0], 2))
-            a = s.runtime.gens._factor(recipe["A"], (2, base[k].shape[1]))
+            b = s.runtime.gens.factor(recipe["B"], (base[k].shape[0], 2))
+            a = s.runtime.gens.factor(recipe["A"], (2, base[k].shape[1]))
             assert tp.tensor_digest(tp.lowrank_update(base[k].detach(), b, a)) == digest == tp.tensor_digest(live[k])
             assert not torch.equal(live[k], base[k])
         out = c.generate("the quick brown", 12)

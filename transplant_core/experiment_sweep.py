@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from . import change
 from . import transplant as tp
 from .arch import ModuleInfo, ModuleTable
 from .checkpoint import DictTensors
@@ -85,22 +86,21 @@ class LowRank:
     def __init__(self, table: ModuleTable, target, donor_src):
         self.table, self.src = table, donor_src
         self.params = dict(target.named_parameters())
-        self._svd: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._svd: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
-    def _factors(self, key: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def _factors(self, key: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if key not in self._svd:
-            delta = self.src.get(key).float() - self.params[key].detach().float()
-            u, s, vh = torch.linalg.svd(delta, full_matrices=False)
-            self._svd[key] = (u * s, vh)
+            self._svd[key] = change.difference_svd(self.src.get(key), self.params[key])
         return self._svd[key]
 
     def source(self, refs, rank: int) -> DictTensors:
         values = {}
         for ref in refs:
             info = self.table[ref]
-            us, vh = self._factors(info.weight_key)
+            u, s, vh = self._factors(info.weight_key)
             w = self.params[info.weight_key].detach()
-            values[info.weight_key] = tp.lowrank_update(w, us[:, :rank], vh[:rank])   # as the runtime does
+            # the truncation and the update the runtime's low-rank transplant makes
+            values[info.weight_key] = change.value(w, factors=change.truncate(u, s, vh, rank))
             if info.bias_key:
                 values[info.bias_key] = self.src.get(info.bias_key)
         return DictTensors(values, name=f"donor (rank-{rank} weight differences)")

@@ -5,11 +5,10 @@ it replaces, copies with `param.data.copy_()` so parameter identity survives (ho
 optimisers and views stay attached), and restores the snapshot if anything fails
 half way. Revert is a transplant whose donor is the snapshot.
 
-What a plan does to one tensor is written once, in `Plan.value`: a full copy of the
-donor's value, an alpha blend of it with the current one, or (a low-rank plan, see
-`lowrank`) the current weight moved by alpha times the product of two thin factors
-B·A, the top singular directions of the donor's difference. The runtime, `apply`,
-the journal (which stores the factors, not the product) and every engine use it.
+What a plan does to one tensor is written once, in transplant_core.change (a full
+copy of the donor's value, an alpha blend, or the current weight moved by low-rank
+factors); `Plan.value` applies it, and the runtime, `apply`, the journal (which stores
+the factors, not the product) and every engine go through it.
 """
 from __future__ import annotations
 
@@ -20,7 +19,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from . import change
 from .arch import ModuleInfo, ModuleTable
+from .change import lowrank_update  # noqa: F401 - part of this module's surface (tests, experiments)
 from .checkpoint import DictTensors, TensorSource
 from .errors import Incompatible, InvalidArgument, NonFiniteWeights
 from .refs import ModuleRef
@@ -66,10 +67,8 @@ class Plan:
         """What tensor `key` becomes when its current value is `old` (same dtype and device
         as `old`). May return the plan's own tensor (a full copy on the same device/dtype)."""
         if key in self.factors:
-            b, a = self.factors[key]
-            return lowrank_update(old, b.to(old.device), a.to(old.device), self.alpha)
-        v = self.values[key].to(device=old.device, dtype=old.dtype)
-        return torch.lerp(old, v, self.alpha) if self.alpha < 1.0 else v
+            return change.value(old, factors=self.factors[key], alpha=self.alpha)
+        return change.value(old, self.values[key], alpha=self.alpha)
 
     @property
     def refs(self) -> list[ModuleRef]:
@@ -163,26 +162,6 @@ def _all_finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(t).all())
 
 
-def lowrank_update(old: torch.Tensor, b: torch.Tensor, a: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
-    """old + alpha * (b @ a), in old's dtype, the same bits on every machine: the product
-    is summed one rank-1 term at a time in float32 with elementwise multiplies and adds
-    (each correctly rounded, in a fixed order), never by a matrix multiply, whose
-    summation order depends on the library, the CPU and the thread count. A replica or a
-    restart that rebuilds a weight from its journaled factors gets the digest the
-    journal recorded."""
-    if old.dim() != 2 or b.dim() != 2 or a.dim() != 2 or b.shape[1] != a.shape[0] \
-            or (b.shape[0], a.shape[1]) != tuple(old.shape):
-        raise InvalidArgument(f"low-rank factors {list(b.shape)} x {list(a.shape)} do not fit a weight of shape "
-                              f"{list(old.shape)}")
-    b, a = b.float(), a.float()
-    delta = torch.zeros(old.shape, dtype=torch.float32, device=old.device)
-    for i in range(b.shape[1]):
-        delta.add_(b[:, i:i + 1] * a[i:i + 1, :])
-    if alpha != 1.0:
-        delta = delta * float(alpha)
-    return (old.float() + delta).to(old.dtype)
-
-
 def lowrank(p: Plan, current: TensorSource, rank: int | None = None, budget: int | None = None) -> Plan:
     """The low-rank version of a validated full-copy plan: each module's weight moves by
     the top singular directions of (donor - current), as factors B (out x r, scaled by
@@ -202,10 +181,7 @@ def lowrank(p: Plan, current: TensorSource, rank: int | None = None, budget: int
         raise InvalidArgument("the plan is already low-rank")
     svd: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
     for m in p.modules:
-        w = current.get(m.weight_key)
-        delta = p.values[m.weight_key].float() - w.detach().float().to(p.values[m.weight_key].device)
-        u, s, vh = torch.linalg.svd(delta, full_matrices=False)
-        svd[str(m.ref)] = (u, s, vh)
+        svd[str(m.ref)] = change.difference_svd(p.values[m.weight_key], current.get(m.weight_key))
     if rank is not None:
         ranks = {name: min(rank, int(s.numel())) for name, (_, s, _) in svd.items()}
     else:
@@ -219,7 +195,7 @@ def lowrank(p: Plan, current: TensorSource, rank: int | None = None, budget: int
     for m in modules:
         u, s, vh = svd[str(m.ref)]
         r = ranks[str(m.ref)]
-        factors[m.weight_key] = ((u[:, :r] * s[:r]).contiguous(), vh[:r].contiguous())
+        factors[m.weight_key] = change.truncate(u, s, vh, r)
         total = float((s.double() ** 2).sum())
         energy[str(m.ref)] = float((s[:r].double() ** 2).sum()) / total if total else 1.0
     keep = {k for m in modules for k in m.keys}

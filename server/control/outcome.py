@@ -12,6 +12,8 @@ import json
 
 from transplant_core.errors import InvalidArgument
 
+from ..generations.records import find_keyed as find  # noqa: F401 - the record a key made
+
 MAX_KEY = 128
 
 
@@ -32,25 +34,3 @@ def request_digest(kind: str, request) -> str:
 def stamp(key: str, digest: str) -> dict:
     """The record's `idempotency` field ({} without a key)."""
     return {"key": key, "request": digest} if key else {}
-
-
-def find(records, key: str, digest: str):
-    """The record an earlier call with `key` made (records: Record objects or the fleet
-    log's dicts), or None; the same key on another request is INVALID_ARGUMENT."""
-    for rec in records:
-        idem = (rec.get("idempotency") if isinstance(rec, dict) else rec.idempotency) or {}
-        if idem.get("key") != key:
-            continue
-        rid = rec["id"] if isinstance(rec, dict) else rec.id
-        if idem.get("request") != digest:
-            raise InvalidArgument(f"idempotency_key {key!r} was used for another request (it made generation {rid}); "
-                                  "a key names one change: use a new key", field="idempotency_key")
-        return rec
-    return None
-
-
-def standalone(rec, live: int, name: str) -> dict:
-    """The rollout of a generation on a standalone server."""
-    here = rec.id == live
-    return {"generation": rec.id, "kind": rec.kind, "phase": "", "canaries": [], "serving": [name] if here else [],
-            "progress": "" if here else f"no longer live: generation {live} is", "live_here": here, "replicas": 1}

@@ -163,7 +163,7 @@ class VllmEngine:
         self._thread.start()
         self._call(self._start())
         overrides = sorted({m.ref for m in self.table.modules.values()
-                            if any(k in self.gens._overrides for k in m.keys)})
+                            if any(k in self.gens.overrides for k in m.keys)})
         if overrides:                       # a restart: re-patch the engine to the live generation
             refs = complete_groups(self.table, overrides)
             self._call(self._load(self._tensors(self.gens.live.model, refs)))

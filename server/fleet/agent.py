@@ -3,8 +3,10 @@ lets it, reports its state under a lease, and carries out rollout decisions.
 
 One thread follows the log (an etcd watch, and a tick every `tick_s` for the probe
 window and retries) and is the only one that installs; one keeps the lease alive.
-Installs go through the runtime's one swap path (Runtime.install_record: shadow
-evaluation, guard, probes), with the fleet's record (its id, its weights by digest).
+Installs go through the one install path (control/follower.py: shadow evaluation,
+guard, probes), with the fleet's record (its id, its weights by digest). The agent is
+also the fleet's generation log (the calls generations/log.py lists), which the
+controller appends to.
 
 With etcd unreachable the replica keeps serving the generation it has, stays healthy,
 and says so in its status; writes (transplant, revert, alert reverts) fail as
@@ -22,7 +24,8 @@ from typing import Callable
 
 from transplant_core.errors import NotFound, PreconditionFailed
 
-from ..control import alerts
+from ..generations import Record, StoreDamaged
+from ..generations.records import find_keyed
 from . import rollout
 from .etcd import Etcd, Unavailable
 from .log import ROLLOUT_FAILED, ROLLOUT_PROMOTED, Conflict, FleetLog, OutcomeUnknown
@@ -188,13 +191,11 @@ class FleetAgent:
         return rev
 
     def _install(self, t: int) -> None:
-        from ..generations import Record, StoreDamaged
-
         live = self.rt.gens.live.id
-        rec = _record(Record, self.records[t])
-        skipped = tuple(_record(Record, self.records[i]) for i in range(live + 1, t) if i in self.records)
+        rec = Record.from_doc(self.records[t], skipped=False)
+        skipped = tuple(Record.from_doc(self.records[i], skipped=False) for i in range(live + 1, t) if i in self.records)
         try:
-            self.rt.install_record(rec, skipped)
+            self.rt.follower.install(rec, skipped)
             self._damaged = {i: d for i, d in self._damaged.items() if i > t}
             if self.error and self.error["generation"] <= t:
                 self.error = None
@@ -466,19 +467,30 @@ class FleetAgent:
         log.info("fleet %s: appended generation %d (revert to %d, %s)", self.spec.name, rec.id, to, why)
         return rec
 
-    def alert(self, gen: int, extra: dict) -> tuple[str, str, int | None]:
-        """An alert for generation `gen`: revert the fleet once. (action, reason, new id)."""
+    # ---- the generation log's calls (server/generations/log.py) -------------------------------
+
+    shared = True
+
+    @property
+    def where(self) -> str:
+        return f" across fleet {self.spec.name}"
+
+    def append(self, rec: Record) -> Record:
+        self.publish(rec)
+        return rec
+
+    def find(self, key: str, request: str) -> dict | None:
+        """The record an idempotency key made, read fresh (a call whose outcome was unknown
+        may have landed meanwhile)."""
+        self.refresh()
+        return find_keyed(self.records.values(), key, request)
+
+    def head_view(self):
+        """For an alert: the fleet's head as etcd has it now."""
         self._writable()
         self.refresh()
         head = max(self.records)
-        why = alerts.refusal(gen, head, self.records, f"generation {gen} is not the fleet's head (generation {head})")
-        if why is not None:
-            return "none", why, None
-        try:
-            rec = self.revert(None, "alert", requested_by="alertmanager", reason="alert", extra=extra, expect=gen)
-        except Conflict:
-            return "none", f"another replica reverted generation {gen} first", None
-        return "reverted", f"generation {gen} reverted to {rec.reverted_to} across fleet {self.spec.name}", rec.id
+        return head, self.records, lambda gen: f"generation {gen} is not the fleet's head (generation {head})"
 
     def wait_installed(self, gen: int, timeout: float) -> tuple[str, str]:
         """Until generation `gen` is live here ("installed"), its rollout failed or was
@@ -506,14 +518,13 @@ class FleetAgent:
 
     # ---- views -----------------------------------------------------------------------------------
 
-    def record(self, gen: int):
-        from ..generations import Record
+    def record(self, gen: int) -> Record:
+        return Record.from_doc(self.records[gen], skipped=False)
 
-        return _record(Record, self.records[gen])
-
-    def rollout_of(self, gen: int) -> dict:
-        """Where generation `gen` stands: live here or not, its phase, the replicas serving
-        it (this one as it is, the others as they last reported) and what it waits for."""
+    def rollout_of(self, record: Record) -> dict:
+        """Where a generation stands: live here or not, its phase, the replicas serving it
+        (this one as it is, the others as they last reported) and what it waits for."""
+        gen = record.id
         rec = self.records.get(gen) or {}
         here = self.rt.gens.live.id == gen
         reports = dict(self.replicas)
@@ -571,6 +582,3 @@ class FleetAgent:
                               "replicas": len(self.replicas)}
         return out
 
-
-def _record(cls, doc: dict):
-    return cls(**{k: v for k, v in doc.items() if k in cls.__dataclass_fields__ and k != "skipped"})

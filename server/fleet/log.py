@@ -22,22 +22,10 @@ import time
 import uuid
 
 from . import etcd as E
+from ..generations.log import Conflict, OutcomeUnknown  # noqa: F401 - what an append answers
 from .etcd import Etcd, Unavailable
 
 ROLLOUT_PROMOTED, ROLLOUT_FAILED = "promoted", "failed"
-
-
-class Conflict(Exception):
-    """Another record won the append (the fleet's history moved on)."""
-
-
-class OutcomeUnknown(Exception):
-    """An append was sent, etcd's reply was lost and etcd could not be asked since: the
-    record may or may not be in the log. `record` is the id it would have."""
-
-    def __init__(self, message: str, record: int = -1):
-        super().__init__(message)
-        self.record = record
 
 
 def _dump(doc: dict) -> str:

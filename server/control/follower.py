@@ -1,0 +1,143 @@
+"""The follower: makes a record of the generation log live here, the one way any
+generation goes live (a standalone server's transplants and reverts, and every record a
+fleet's log adds, on every replica).
+
+install(record): the candidate the controller built and offered (a change made on this
+server), or one built from the store by the record's digests; shadow-measured and judged
+by this server's guard (a fleet record refused here raises: never installed); handed to
+the engine, which calls Generations.commit (the journal record, then the swap) at the
+moment it can; then metrics and post-swap probes."""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+from transplant_core.errors import PreconditionFailed
+
+from ..generations import Candidate, Record
+
+log = logging.getLogger("transplant.runtime")
+
+
+@dataclass(frozen=True)
+class Offer:
+    """A candidate the controller built for a record it appends: installing that record
+    here needs no second build (if it is the record that wins the head)."""
+    candidate: Candidate
+    verdict: object
+    shadow: list
+    seconds: float          # spent building and judging it
+    state: dict
+
+
+class Follower:
+    def __init__(self, rt):
+        self.rt = rt
+        self._offers: dict[int, Offer] = {}
+        self._lock = threading.Lock()
+        self.install_seconds: dict[int, float] = {}   # generation -> seconds its install here took
+        self.donor_accuracy: dict | None = None        # the live generation's donor, per probe task
+
+    def offer(self, rec: Record, o: Offer) -> None:
+        with self._lock:
+            self._offers = {rec.id: o}
+
+    def withdraw(self, gen: int) -> None:
+        with self._lock:
+            self._offers.pop(gen, None)
+
+    def _take(self, rec: Record) -> Offer | None:
+        with self._lock:
+            o = self._offers.pop(rec.id, None)
+            self._offers = {k: v for k, v in self._offers.items() if k > rec.id}   # superseded ones go
+        if o is not None and (o.candidate.parent != self.rt.gens.live.id or o.state != rec.state):
+            return None                          # another replica's record won this id
+        return o
+
+    def install(self, rec: Record, skipped: tuple[Record, ...] = ()) -> float | None:
+        """Make `rec` live here (None: it, or a later one, already is). Returns the seconds
+        it took. `skipped`: records before it this server never made live."""
+        rt = self.rt
+        gens, m = rt.gens, rt.metrics
+        why = rec.selection.get("why", "manual")
+        with gens.lock:
+            if rec.id <= gens.live.id:
+                return None
+            parent = gens.live
+            o = self._take(rec)
+            t0 = time.perf_counter()
+            if o is not None:
+                cand, shadow, seconds = o.candidate, o.shadow, o.seconds
+            else:
+                try:
+                    # its state may name low-rank weights of records skipped here: their recipes too
+                    derived = {d: r for s in (*skipped, rec) for d, r in s.derived.items()}
+                    p = gens.state_plan(rec.state, rec.id, derived)
+                    cand = gens.prepare(p, share=True)     # stored values: immutable, shared
+                except Exception:
+                    m.swaps.labels(rec.kind, "error", why).inc()
+                    raise
+                _, shadow = self.judge(cand, parent, rec.kind, rec.requested_by, refuse=True)
+                seconds = 0.0
+            p = cand.plan
+            try:
+                done = rt.scheduler.install(parent.model, cand, lambda: gens.commit(cand, rec, skipped))
+            except Exception:
+                m.swaps.labels(rec.kind, "error", why).inc()
+                raise
+            seconds += time.perf_counter() - t0
+            m.swaps.labels(rec.kind, "ok", why).inc()
+            m.swap_seconds.labels(rec.kind).observe(seconds)
+            m.modules_swapped.inc(len(p.modules))
+            m.bytes_swapped.inc(p.nbytes)
+            m.live_generation.set(done.id)
+            live = gens.live
+            for s in shadow:
+                gens.add_quality(done.id, rt.quality.adopt(done.id, s).to_dict())
+            self.probe(live, "post_swap", donor=p.donor if rec.kind == "transplant" else None)
+            log.info("%s: generation %d -> %d (%d modules, %.1f ms)", rec.kind, parent.id, done.id, len(p.modules),
+                     seconds * 1e3)
+            self.install_seconds = {done.id: seconds}
+            return seconds
+
+    # ---- judging a candidate, probing a live generation -----------------------------------
+
+    def judge(self, cand, parent, kind: str, requested_by: str, refuse: bool):
+        """Shadow-measure the candidate before it goes live; the guard judges transplants
+        (never reverts). A refusal raises when `refuse` (guard mode refuse, or any fleet
+        record: the rollout fails and the fleet reverts) and is journaled as an event."""
+        rt = self.rt
+        q = rt.quality
+        if not q.probes:
+            return None, []
+        base = {t: q.baseline(parent.model, parent.id, t) for t in q.tasks}
+        shadow = {t: q.measure(cand.model, None, t, "shadow") for t in q.tasks}
+        verdict = q.judge(base, shadow) if kind == "transplant" else None
+        if verdict is not None and not verdict.ok and refuse:
+            p = cand.plan
+            rt.gens.append_event({"event": "refused", "reason": "guard", "kind": kind, "donor": p.donor,
+                                  "modules": [str(r) for r in p.refs], "violations": verdict.violations,
+                                  "requested_by": requested_by, "parent": parent.id})
+            rt.metrics.swaps.labels(kind, "refused", "guard").inc()
+            raise PreconditionFailed(f"the guard refused this transplant: {verdict.reason()}; "
+                                     f"generation {parent.id} stays live")
+        return verdict, list(shadow.values())
+
+    def probe(self, live, phase: str, donor: str | None = None) -> None:
+        rt = self.rt
+        for t in rt.quality.tasks:
+            self.record_probe(live, rt.quality.measure(live.model, live.id, t, phase), export=False)
+        acc = None
+        if donor is not None and rt.quality.tasks and donor in {d.name for d in rt.donors.list()}:
+            d = rt.donors.get(donor)   # (a fleet replica may not have the donor another one used)
+            acc = {t: rt.quality.donor_accuracy(donor, t, lambda: rt.donor_model(d)) for t in rt.quality.tasks}
+        self.donor_accuracy = acc
+        rt.quality.export(live.id, rt.gens.records[live.id].parent, acc)
+
+    def record_probe(self, live, m, export: bool = True) -> None:
+        gens = self.rt.gens
+        gens.add_quality(live.id, m.to_dict())
+        if export and live.id == gens.live.id:
+            self.rt.quality.export(live.id, gens.records[live.id].parent, self.donor_accuracy)
