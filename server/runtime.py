@@ -71,6 +71,11 @@ class Runtime:
         except BaseException:
             owner.close()
             raise
+        if self.gens.unverifiable:
+            u = self.gens.unverifiable
+            log.warning("cannot build generation %d from the shared store (%s); serving generation %d, the newest "
+                        "this replica can verify, until the fleet's follower can install the head",
+                        u["generation"], u["message"], self.gens.live.id)
         self.metrics.live_generation.set(self.gens.live.id)
         roots = list(cfg.donor_roots) or [cfg.state_dir / "donors"]   # a drop-in folder by default
         for r in roots:

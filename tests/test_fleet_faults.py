@@ -332,6 +332,38 @@ def test_a_missing_object_is_retried_and_the_newest_verifiable_generation_served
     assert "Traceback" not in (a.tmp / "server.log").read_text()[mark:]
 
 
+def test_a_replica_restarted_on_its_state_dir_without_a_live_object_serves_what_it_can_verify(world):
+    """a restarts on its own state directory after the object of the generation it served
+    went missing from the shared store. Before: it refused to start (exit 2). Now it
+    starts SERVING on the newest generation it can verify, its report names the missing
+    digest, and it installs the head once the object is back."""
+    reps = world["reps"]
+    settle(reps)
+    g1 = transplant(reps["b"], "layers.2.mlp.up").generation
+    converge(reps.values(), g1.id)
+    a = reps["a"]
+    a.stop()
+    store = world["tmp"] / "store" / "objects"
+    digest = next(d for d in g1.checksums.values() if (store / f"{d}.safetensors").exists())
+    (store / f"{digest}.safetensors").rename(world["tmp"] / "away.safetensors")
+    try:
+        mark = (a.tmp / "server.log").stat().st_size
+        reps["a"] = a = Replica("a", a.cfg, a.tmp, a.proxy)      # the same state directory
+        assert a.proc.poll() is None and health(a) == "SERVING" and a.live() < g1.id
+        deadline = time.monotonic() + 30
+        while True:
+            rep = {r.name: r for r in reps["b"].c.admin("GetFleet", A.GetFleetRequest()).replicas}.get("a")
+            if rep is not None and digest in rep.error:
+                break
+            assert time.monotonic() < deadline, "a's report does not name the missing object"
+            time.sleep(0.3)
+        assert rep.error_generation == g1.id and rep.live_generation == a.live() < g1.id
+    finally:
+        (world["tmp"] / "away.safetensors").rename(store / f"{digest}.safetensors")
+    converge(reps.values(), g1.id, timeout=90)            # retried once the object is back
+    assert "Traceback" not in (a.tmp / "server.log").read_text()[mark:]
+
+
 def test_objects_no_record_names_are_swept_once_old(world):
     """The shared store's objects that no record of the fleet log names (a transplant that
     lost the race, a crash before its append) move to orphans/ once older than the

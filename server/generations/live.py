@@ -43,7 +43,7 @@ from transplant_core.errors import NotFound, PreconditionFailed
 from . import legacy
 from .journal import Journal
 from .lock import claim
-from .records import Candidate, Live, Record
+from .records import Candidate, Live, Record, StoreDamaged
 from .store import TensorStore
 from .values import Values
 
@@ -71,6 +71,7 @@ class Generations:
             self.overrides: dict[str, torch.Tensor] = {}    # live generation's tensors that differ from base
             self.values = Values(base, self.store, lambda gen: legacy.read_legacy(self.tensor_dir, gen), self.dir)
             self.live = Live(0, base)
+            self.unverifiable: dict | None = None   # the journal's live generation, if the store could not build it
             self._recover()
             self._servable: dict[int, Live] = {self.live.id: self.live}   # in memory, oldest first
             legacy.migrate(self.tensor_dir, self.records, self.store)
@@ -128,11 +129,22 @@ class Generations:
             elif e.get("type") == "quality" and e["generation"] in self.records:
                 self.records[e["generation"]].quality.append(e["quality"])
         self.values.base_sums = self.records[0].checksums
-        last = max(i for i, r in self.records.items() if not r.skipped)
-        if last:
-            self.overrides = self._load_overrides(last)
+        served = sorted((i for i, r in self.records.items() if not r.skipped), reverse=True)
+        for last in served:
+            if not last:
+                break
+            try:
+                self.overrides = self._load_overrides(last)
+            except StoreDamaged as e:
+                if not self.store.shared:    # this server's own store: nothing else has the object
+                    raise
+                # a fleet's store: serve the newest generation this replica can verify; the
+                # follower installs the head again (with backoff) once the object is back
+                self.unverifiable = self.unverifiable or {"generation": last, "digest": e.digest, "message": str(e)}
+                continue
             self.values.recent = {self.records[last].state[k]: t for k, t in self.overrides.items()}
             self.live = Live(last, self.materialize(last))
+            break
 
     def _load_overrides(self, gen: int) -> dict[str, torch.Tensor]:
         """Generation `gen`'s tensors that differ from the base: from memory when they are
@@ -257,8 +269,6 @@ class Generations:
             if c.parent != self.live.id:
                 raise PreconditionFailed(f"generation {self.live.id} went live while this change was prepared "
                                          f"on {c.parent}; plan again")
-            if rec.id in self.records and not self.records[rec.id].skipped:
-                raise PreconditionFailed(f"generation {rec.id} is already in the journal in {self.dir}; plan again")
             p, params = c.plan, dict(c.model.named_parameters())
             base_sums, parent_state = self.records[0].checksums, self.records[c.parent].state
             state, overrides = dict(parent_state), dict(self.overrides)
@@ -280,7 +290,8 @@ class Generations:
                     self.journal.append(s.to_journal())
                     self.records[s.id] = s
                     self.values.learn(s.derived)
-            self.journal.append(rec.to_journal())                # commit point
+            if rec.id not in self.records:   # (journaled already: live before a restart that could not build it)
+                self.journal.append(rec.to_journal())            # commit point
             self._crash("after_journal")
             self.records[rec.id] = rec
             self.values.learn(rec.derived)
