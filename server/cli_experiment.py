@@ -51,7 +51,7 @@ def _default_out(args) -> Path:
 
 def cmd_experiment(args) -> int:
     from transplant_core.experiment import ExperimentConfig, run
-    from transplant_core.experiment_report import write
+    from transplant_core.experiment.report import write
 
     retain = None if args.retain is None else (() if args.retain.strip() in ("", "none") else _csv(args.retain))
     cfg = ExperimentConfig(
@@ -75,7 +75,7 @@ def cmd_experiment(args) -> int:
 
 
 def _human(doc: dict) -> None:
-    from transplant_core.experiment_report import fmt
+    from transplant_core.experiment.report import fmt
 
     st = doc["setting"]
     print(f"{st['target']} <- {st['donor']} on {st['task']}: {st['compatible_modules']} compatible modules, "

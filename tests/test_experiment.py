@@ -11,7 +11,7 @@ import torch
 
 from server.cli import main
 from tiny import make_model, save
-from transplant_core import experiment_stats as S
+from transplant_core.experiment import stats as S
 from transplant_core import lae
 from transplant_core import selectors as sel
 from transplant_core import transplant as tp
@@ -19,7 +19,7 @@ from transplant_core.arch import build_table
 from transplant_core.errors import InvalidArgument
 from transplant_core.evaluate import evaluate
 from transplant_core.experiment import ExperimentConfig, check_methods, resolve_ks
-from transplant_core.experiment_sweep import Evaluator, State, Sweep, extras_table, lowrank_rank
+from transplant_core.experiment.sweep import Evaluator, State, Sweep, extras_table, lowrank_rank
 from transplant_core.selection import top_k
 from transplant_core.tasks import Example, Task, load_task
 
@@ -367,7 +367,7 @@ def test_extras_copy_norms_and_embeddings_too(pair, tokenizer):
 
 def test_lowrank_moves_each_module_by_rank_r(pair):
     from transplant_core.checkpoint import ModelTensors
-    from transplant_core.experiment_sweep import LowRank
+    from transplant_core.experiment.sweep import LowRank
 
     table, target, donor = pair["table"], copy.deepcopy(pair["target"]), pair["donor"]
     # tiny llama, per layer: q, o 32x32; k, v 16x32 (2 KV heads); gate, up 64x32; down 32x64

@@ -72,6 +72,9 @@ class ModuleTable:
     # weight matrices of the decoder layers no module kind covers (MoE experts and router),
     # as paths relative to a layer: listed by inspect and compat, never transplanted
     skipped: tuple[str, ...] = ()
+    # groups of kinds an engine keeps fused in one parameter (vLLM: q/k/v, gate/up), from
+    # the architecture table: a swap sends each group whole
+    fused: tuple[tuple[str, ...], ...] = ()
 
     def __contains__(self, ref: ModuleRef) -> bool:
         return ref in self.modules
@@ -165,4 +168,5 @@ def build_table(model: nn.Module, shapes: dict[str, tuple[tuple[int, ...], str]]
     prefix = f"{layers_path}.0."
     skipped = tuple(sorted(k[len(prefix):] for k, p in model.named_parameters()     # the model's own layout
                            if k.startswith(prefix) and p.dim() >= 2 and f"{k}" not in covered))
-    return ModuleTable(model_type, source, layers_path, getattr(config, "vocab_size", None), modules, skipped)
+    fused = tuple(tuple(g) for g in ARCHITECTURES[model_type].get("fused", ())) if layout else ()
+    return ModuleTable(model_type, source, layers_path, getattr(config, "vocab_size", None), modules, skipped, fused)

@@ -7,7 +7,7 @@ import re
 import sys
 from pathlib import Path
 
-from transplant_core.experiment_report import baselines_markdown, seeds_markdown, summary_markdown, write
+from transplant_core.experiment.report import baselines_markdown, seeds_markdown, summary_markdown, write
 
 HERE = Path(__file__).parent
 SETTINGS = ("cross_generation", "base_vs_tuned", "adapter")

@@ -51,17 +51,15 @@ from .base import QueueFull, Request
 
 log = logging.getLogger("transplant.vllm")
 
-# vLLM fuses these projections into one parameter; a group is loaded whole or not at all.
-FUSED_GROUPS = (("attn.q", "attn.k", "attn.v"), ("mlp.gate", "mlp.up"))
-
-
 def complete_groups(table, refs) -> list:
-    """`refs` plus the rest of every fused group one of them belongs to."""
+    """`refs` plus the rest of every fused group one of them belongs to (vLLM keeps those
+    projections in one parameter: the architecture table's `fused`); a group is loaded
+    whole or not at all."""
     from transplant_core.refs import ModuleRef
 
     out = set(refs)
     for r in refs:
-        for group in FUSED_GROUPS:
+        for group in table.fused:
             if r.kind in group:
                 out.update(ModuleRef(r.layer, k) for k in group if ModuleRef(r.layer, k) in table.modules)
     return sorted(out)

@@ -19,14 +19,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import change
-from . import transplant as tp
-from .arch import ModuleInfo, ModuleTable
-from .checkpoint import DictTensors
-from .generation import greedy
-from .refs import ModuleRef
-from .sparse import Sparse
-from .tasks import Task, score
+from .. import change
+from .. import transplant as tp
+from ..arch import ModuleInfo, ModuleTable
+from ..checkpoint import DictTensors
+from ..generation import greedy
+from ..refs import ModuleRef
+from ..sparse import Sparse
+from ..tasks import Task, score
 
 Outcome = dict   # {L: {block: bool ndarray}}; blocks: "dev", "test", each retention task (its test
 #                  questions) and DEV + each retention task (its dev questions)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .experiment_numbers import EXTRAS, UNITS
-from .front import choose, front_rows
-from .refs import ModuleRef
+from .numbers import EXTRAS, UNITS
+from ..front import choose, front_rows
+from ..refs import ModuleRef
 
 COLORS = {"lae": "tab:blue", "random": "tab:gray", "dw": "tab:orange", "lae_tf": "tab:cyan",
           "lae_kind": "tab:purple", "dwx": "tab:brown", "taylor": "tab:olive", "swap": "tab:pink",
@@ -425,7 +425,7 @@ def selector_scores_plot(doc, L, path: Path) -> Path:
 
 def write(doc: dict, out: Path) -> dict[str, str]:
     """Write results.json, report.md and the plots into `out`; returns {name: file name}."""
-    from .plot import score_heatmap
+    from ..plot import score_heatmap
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

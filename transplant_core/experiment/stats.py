@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .metrics import recovery, retention, tir
+from ..metrics import recovery, retention, tir
 
 LEVEL = 0.95
 

@@ -1,7 +1,6 @@
 """Task quality: probes measured on every generation (shadow before it goes live, right
-after, and periodically), exported per task and generation, and the guard that refuses
-or reverts a transplant that drops a guarded task by more than its margin, with
-enough evidence that it is not noise."""
+after, and periodically) and exported per task and generation; the guard (guard.py)
+judges a candidate on them."""
 from __future__ import annotations
 
 import logging
@@ -10,11 +9,13 @@ import time
 from dataclasses import dataclass, field
 
 from transplant_core.evaluate import evaluate
-from transplant_core.metrics import bootstrap_ci, paired_drop, recovery, tir
+from transplant_core.metrics import bootstrap_ci, recovery, tir
 from transplant_core.tasks import Task
 
-from .config import ProbeSpec, ServeConfig
-from .metrics import QualityMetrics
+from ..config import ProbeSpec, ServeConfig
+from ..metrics import QualityMetrics
+from . import guard
+from .guard import Verdict
 
 log = logging.getLogger("transplant.quality")
 
@@ -35,17 +36,6 @@ class Measurement:
         lo, hi = bootstrap_ci(self.correct)
         return {"task": self.task, "accuracy": self.accuracy, "n": len(self.correct), "correct": sum(self.correct),
                 "generation": self.generation, "ci_low": lo, "ci_high": hi, "phase": self.phase}
-
-
-@dataclass
-class Verdict:
-    ok: bool
-    violations: list[dict]
-
-    def reason(self) -> str:
-        return "; ".join(f"{v['task']} dropped {v['before']:.3f} -> {v['after']:.3f} (n={v['n']}, "
-                         f"drop {v['drop']:.3f} > margin {v['margin']:.3f}, lower bound {v['lower']:.3f} > 0)"
-                         for v in self.violations)
 
 
 class QualityMonitor:
@@ -97,17 +87,9 @@ class QualityMonitor:
     # ---- the guard -------------------------------------------------------------------
 
     def judge(self, before: dict[str, Measurement], after: dict[str, Measurement]) -> Verdict:
-        g = self.cfg.guard
-        out = []
-        for p in self.probes:
-            if not p.guard or p.task not in before or p.task not in after:
-                continue
-            drop, lower = paired_drop(before[p.task].correct, after[p.task].correct, g.confidence)
-            if drop > g.margin and lower > 0:
-                out.append({"task": p.task, "before": before[p.task].accuracy, "after": after[p.task].accuracy,
-                            "n": len(after[p.task].correct), "drop": drop, "lower": lower, "margin": g.margin})
-        self.metrics.guard.labels("refuse" if out else "allow").inc()
-        return Verdict(not out, out)
+        v = guard.judge(self.probes, self.cfg.guard, before, after)
+        self.metrics.guard.labels("allow" if v.ok else "refuse").inc()
+        return v
 
     # ---- export ----------------------------------------------------------------------
 

@@ -1,8 +1,8 @@
 """The experiment's numbers: every row (method, L, K) against the baselines, best K
 chosen three ways, the sweep summary and the verdicts on what the issue hopes for.
 
-Input: per-state outcomes (experiment_sweep), the selections (experiment.Selections);
-output: the plain results document that experiment_report renders. Nothing here
+Input: per-state outcomes (sweep.py), the selections (config.Selections);
+output: the plain results document that report.py renders. Nothing here
 evaluates a model or prints.
 """
 from __future__ import annotations
@@ -11,26 +11,17 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from . import selectors as sel
-from .experiment_stats import (Boot, accuracy_stat, difference_stat, recovery_stat, retention_stat, spread,
+from .. import selectors as sel
+from .stats import (Boot, accuracy_stat, difference_stat, recovery_stat, retention_stat, spread,
                                tir_stat)
-from .experiment_sweep import DEV
-from .metrics import recovery, retention, tir
+from .config import EXTRAS, REFERENCES, UNITS  # noqa: F401 - named in the results document
+from .sweep import DEV
+from ..metrics import recovery, retention, tir
 
 if TYPE_CHECKING:
-    from .experiment import Selections, Workload
-    from .experiment_sweep import Sweep
+    from .config import Selections, Workload
+    from .sweep import Sweep
 
-REFERENCES = ("lae", "dw")       # always measured: the paper's method and the cheap baseline
-EXTRAS = "+x"                    # suffix: also copy every differing norm, embedding and head weight
-UNITS = {"lowrank": "every compatible module moved by the top-r singular components of its weight difference, "
-                    "r chosen so the factors hold as many numbers as K average modules (K = all: full copy)",
-         "ties": "TIES trim: every module's weight difference kept on its largest-magnitude entries, as many as "
-                 "K average modules hold",
-         "dare": "DARE: every module's weight difference kept on random entries (that share), rescaled by 1/share",
-         "graft": "model grafting (Panigrahi et al. 2023): a mask over the entries learned on the donor's answers "
-                  "to the probe prompts, cut to that share",
-         "stitch": "Localize-and-Stitch (He et al. 2024): the mask learned with an L1 penalty, cut to that share"}
 SAFE = 0.95      # the retention-safe K rule: every other task keeps >= 95% of its dev accuracy
 
 SPLITS = ("dev", "test", "full")
