@@ -15,12 +15,12 @@ from transplant_core.errors import PreconditionFailed
 
 from .auth import AdminAuthInterceptor, load_key, load_or_create_token
 from .config import ServeConfig
-from .http import HttpServer
-from .openai_api import OpenAIApi
-from .errors import MalformedRequest
+from .api.http import HttpServer
+from .api.openai import OpenAIApi
+from .api.errors import MalformedRequest
 from .rpc import ADMIN_SERVICE, INFERENCE_SERVICE, admin_pb2, inference_pb2
 from .runtime import Runtime
-from .servicers import AdminServicer, InferenceServicer
+from .api.grpc import AdminServicer, InferenceServicer
 
 log = logging.getLogger("transplant.server")
 SERVICES = ("", INFERENCE_SERVICE, ADMIN_SERVICE)

@@ -71,7 +71,7 @@ class Scheduler(InProcess):
         return self._q.empty() and not self._busy.is_set()
 
     def stop(self) -> None:
-        from .errors import NotReady
+        from .api.errors import NotReady
 
         self._stop.set()
         if self._thread.is_alive():

@@ -98,7 +98,7 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from server.cli import build_parser  # noqa: E402
+from server.cli.main import build_parser  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -280,7 +280,7 @@ def test_editable_install_is_a_plain_path_entry(tmp_path):
 def test_selectors_offline(capsys, tiny_dirs, task_file, tmp_path):
     """--selector on analyze and apply; `all` compares them at --k and uses the best; the
     CLI's list of selectors is the core's (kept apart so --help needs no torch)."""
-    from server.cli import SELECTOR_CHOICES
+    from server.cli.common import SELECTOR_CHOICES
     from transplant_core.selectors import SELECTORS
 
     assert SELECTOR_CHOICES == SELECTORS + ("all",)

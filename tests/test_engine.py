@@ -184,7 +184,7 @@ def test_stop_finishes_what_waits_and_a_call_is_queued_whole_or_not_at_all(engin
     """The choices of one call are queued together or refused together (QueueFull, nothing
     queued); at stop, every request still waiting learns why (NotReady), none waits forever."""
     from server.engines.base import QueueFull
-    from server.errors import NotReady
+    from server.api.errors import NotReady
 
     model = make_model("llama", 0).eval()
     eng = (ContinuousEngine(_Gens(model), tokenizer, 1, 2) if engine == "continuous"

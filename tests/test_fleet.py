@@ -368,7 +368,7 @@ def test_etcd_client_parts():
 def test_fleet_configuration_errors(tmp_path):
     import argparse
 
-    from server.cli_serve import config_from_args, register
+    from server.cli.serve import config_from_args, register
     from transplant_core.errors import InvalidArgument
 
     ap = argparse.ArgumentParser()

@@ -210,7 +210,7 @@ def test_bad_completions_get_openai_errors_and_change_nothing(served, body, stat
 
 def test_every_domain_error_has_an_http_status():
     """ABORTED (a fleet conflict: another record won the log's head) is a 409, not a 500."""
-    from server.errors import STATUS, http_status_of
+    from server.api.errors import STATUS, http_status_of
     from server.fleet.log import Conflict
 
     assert http_status_of(Conflict("another record won")) == 409

@@ -53,7 +53,7 @@ def test_every_readme_command_runs_as_shown(tmp_path):
                PATH=f"{ROOT / '.venv' / 'bin'}:{os.environ['PATH']}", PYTHONPATH=str(ROOT))
     setup = [c for c in cmds if c.startswith("bash deploy/setup.sh")]
     assert setup and all(".venv/bin/" in c for c in setup)          # what CI runs (.ci/run)
-    from server.cli import build_parser
+    from server.cli.main import build_parser
 
     parser = build_parser()
     for c in cmds:                                                   # every transplant line parses

@@ -487,7 +487,7 @@ def test_logprobs_echo_and_sampling_extras_equal_transformers(served):
     stop_token_ids, logit_bias, ignore_eos and token-id prompts to vLLM's SamplingParams;
     the replies equal the embedded decoder's on the same weights (float32): the same
     tokens, logprobs within 1e-3, the same top tokens."""
-    from server.openai_api import completion_logprobs
+    from server.api.openai import completion_logprobs
 
     s, _ = served
     rt = s.runtime

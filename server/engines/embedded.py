@@ -58,7 +58,7 @@ class ContinuousEngine(InProcess):
         return not len(self._q) and not self._batches
 
     def stop(self) -> None:
-        from ..errors import NotReady
+        from ..api.errors import NotReady
 
         self._stop.set()
         if self._thread.is_alive():

@@ -46,7 +46,7 @@ from typing import Callable
 from transplant_core.errors import InvalidArgument, NotFound, PreconditionFailed
 from transplant_core.generation import Completion
 
-from ..errors import NotReady
+from ..api.errors import NotReady
 from .base import QueueFull, Request
 
 log = logging.getLogger("transplant.vllm")

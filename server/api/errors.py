@@ -9,10 +9,10 @@ import grpc
 
 from transplant_core import errors as E
 
-from .engines.base import QueueFull
-from .fleet.etcd import Unavailable as FleetUnavailable
-from .generations.log import Conflict as FleetConflict
-from .generations.log import OutcomeUnknown
+from ..engines.base import QueueFull
+from ..fleet.etcd import Unavailable as FleetUnavailable
+from ..generations.log import Conflict as FleetConflict
+from ..generations.log import OutcomeUnknown
 
 log = logging.getLogger("transplant.server")
 

@@ -55,7 +55,7 @@ def register(sub) -> None:
         q.add_argument("--alpha", type=float, help="blend factor in [0, 1]; 1 = full copy (default 1)")
         q.add_argument("--alignment", default="free", choices=("free", "teacher_forced"),
                        help="step alignment of the analysis (default free)")
-        from .cli import SELECTOR_CHOICES
+        from .common import SELECTOR_CHOICES
 
         q.add_argument("--selector", default="", choices=SELECTOR_CHOICES if name == "plan" else SELECTOR_CHOICES[:-1],
                        help="how a task + K selection ranks modules (default lae, the paper's)"
@@ -70,7 +70,7 @@ def register(sub) -> None:
         q.add_argument("--cast", action="store_true",
                        help="convert donor values stored in another dtype to the live model's (the rounding error "
                             "is reported and journaled); without it such modules are refused")
-        from .cli import lowrank_flags
+        from .common import lowrank_flags
 
         lowrank_flags(q, "live")
         q.add_argument("--retention-floor", type=float, default=0.0, metavar="F",
@@ -97,8 +97,8 @@ class Client:
     def __init__(self, args):
         import grpc
 
-        from .config import default_state_dir
-        from .rpc import admin_pb2_grpc
+        from ..config import default_state_dir
+        from ..rpc import admin_pb2_grpc
 
         token = args.token
         if not token:
@@ -172,7 +172,7 @@ def _out(args, msg, human) -> int:
 
 
 def _status(args) -> int:
-    from .rpc import admin_pb2 as A
+    from ..rpc import admin_pb2 as A
 
     return _out(args, Client(args).GetStatus(A.GetStatusRequest()), lambda d: print(
         f"{d['model']} ({d['arch']}): generation {d['live_generation']} live of {d['generations']}, "
@@ -182,7 +182,7 @@ def _status(args) -> int:
 
 
 def _fleet(args) -> int:
-    from .rpc import admin_pb2 as A
+    from ..rpc import admin_pb2 as A
 
     def human(d):
         if not d["enabled"]:
@@ -211,7 +211,7 @@ def _fleet(args) -> int:
 
 
 def _donors(args) -> int:
-    from .rpc import admin_pb2 as A
+    from ..rpc import admin_pb2 as A
 
     def human(d):
         for x in d["donors"]:
@@ -223,14 +223,14 @@ def _donors(args) -> int:
 
 
 def _register(args) -> int:
-    from .rpc import admin_pb2 as A
+    from ..rpc import admin_pb2 as A
 
     return _out(args, Client(args).RegisterDonor(A.RegisterDonorRequest(name=args.name, path=args.path)),
                 lambda d: print(f"registered {d['name']} ({d['path']}): {d['compatible_modules']} compatible modules"))
 
 
 def _treq(args):
-    from .rpc import admin_pb2 as A
+    from ..rpc import admin_pb2 as A
 
     evals = getattr(args, "eval", "")          # `plan` has no --eval/--n: a dry run measures nothing
     req = A.TransplantRequest(donor=args.donor, task=args.task, k=args.k, alignment=args.alignment,
@@ -251,7 +251,7 @@ def _treq(args):
 def _plan(args) -> int:
     def human(d):
         if d.get("selectors"):
-            from .cli import _print_comparison
+            from .offline import _print_comparison
 
             _print_comparison({"k": args.k, "baseline_loss": d["baseline_loss"], "chosen": d["selector"],
                                "why": d["why"], "selectors": d["selectors"]})
@@ -321,7 +321,7 @@ def _transplant(args) -> int:
 
 
 def _revert(args) -> int:
-    from .rpc import admin_pb2 as A
+    from ..rpc import admin_pb2 as A
 
     req = A.RevertRequest(reason=args.reason, eval_tasks=[t for t in args.eval.split(",") if t])
     if args.to is not None:
@@ -345,14 +345,14 @@ def _history_lines(d) -> list[str]:
 
 
 def _history(args) -> int:
-    from .rpc import admin_pb2 as A
+    from ..rpc import admin_pb2 as A
 
     return _out(args, Client(args).ListGenerations(A.ListGenerationsRequest()),
                 lambda d: print("\n".join(_history_lines(d))))
 
 
 def _eval(args) -> int:
-    from .rpc import admin_pb2 as A
+    from ..rpc import admin_pb2 as A
 
     return _out(args, Client(args).Evaluate(A.EvaluateRequest(task=args.task, n=args.n)), lambda d: print(
         f"generation {d['generation']} on {d['task']}: accuracy {d['accuracy']:.3f} ({d['correct']}/{d['n']}), "
@@ -360,7 +360,7 @@ def _eval(args) -> int:
 
 
 def _watch(args) -> int:
-    from .rpc import admin_pb2 as A
+    from ..rpc import admin_pb2 as A
 
     c = Client(args)
     while True:

@@ -30,7 +30,7 @@ def register(sub) -> None:
 
 
 def _request(args):
-    from .rpc import inference_pb2 as I
+    from ..rpc import inference_pb2 as I
 
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     req = I.GenerateRequest(max_new_tokens=max(args.max_tokens, 0), temperature=args.temperature, top_p=args.top_p,
@@ -51,8 +51,8 @@ def _request(args):
 def cmd_generate(args) -> int:
     import grpc
 
-    from .rpc import inference_pb2 as I
-    from .rpc import inference_pb2_grpc
+    from ..rpc import inference_pb2 as I
+    from ..rpc import inference_pb2_grpc
 
     channel = (grpc.secure_channel(args.address, grpc.ssl_channel_credentials(Path(args.tls_ca).read_bytes()))
                if args.tls_ca else grpc.insecure_channel(args.address))

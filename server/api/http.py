@@ -1,5 +1,5 @@
 """The HTTP side: GET /metrics (Prometheus), POST /alerts (Alertmanager webhook) and the
-OpenAI-compatible API under /v1 (server/openai_api.py).
+OpenAI-compatible API under /v1 (server/api/openai.py).
 
 This module only speaks HTTP: routing, bearer tokens, size limits, JSON, keep-alive
 (HTTP/1.1) and server-sent events (chunked). What an alert means is the runtime's;
@@ -15,7 +15,7 @@ from typing import Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from .auth import check_bearer
+from ..auth import check_bearer
 from .errors import openai_error
 
 log = logging.getLogger("transplant.http")
@@ -151,7 +151,7 @@ class HttpServer:
                     return None
 
             def _api(self, call, route: str, with_body: bool) -> None:
-                from .openai_api import ApiError, check_key, error_reply
+                from .openai import ApiError, check_key, error_reply
 
                 t0 = time.perf_counter()
                 if outer.api is None:

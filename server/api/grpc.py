@@ -6,12 +6,12 @@ import queue
 import time
 
 from .errors import rpc, rpc_stream
-from .generations import Record
-from .rpc import admin_pb2 as A
-from .rpc import admin_pb2_grpc
-from .rpc import inference_pb2 as I
-from .rpc import inference_pb2_grpc
-from .runtime import Runtime, TransplantArgs
+from ..generations import Record
+from ..rpc import admin_pb2 as A
+from ..rpc import admin_pb2_grpc
+from ..rpc import inference_pb2 as I
+from ..rpc import inference_pb2_grpc
+from ..runtime import Runtime, TransplantArgs
 
 FINISH = {"eos": I.FINISH_REASON_EOS, "stop": I.FINISH_REASON_STOP, "length": I.FINISH_REASON_LENGTH}
 

@@ -11,7 +11,7 @@ import contextlib
 import re
 from pathlib import Path
 
-from server.cli import _common, _emit, _progress
+from .common import _common, _emit, _progress
 
 
 def _csv(text: str) -> tuple[str, ...]:
@@ -26,7 +26,7 @@ def _ints(text: str) -> tuple[int, ...]:
 
 
 class _Bars:
-    """One tqdm bar per stage, through server.cli._progress."""
+    """One tqdm bar per stage, through server.cli.common._progress."""
 
     def __init__(self, quiet: bool):
         self.quiet, self.stack, self.stage, self.tick, self.done = quiet, contextlib.ExitStack(), None, None, 0

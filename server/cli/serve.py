@@ -40,7 +40,7 @@ def register(sub) -> None:
 def config_from_args(args):
     from transplant_core.errors import InvalidArgument
 
-    from .config import load_config
+    from ..config import load_config
 
     donors = None
     if args.donor:
@@ -67,7 +67,7 @@ def config_from_args(args):
 
 
 def cmd_serve(args) -> int:
-    from .app import Server
+    from ..app import Server
 
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
