@@ -37,82 +37,20 @@ import asyncio
 import logging
 import os
 import signal
-import sys
 import threading
 import time
 import uuid
 from typing import Callable
 
-from transplant_core.errors import InvalidArgument, NotFound, PreconditionFailed
+from transplant_core.errors import InvalidArgument, NotFound
 from transplant_core.generation import Completion
 
 from ..api.errors import NotReady
 from .base import QueueFull, Request
+from .vllm_process import _env
+from .vllm_swap import Swaps, complete_groups
 
 log = logging.getLogger("transplant.vllm")
-
-def complete_groups(table, refs) -> list:
-    """`refs` plus the rest of every fused group one of them belongs to (vLLM keeps those
-    projections in one parameter: the architecture table's `fused`); a group is loaded
-    whole or not at all."""
-    from transplant_core.refs import ModuleRef
-
-    out = set(refs)
-    for r in refs:
-        for group in table.fused:
-            if r.kind in group:
-                out.update(ModuleRef(r.layer, k) for k in group if ModuleRef(r.layer, k) in table.modules)
-    return sorted(out)
-
-
-def check_groups(table, refs) -> None:
-    """Refuse a set of modules with an incomplete fused group (vLLM would corrupt the layer)."""
-    missing = sorted(set(complete_groups(table, refs)) - set(refs))
-    if missing:
-        raise InvalidArgument("vLLM fuses q/k/v and gate/up: these modules must be sent with their group, "
-                              f"missing {', '.join(map(str, missing))}")
-
-
-_PDEATHSIG: dict = {"prctl": None, "forker": 0}
-
-
-def _before_fork() -> None:
-    _PDEATHSIG["forker"] = os.getpid()
-
-
-def _die_with_us() -> None:
-    """In a child forked by this process (vLLM's engine core) or by one of its children: SIGKILL
-    when the thread that forked it ends, so kill -9 of the server (or a stop during start-up)
-    frees the memory at once, down the whole tree. prctl was resolved before the fork: nothing
-    is loaded in the child. (Spawned children exec and run no fork hooks: vllm_worker watches.)"""
-    if _PDEATHSIG["prctl"](1, signal.SIGKILL) != 0:     # PR_SET_PDEATHSIG
-        return
-    if os.getppid() != _PDEATHSIG["forker"]:          # the parent died before prctl took effect
-        os._exit(1)
-
-
-def _arm_parent_death_signal() -> None:
-    if _PDEATHSIG["prctl"] is not None or not sys.platform.startswith("linux"):
-        return
-    try:
-        import ctypes
-
-        _PDEATHSIG["prctl"] = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):      # no prctl: vllm_worker's watch remains
-        return
-    os.register_at_fork(before=_before_fork, after_in_child=_die_with_us)
-
-
-def _env(spec) -> None:
-    os.environ["TRANSPLANT_SERVER_PID"] = str(os.getpid())    # vllm_worker: die with the server
-    os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "fork")   # vLLM's default on CPU; forks run the hook
-    _arm_parent_death_signal()
-    os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")        # else vLLM picks a non-loopback address
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(spec.kv_cache_gib))
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")   # partial reloads log a warning per layer
-    os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
-    os.environ.setdefault("DO_NOT_TRACK", "1")
-
 
 def _logprob(token: int, d: dict, n: int):
     """vLLM's {token id: Logprob(logprob, rank)} for one position as ours: the token's
@@ -131,7 +69,7 @@ def _finish_reason(o) -> str:
     return "cancelled"
 
 
-class VllmEngine:
+class VllmEngine(Swaps):
     def __init__(self, gens, table, model_path, cfg, on_finish: Callable[[Request], None] | None = None,
                  on_step: Callable[[int], None] | None = None):
         self.gens, self.table, self.cfg, self.spec = gens, table, cfg, cfg.vllm
@@ -421,82 +359,3 @@ class VllmEngine:
         spans = [(int(s.version), s.start, min(s.end, n)) for s in (o.weight_versions or [])
                  if str(s.version).isdigit() and s.start < n]
         return spans if any(g != generation for g, _, _ in spans) else None
-
-    # ---- swaps ----------------------------------------------------------------------------
-
-    def install(self, parent_model, cand, commit: Callable[[], object]):
-        """Put a prepared generation into vLLM and commit it (see the module docstring).
-        Nothing changes if the engine refuses or the commit fails."""
-        refs = complete_groups(self.table, cand.plan.refs)
-        new, old = self._tensors(cand.model, refs), self._tensors(parent_model, refs)
-        self._call(self._hold())
-        try:
-            self._call(self._load(new))
-            try:
-                rec = commit()
-            except BaseException:
-                self._call(self._load(old))
-                raise
-            self.current = rec.id
-            self._call(self._label(rec.id))
-            return rec
-        finally:
-            self._call(self._release())
-
-    async def _hold(self) -> None:
-        """Close the gate and pause; on any failure the gate opens again (and the engine
-        resumes if it can), so requests never wait behind a swap that did not happen."""
-        self._gate.clear()
-        try:
-            await self._pause()
-        except BaseException:
-            try:
-                await self.engine.resume_generation()
-            except Exception:                 # noqa: BLE001 - a dead engine cannot resume; requests fail fast
-                pass
-            self._gate.set()
-            raise
-
-    async def _pause(self) -> None:
-        if self.spec.swap_policy == "freeze":
-            # a pinned request runs wholly on its generation: wait for those (the gate is shut,
-            # so no new one starts); the rest are frozen
-            await self._wait(self._pinned_idle, "running requests pinned to a generation")
-            # keep running requests where they are, but drop their KV cache: on resume vLLM
-            # recomputes it with the new weights, so every token after the boundary is the new
-            # generation's continuation of the text so far
-            await self.engine.pause_generation(mode="keep", clear_cache=True)
-            return
-        await self._wait(self._idle, "running requests")
-        await self.engine.pause_generation(mode="wait", clear_cache=False)
-
-    async def _wait(self, event: asyncio.Event, what: str) -> None:
-        try:
-            await asyncio.wait_for(event.wait(), self.spec.swap_drain_timeout_s)
-        except asyncio.TimeoutError:
-            raise PreconditionFailed(f"{what} did not finish within {self.spec.swap_drain_timeout_s:g} s "
-                                     "(vllm.swap_drain_timeout_s); the swap was refused and nothing changed") from None
-
-    async def _release(self) -> None:
-        try:
-            await self.engine.reset_prefix_cache()      # a reload does not: cached prefixes hold old weights' KV
-            await self.engine.resume_generation()
-        finally:
-            self._gate.set()                          # waiting requests go on (or fail fast on a dead engine)
-
-    async def _load(self, tensors: dict) -> None:
-        from safetensors.torch import save
-
-        check_groups(self.table, sorted({m.ref for m in self.table.modules.values() if any(k in tensors for k in m.keys)}))
-        await self.engine.collective_rpc("transplant_load", args=(save(tensors),))
-
-    async def _label(self, gen: int) -> None:
-        await self.engine.update_weight_version(str(gen))
-
-    def _tensors(self, model, refs) -> dict:
-        params = dict(model.named_parameters())
-        return {k: params[k].detach().contiguous() for r in refs for k in self.table[r].keys}
-
-    def load_raw(self, tensors: dict) -> None:
-        """Send tensors as they are (tests: an incomplete group must be refused here)."""
-        self._call(self._load(tensors))
