@@ -115,13 +115,13 @@ def main(argv=None) -> C.Result:
     ap.add_argument("--clients", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4, 16],
                     help="concurrency levels, comma separated (default 1,4,16)")
     ap.add_argument("--batch-wait-ms", type=float, default=10.0, help="server batch_wait_ms (its default: 10)")
-    ap.add_argument("--regroup-max-ms", type=float, help="override server.scheduler.REGROUP_MAX_S (0: regrouping off, "
+    ap.add_argument("--regroup-max-ms", type=float, help="override server.engines.static.REGROUP_MAX_S (0: regrouping off, "
                                                         "the scheduler before the fix)")
     args = ap.parse_args(argv)
     if args.regroup_max_ms is not None:
-        import server.scheduler
+        import server.engines.static
 
-        server.scheduler.REGROUP_MAX_S = args.regroup_max_ms / 1000
+        server.engines.static.REGROUP_MAX_S = args.regroup_max_ms / 1000
     if args.quick:
         args.repeats, args.max_new_tokens = 1, min(args.max_new_tokens, 8)
     return run(args)

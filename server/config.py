@@ -6,6 +6,7 @@ import json
 import os
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -84,7 +85,6 @@ class FleetSpec(BaseModel):
     @field_validator("etcd")
     @classmethod
     def _endpoint(cls, v: str) -> str:
-        from .fleet.etcd import parse_endpoints
 
         parse_endpoints(v)
         return v
@@ -212,3 +212,27 @@ def load_config(path: str | None = None, **overrides) -> ServeConfig:
     except ValidationError as e:
         problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'config'}: {err['msg']}" for err in e.errors())
         raise InvalidArgument(f"invalid configuration: {problems}") from None
+
+
+# ---- etcd endpoints (fleet.etcd) ----------------------------------------------------------
+
+def parse_endpoint(spec: str) -> tuple[str, int]:
+    """etcd://HOST:PORT or http://HOST:PORT -> (host, port)."""
+    u = urlsplit(spec if "://" in spec else f"etcd://{spec}")
+    if u.scheme not in ("etcd", "http") or not u.hostname or not u.port or u.path not in ("", "/"):
+        raise ValueError(f"{spec!r} is not an etcd endpoint; expected etcd://HOST:PORT (for example "
+                         "etcd://127.0.0.1:2379), or a cluster's members separated by commas "
+                         "(etcd://a:2379,b:2379,c:2379)")
+    return u.hostname, u.port
+
+
+def parse_endpoints(spec: str) -> list[tuple[str, int]]:
+    """etcd://a:2379,b:2379,c:2379 (the scheme once, or on each) -> [(host, port), ...]."""
+    parts = [p.strip() for p in spec.split(",")]
+    if not all(parts):
+        raise ValueError(f"{spec!r} has an empty endpoint; expected etcd://HOST:PORT[,HOST:PORT...]")
+    scheme = spec.split("://", 1)[0] + "://" if "://" in parts[0] else ""
+    out = [parse_endpoint(p if "://" in p else scheme + p) for p in parts]
+    if len(set(out)) != len(out):
+        raise ValueError(f"{spec!r} names an endpoint twice")
+    return out

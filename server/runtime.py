@@ -26,7 +26,7 @@ from .control.planner import PlanResult, Planner, TransplantArgs
 from .control.requests import Requests
 from .donors import Donor, DonorRegistry
 from .engines import Request, make_engine
-from .api.errors import NotReady
+from .engines.base import NotReady
 from .generations import Generations, Record, claim
 from .generations.log import LocalLog
 from .metrics import Metrics, QualityMetrics

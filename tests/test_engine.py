@@ -8,7 +8,7 @@ import torch
 from server.engines import Request
 from server.engines.embedded import ContinuousEngine
 from server.generations import Live
-from server.scheduler import Scheduler
+from server.engines.static import Scheduler
 from tiny import make_model
 from transplant_core.generation import DecodeBatch, SamplingParams, SpliceUnsupported, generate
 

@@ -9,7 +9,7 @@ import grpc
 
 from transplant_core import errors as E
 
-from ..engines.base import QueueFull
+from ..engines.base import NotReady, QueueFull  # noqa: F401 - NotReady: mapped here, raised below
 from ..fleet.etcd import Unavailable as FleetUnavailable
 from ..generations.log import Conflict as FleetConflict
 from ..generations.log import OutcomeUnknown
@@ -24,8 +24,6 @@ class MalformedRequest:
         self.message = message
 
 
-class NotReady(Exception):
-    """The server is still loading its model."""
 
 STATUS = {
     E.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,

@@ -1,8 +1,10 @@
-"""The control path: what a call becomes before the engine or the swap sees it, and
-what a change reports back.
+"""The control path: every change a server makes, from request to reply.
 
-Owns: the one validation of a generate request for gRPC and /v1 (requests.py);
-idempotency keys and the truthful outcome of a transplant or revert: live here, live on
-k of n replicas, pending in its canary phase, replayed (outcome.py); the alert policy
-(alerts.py: revert the head once), the same for a standalone server and a fleet. The runtime
-(server/runtime.py) drives the swap; this says what a request may be and what happened."""
+Owns: the controller (controller.py: transplant, revert and rollback alerts, from the
+plan to the outcome the caller sees; read it to follow a transplant end to end); the
+planner (planner.py: validation and module selection, nothing changes); the follower
+(follower.py: the one way a generation goes live, standalone or from a fleet's log,
+with shadow probes, the guard and post-swap probes); the one validation of a generate
+request for gRPC and /v1 (requests.py); idempotency keys and truthful outcomes
+(outcome.py); the alert policy, revert the head once (alerts.py). The generation log it
+appends to is server/generations/log.py (standalone) or server/fleet/ (etcd)."""

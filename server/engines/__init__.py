@@ -12,7 +12,7 @@ def make_engine(kind: str, gens, tokenizer, cfg, on_finish, on_step, table=None,
 
         return VllmEngine(gens, table, model_path, cfg, on_finish=on_finish, on_step=on_step)
     if kind == "static":
-        from ..scheduler import Scheduler
+        from .static import Scheduler
 
         return Scheduler(gens, tokenizer, cfg.max_batch_size, cfg.max_queue, cfg.batch_wait_ms,
                          on_finish=on_finish, on_step=on_step)

@@ -24,6 +24,10 @@ class QueueFull(Exception):
     """The bounded request queue is full (RESOURCE_EXHAUSTED, HTTP 429)."""
 
 
+class NotReady(Exception):
+    """The server is still loading its model, or stopping (UNAVAILABLE, HTTP 503)."""
+
+
 @dataclass
 class Request:
     prompt: str

@@ -21,7 +21,7 @@ from typing import Callable
 
 from transplant_core.generation import DecodeBatch, Event
 
-from .base import BoundedQueue, InProcess, Request
+from .base import BoundedQueue, InProcess, NotReady, Request
 
 log = logging.getLogger("transplant.engine")
 
@@ -58,7 +58,6 @@ class ContinuousEngine(InProcess):
         return not len(self._q) and not self._batches
 
     def stop(self) -> None:
-        from ..api.errors import NotReady
 
         self._stop.set()
         if self._thread.is_alive():

@@ -45,8 +45,7 @@ from typing import Callable
 from transplant_core.errors import InvalidArgument, NotFound
 from transplant_core.generation import Completion
 
-from ..api.errors import NotReady
-from .base import QueueFull, Request
+from .base import NotReady, QueueFull, Request
 from .vllm_process import _env
 from .vllm_swap import Swaps, complete_groups
 

@@ -17,7 +17,8 @@ import socket
 import threading
 from dataclasses import dataclass
 from typing import Iterator
-from urllib.parse import urlsplit
+
+from ..config import parse_endpoint, parse_endpoints  # noqa: F401 - what an endpoint list may be
 
 
 class Unavailable(Exception):
@@ -55,28 +56,6 @@ def prefix_end(prefix: str) -> str:
     b = bytearray(prefix.encode())
     b[-1] += 1
     return bytes(b).decode()
-
-
-def parse_endpoint(spec: str) -> tuple[str, int]:
-    """etcd://HOST:PORT or http://HOST:PORT -> (host, port)."""
-    u = urlsplit(spec if "://" in spec else f"etcd://{spec}")
-    if u.scheme not in ("etcd", "http") or not u.hostname or not u.port or u.path not in ("", "/"):
-        raise ValueError(f"{spec!r} is not an etcd endpoint; expected etcd://HOST:PORT (for example "
-                         "etcd://127.0.0.1:2379), or a cluster's members separated by commas "
-                         "(etcd://a:2379,b:2379,c:2379)")
-    return u.hostname, u.port
-
-
-def parse_endpoints(spec: str) -> list[tuple[str, int]]:
-    """etcd://a:2379,b:2379,c:2379 (the scheme once, or on each) -> [(host, port), ...]."""
-    parts = [p.strip() for p in spec.split(",")]
-    if not all(parts):
-        raise ValueError(f"{spec!r} has an empty endpoint; expected etcd://HOST:PORT[,HOST:PORT...]")
-    scheme = spec.split("://", 1)[0] + "://" if "://" in parts[0] else ""
-    out = [parse_endpoint(p if "://" in p else scheme + p) for p in parts]
-    if len(set(out)) != len(out):
-        raise ValueError(f"{spec!r} names an endpoint twice")
-    return out
 
 
 # ---- compare/op builders for txn ----------------------------------------------------------

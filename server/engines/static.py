@@ -33,8 +33,8 @@ from typing import Callable
 
 from transplant_core.generation import generate
 
-from .engines.base import BoundedQueue, InProcess, QueueFull, Request  # noqa: F401  (QueueFull: re-exported)
-from .generations import Generations
+from ..generations import Generations
+from .base import BoundedQueue, InProcess, NotReady, QueueFull, Request  # noqa: F401  (QueueFull: re-exported)
 
 
 REGROUP_FRACTION = 0.05      # of the last batch's decode time
@@ -71,7 +71,6 @@ class Scheduler(InProcess):
         return self._q.empty() and not self._busy.is_set()
 
     def stop(self) -> None:
-        from .api.errors import NotReady
 
         self._stop.set()
         if self._thread.is_alive():
