@@ -292,6 +292,16 @@ def test_a_hung_canary_is_pending_not_ok_and_its_deadline_reverts_the_fleet(worl
     converge(reps.values(), g0 + 3)
 
 
+def report_naming(asked, name: str, digest: str, deadline: float):
+    """Replica `name`'s report in GetFleet (asked of `asked`) once its error names `digest`."""
+    while True:
+        rep = {r.name: r for r in asked.c.admin("GetFleet", A.GetFleetRequest()).replicas}.get(name)
+        if rep is not None and digest in rep.error:
+            return rep
+        assert time.monotonic() < deadline, f"{name}'s report does not name the missing object {digest}"
+        time.sleep(0.3)
+
+
 def test_a_missing_object_is_retried_and_the_newest_verifiable_generation_served(world):
     """a was away for two generations; one object of the newer is missing from the shared
     store: a installs the older one (which it can verify), reports the newer's missing
@@ -318,12 +328,7 @@ def test_a_missing_object_is_retried_and_the_newest_verifiable_generation_served
         while a.live() != g0 + 1:
             assert time.monotonic() < deadline, "a did not install the generation it can verify"
             time.sleep(0.3)
-        while True:
-            rep = {r.name: r for r in reps["b"].c.admin("GetFleet", A.GetFleetRequest()).replicas}.get("a")
-            if rep is not None and digest in rep.error:
-                break
-            assert time.monotonic() < deadline, "a's report does not name the missing object"
-            time.sleep(0.3)
+        rep = report_naming(reps["b"], "a", digest, deadline)
         assert rep.error_generation == g2.id and rep.behind == 1 and rep.live_generation == g0 + 1
         assert health(a) == "SERVING"
     finally:
@@ -350,14 +355,9 @@ def test_a_replica_restarted_on_its_state_dir_without_a_live_object_serves_what_
         mark = (a.tmp / "server.log").stat().st_size
         reps["a"] = a = Replica("a", a.cfg, a.tmp, a.proxy)      # the same state directory
         assert a.proc.poll() is None and health(a) == "SERVING" and a.live() < g1.id
-        deadline = time.monotonic() + 30
-        while True:
-            rep = {r.name: r for r in reps["b"].c.admin("GetFleet", A.GetFleetRequest()).replicas}.get("a")
-            if rep is not None and digest in rep.error:
-                break
-            assert time.monotonic() < deadline, "a's report does not name the missing object"
-            time.sleep(0.3)
-        assert rep.error_generation == g1.id and rep.live_generation == a.live() < g1.id
+        rep = report_naming(reps["b"], "a", digest, time.monotonic() + 30)
+        # (the error names the last generation it tried: every one from the head down that names the object)
+        assert g1.id >= rep.error_generation > rep.live_generation == a.live()
     finally:
         (world["tmp"] / "away.safetensors").rename(store / f"{digest}.safetensors")
     converge(reps.values(), g1.id, timeout=90)            # retried once the object is back
