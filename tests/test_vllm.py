@@ -24,7 +24,9 @@ import vllm  # noqa: E402,F401  - a missing vLLM is a failure, not a skip
 
 from serverkit import (ROOT, A, I, Clients, alive, config, descendants, load_during_swaps, spawn,  # noqa: E402
                        start, wait_for)
+from server.engines.vllm import complete_groups  # noqa: E402
 from transplant_core.errors import InvalidArgument  # noqa: E402
+from transplant_core.refs import ModuleRef  # noqa: E402
 from transplant_core.generation import SamplingParams, generate  # noqa: E402
 from transplant_core.tasks import load_task  # noqa: E402
 
@@ -82,9 +84,14 @@ def test_swap_equals_transformers_and_revert_is_exact(served, modules):
     before, _ = served_texts(c, PROMPTS)
     r = c.admin("Transplant", A.TransplantRequest(donor="v1", modules=modules))
     assert list(r.generation.modules) == modules
+    t = s.runtime.table
+    sent = sum(len(t[ref].keys) for ref in complete_groups(t, [ModuleRef.parse(m) for m in modules]))
+    # the worker read every tensor by path (the store's objects): none crossed as bytes
+    assert s.runtime.scheduler.last_load == {"paths": sent, "bytes": 0}
     texts, gens = served_texts(c, PROMPTS)
     assert gens == {r.generation.id} and texts == [x.text for x in hf(s, PROMPTS)]
     back = c.admin("Revert", A.RevertRequest()).generation.id
+    assert s.runtime.scheduler.last_load == {"paths": sent, "bytes": 0}     # (the checkpoint's own files)
     after, gens = served_texts(c, PROMPTS)
     assert gens == {back} and after == before          # the char tokenizer: equal text is equal token ids
 

@@ -83,7 +83,7 @@ class Follower:
                 seconds = 0.0
             p = cand.plan
             try:
-                done = rt.scheduler.install(parent.model, cand, lambda: gens.commit(cand, rec, skipped))
+                done = rt.scheduler.install(parent.model, cand, lambda: gens.commit(cand, rec, skipped), record=rec)
             except Exception:
                 m.swaps.labels(rec.kind, "error", why).inc()
                 raise

@@ -111,10 +111,11 @@ class Engine(Protocol):
     def depth(self) -> int: ...
     def idle(self) -> bool: ...
     def stop(self) -> None: ...
-    def install(self, parent_model, cand, commit: Callable[[], object]) -> object:
+    def install(self, parent_model, cand, commit: Callable[[], object], record=None) -> object:
         """Make a prepared generation (`cand`, built on `parent_model`) what the engine
         computes, calling `commit` (the write-ahead journal and live pointer) at the right
-        moment; nothing changes if it raises."""
+        moment; nothing changes if it raises. `record`: the generation's staged record
+        (its weights by digest: an engine in another process reads them by path)."""
 
 
 class BoundedQueue:
@@ -154,7 +155,7 @@ class InProcess:
     it, running ones finish on theirs. A group's rows may be admitted apart: the first
     fixes the group's generation (a Live holds its model, so it always runs)."""
 
-    def install(self, parent_model, cand, commit):
+    def install(self, parent_model, cand, commit, record=None):
         return commit()
 
     def submit_many(self, reqs: list[Request]) -> list[Request]:

@@ -7,9 +7,11 @@ A swap (transplant or revert) is installed in place:
   1. close the gate (new requests wait in our queue) and, with `swap_policy: drain`,
      wait until no request runs (up to swap_drain_timeout_s, else the swap is refused
      and nothing changed); with `freeze`, pause vLLM keeping its requests where they are
-  2. send every changed tensor with its whole fused group (q/k/v, gate/up: vLLM fuses
-     them and a partial group silently corrupts the layer), as safetensors bytes to
-     our worker extension, which reloads them in place
+  2. name every changed tensor with its whole fused group (q/k/v, gate/up, from the
+     architecture table: vLLM fuses them and a partial group silently corrupts the
+     layer) to our worker extension by path (its object in the tensor store, or the
+     checkpoint's file for a value as loaded; only a low-rank weight, stored as factors,
+     goes as bytes), which reads and reloads them in place (vllm_swap.py)
   3. commit the generation (journal, write-ahead); if that fails, send the parent's
      values back
   4. label vLLM's weight version with the generation id, reset the prefix cache (a
@@ -83,6 +85,8 @@ class VllmEngine(Swaps):
         self._pinned = 0                  # running and pinned: a freeze waits for them
         self._count = threading.Lock()
         self.current = gens.live.id       # the generation vLLM's weights are
+        self._checkpoint = None           # the checkpoint's tensors, to say where each lies (sources)
+        self.last_load: dict = {}         # the last load sent to the worker: {"paths", "bytes"}
         self.engine = None
         self._stopping = False
         self._held: dict[int, Request] = {}   # accepted and not finished: a stop finishes them
@@ -100,8 +104,9 @@ class VllmEngine(Swaps):
         overrides = sorted({m.ref for m in self.table.modules.values()
                             if any(k in self.gens.overrides for k in m.keys)})
         if overrides:                       # a restart: re-patch the engine to the live generation
-            refs = complete_groups(self.table, overrides)
-            self._call(self._load(self._tensors(self.gens.live.model, refs)))
+            keys = [k for r in complete_groups(self.table, overrides) for k in self.table[r].keys]
+            live = self.gens.live
+            self._call(self._load(*self.sources(self.gens.records[live.id].state, keys, live.model)))
             self._call(self._label(self.current))
         log.info("vLLM engine on %s, generation %d, policy %s", self.model_path, self.current, self.spec.swap_policy)
 

@@ -32,18 +32,24 @@ def check_groups(table, refs) -> None:
 
 
 class Swaps:
-    def install(self, parent_model, cand, commit: Callable[[], object]):
+    def install(self, parent_model, cand, commit: Callable[[], object], record=None):
         """Put a prepared generation into vLLM and commit it (see the module docstring).
-        Nothing changes if the engine refuses or the commit fails."""
+        Nothing changes if the engine refuses or the commit fails. With the staged
+        `record`, the worker reads each tensor by path (sources)."""
         refs = complete_groups(self.table, cand.plan.refs)
-        new, old = self._tensors(cand.model, refs), self._tensors(parent_model, refs)
+        keys = [k for r in refs for k in self.table[r].keys]
+        if record is not None:
+            new = self.sources(record.state, keys, cand.model)
+            old = self.sources(self.gens.records[cand.parent].state, keys, parent_model)
+        else:
+            new, old = ([], self._tensors(cand.model, refs)), ([], self._tensors(parent_model, refs))
         self._call(self._hold())
         try:
-            self._call(self._load(new))
+            self._call(self._load(*new))
             try:
                 rec = commit()
             except BaseException:
-                self._call(self._load(old))
+                self._call(self._load(*old))
                 raise
             self.current = rec.id
             self._call(self._label(rec.id))
@@ -92,11 +98,39 @@ class Swaps:
         finally:
             self._gate.set()                          # waiting requests go on (or fail fast on a dead engine)
 
-    async def _load(self, tensors: dict) -> None:
+    def sources(self, state: dict[str, str], keys: list[str], model) -> tuple[list, dict]:
+        """Where vLLM's worker reads each of `keys` for a generation whose override set is
+        `state`: a value as loaded from the checkpoint's own safetensors file, a changed one
+        from its object in the tensor store, each by path, (key, file, name, dtype, shape);
+        only a value neither holds (a low-rank weight: the store keeps its factors) goes
+        as bytes, taken from `model`. Returns (paths, {key: tensor})."""
+        from transplant_core.checkpoint import CheckpointTensors
+
+        if self._checkpoint is None:
+            self._checkpoint = CheckpointTensors(self.model_path)
+        base, store = self.gens.records[0].checksums, self.gens.store
+        paths, rest, params = [], {}, None
+        for k in keys:
+            digest = state.get(k, base.get(k))
+            want = self.gens.values.base_params[k]
+            if digest == base.get(k) and self._checkpoint.has(k):
+                file, name = self._checkpoint.locate(k)
+                paths.append((k, file, name, "", []))            # as vLLM loaded it at start
+            elif store.has(digest):                              # (bytes alone: give them the parameter's type)
+                paths.append((k, str(store.path(digest)), "tensor", str(want.dtype).removeprefix("torch."),
+                              list(want.shape)))
+            else:
+                params = params or dict(model.named_parameters())
+                rest[k] = params[k].detach().contiguous()
+        return paths, rest
+
+    async def _load(self, paths: list, tensors: dict) -> None:
         from safetensors.torch import save
 
-        check_groups(self.table, sorted({m.ref for m in self.table.modules.values() if any(k in tensors for k in m.keys)}))
-        await self.engine.collective_rpc("transplant_load", args=(save(tensors),))
+        sent = set(tensors) | {p[0] for p in paths}
+        check_groups(self.table, sorted({m.ref for m in self.table.modules.values() if any(k in sent for k in m.keys)}))
+        await self.engine.collective_rpc("transplant_load", args=(paths, save(tensors) if tensors else b""))
+        self.last_load = {"paths": len(paths), "bytes": sum(t.numel() * t.element_size() for t in tensors.values())}
 
     async def _label(self, gen: int) -> None:
         await self.engine.update_weight_version(str(gen))
@@ -107,4 +141,4 @@ class Swaps:
 
     def load_raw(self, tensors: dict) -> None:
         """Send tensors as they are (tests: an incomplete group must be refused here)."""
-        self._call(self._load(tensors))
+        self._call(self._load([], tensors))

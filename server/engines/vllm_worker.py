@@ -1,6 +1,7 @@
-"""Runs inside vLLM's worker process (`worker_extension_cls`): takes a transplant's
-tensors as safetensors bytes (tensors do not survive collective_rpc arguments across
-processes) under the checkpoint's own names, and reloads them in place. vLLM fuses
+"""Runs inside vLLM's worker process (`worker_extension_cls`): reads a swap's tensors by
+path (the tensor store's objects, the checkpoint's own files; only what neither holds
+arrives as safetensors bytes) under the checkpoint's own names, and reloads them in
+place. Each worker reads what it needs itself, so nothing large crosses collective_rpc. vLLM fuses
 q/k/v and gate/up itself, which is why a fused group must always arrive whole (the
 engine checks that before it sends anything). Kept import-light: it loads in vLLM's
 process, not ours."""
@@ -46,9 +47,25 @@ _die_with_the_server()
 
 
 class TransplantWorker:
-    def transplant_load(self, blob: bytes) -> int:
+    def transplant_load(self, paths: list, blob: bytes) -> int:
+        """Reload the tensors named by path, (key, file, name there, dtype, shape) (a dtype
+        given: the file's bytes as that dtype and shape, as the tensor store is addressed
+        by bytes alone), and those in `blob` (safetensors bytes), under the checkpoint's
+        names."""
+        import torch
+        from safetensors import safe_open
         from safetensors.torch import load
 
-        tensors = load(blob)
+        tensors = {}
+        for key, file, name, dtype, shape in paths:
+            with safe_open(file, framework="pt") as f:
+                t = f.get_tensor(name)
+            if dtype:
+                want = getattr(torch, dtype)
+                if t.dtype != want or list(t.shape) != list(shape):
+                    t = t.reshape(-1).view(torch.uint8).view(want).reshape(shape)
+            tensors[key] = t
+        if blob:
+            tensors.update(load(blob))
         self.model_runner.reload_weights(weights_iterator=iter(tensors.items()), is_checkpoint_format=True)
         return len(tensors)
