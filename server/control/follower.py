@@ -69,7 +69,7 @@ class Follower:
             o = self._take(rec)
             t0 = time.perf_counter()
             if o is not None:
-                cand, shadow, seconds = o.candidate, o.shadow, o.seconds
+                cand, shadow, built = o.candidate, o.shadow, o.seconds
             else:
                 try:
                     # its state may name low-rank weights of records skipped here: their recipes too
@@ -80,14 +80,15 @@ class Follower:
                     m.swaps.labels(rec.kind, "error", why).inc()
                     raise
                 _, shadow = self.judge(cand, parent, rec.kind, rec.requested_by, refuse=True)
-                seconds = 0.0
+                built = 0.0
             p = cand.plan
             try:
                 done = rt.scheduler.install(parent.model, cand, lambda: gens.commit(cand, rec, skipped), record=rec)
             except Exception:
                 m.swaps.labels(rec.kind, "error", why).inc()
                 raise
-            seconds += time.perf_counter() - t0
+            here = time.perf_counter() - t0          # (building it here, if it was not offered, and installing)
+            seconds = built + here
             m.swaps.labels(rec.kind, "ok", why).inc()
             m.swap_seconds.labels(rec.kind).observe(seconds)
             m.modules_swapped.inc(len(p.modules))
@@ -99,7 +100,7 @@ class Follower:
             self.probe(live, "post_swap", donor=p.donor if rec.kind == "transplant" else None)
             log.info("%s: generation %d -> %d (%d modules, %.1f ms)", rec.kind, parent.id, done.id, len(p.modules),
                      seconds * 1e3)
-            self.install_seconds = {done.id: seconds}
+            self.install_seconds = {done.id: here}   # the controller adds what it spent building the offer
             return seconds
 
     # ---- judging a candidate, probing a live generation -----------------------------------
