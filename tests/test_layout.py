@@ -66,6 +66,16 @@ def test_rooms_import_downward_only():
     assert not upward, "imports that go up or sideways between rooms:\n" + "\n".join(upward)
 
 
+def test_every_import_of_ours_resolves():
+    """A moved module leaves no import behind that names its old place (also those
+    inside functions, which only fail when they run)."""
+    import importlib.util
+
+    missing = sorted({f"{m} -> {t}" for m, t in _imports()
+                      if t and t.split(".")[0] in ("server", "transplant_core") and importlib.util.find_spec(t) is None})
+    assert not missing, "\n".join(missing)
+
+
 def test_transplant_core_knows_nothing_of_serving():
     bad = sorted({f"{m} -> {t}" for m, t in _imports()
                   if m.startswith("transplant_core") and t.split(".")[0] in SERVING})

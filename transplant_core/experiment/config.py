@@ -122,7 +122,7 @@ def _is_zoo(spec: str) -> bool:
 def default_retain(task: str) -> tuple[str, ...]:
     if not _is_zoo(task):
         return ()
-    from .zoo.tasks import TASK_NAMES
+    from ..zoo.tasks import TASK_NAMES
 
     return tuple(f"zoo:{t}" for t in TASK_NAMES if f"zoo:{t}" != task)
 
