@@ -31,6 +31,7 @@ class ProbeSpec(BaseModel):
     examples: int = Field(64, ge=1, le=100_000)
     interval_s: float = Field(60.0, gt=0)
     guard: bool = False               # refuse/revert transplants that drop this task
+    statistic: Literal["accuracy", "likelihood", "kl"] | None = None   # what the guard judges (default: guard's)
 
 
 class GuardSpec(BaseModel):
@@ -38,6 +39,13 @@ class GuardSpec(BaseModel):
     margin: float = Field(0.05, ge=0, le=1)        # largest accuracy drop tolerated
     confidence: float = Field(0.95, gt=0.5, lt=1)  # one-sided; the drop must be this sure
     mode: Literal["refuse", "revert"] = "refuse"
+    # what a guarded probe is judged on (a probe's own `statistic` wins): exact-match
+    # accuracy; the reference answers' likelihood (a rise of the answer NLL beyond
+    # nll_margin nats per token, paired, sure at `confidence`); or kl, label-free (the
+    # lower bound of the mean KL from the parent beyond kl_budget nats per answer position)
+    statistic: Literal["accuracy", "likelihood", "kl"] = "accuracy"
+    nll_margin: float = Field(0.1, ge=0)
+    kl_budget: float = Field(0.1, ge=0)
 
 
 # Default probes for a zoo model: the cross-generation setting's task (add), the base vs

@@ -84,6 +84,12 @@ class QualityMetrics:
         self.baseline = Gauge("transplant_quality_baseline_accuracy",
                               "Accuracy of the live generation's parent on the same examples", labels, registry=registry)
         self.samples = Gauge("transplant_quality_samples", "Examples behind the accuracy", labels, registry=registry)
+        self.answer_nll = Gauge("transplant_quality_answer_nll",
+                                "Mean negative log-likelihood per reference-answer token (nats; teacher-forced) of "
+                                "the live generation on a probe task", labels, registry=registry)
+        self.kl = Gauge("transplant_quality_kl",
+                        "Mean KL divergence from the parent's next-token distribution to the live generation's, "
+                        "per answer position of a probe task (nats)", labels, registry=registry)
         self.tir = Gauge("transplant_quality_tir", "TIR of the last transplant (after / parent); absent when undefined",
                          labels, registry=registry)
         self.recovery = Gauge("transplant_quality_recovery_percent",
@@ -104,7 +110,8 @@ class QualityMetrics:
                              registry=registry)
         self.alerts = Counter("transplant_alerts_received_total", "Alert webhook notifications, by outcome",
                               ["outcome"], registry=registry)
-        self._gauges = (self.accuracy, self.baseline, self.samples, self.tir, self.recovery, self.measured)
+        self._gauges = (self.accuracy, self.baseline, self.samples, self.tir, self.recovery, self.measured,
+                        self.answer_nll, self.kl)
 
     def forget_except(self, generation: int) -> None:
         keep = str(generation)

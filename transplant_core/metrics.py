@@ -52,9 +52,24 @@ def paired_drop(before: list[bool], after: list[bool], confidence: float = 0.95,
     lower > 0 means the drop is unlikely to be noise at that confidence."""
     if len(before) != len(after) or not before:
         raise ValueError("paired_drop needs two equally long, non-empty lists of per-example results")
-    diffs = [int(b) - int(a) for b, a in zip(before, after)]
-    n = len(diffs)
-    drop = sum(diffs) / n
+    return paired_shift([int(a) for a in after], [int(b) for b in before], confidence, n_boot, seed)
+
+
+def paired_shift(before: list[float], after: list[float], confidence: float = 0.95, n_boot: int = 2000,
+                 seed: int = 0) -> tuple[float, float]:
+    """(shift, lower): the mean per-example change from `before` to `after` (after - before,
+    on the SAME examples), and its one-sided lower confidence bound (paired bootstrap)."""
+    if len(before) != len(after) or not before:
+        raise ValueError("paired_shift needs two equally long, non-empty lists of per-example values")
+    return mean_lower([a - b for b, a in zip(before, after)], confidence, n_boot, seed)
+
+
+def mean_lower(values: list[float], confidence: float = 0.95, n_boot: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """(mean, lower): the mean of per-example values and its one-sided lower confidence
+    bound (bootstrap over examples)."""
+    if not values:
+        raise ValueError("mean_lower needs a non-empty list")
+    n = len(values)
     rng = random.Random(seed)
-    boots = sorted(sum(rng.choices(diffs, k=n)) / n for _ in range(n_boot))
-    return drop, boots[int((1 - confidence) * n_boot)]
+    boots = sorted(sum(rng.choices(values, k=n)) / n for _ in range(n_boot))
+    return sum(values) / n, boots[int((1 - confidence) * n_boot)]

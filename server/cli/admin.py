@@ -283,6 +283,12 @@ def _plan(args) -> int:
     return _out(args, Client(args).PlanTransplant(_treq(args)), human)
 
 
+def _likelihood(q: dict) -> str:
+    """A probe's answer NLL and KL from the parent, where it was measured with them."""
+    out = f" nll {q['answer_nll']:.3f}" if "answer_nll" in q else ""
+    return out + (f" kl {q['kl']:.3f}" if "kl" in q else "")
+
+
 def _quality_lines(d) -> None:
     after = {q["task"]: q for q in d["after"]}
     for b in d["before"]:
@@ -337,7 +343,7 @@ def _history_lines(d) -> list[str]:
         low = " low-rank" if g.get("ranks") else ""
         what = {"load": "as loaded", "transplant": f"from {g['donor']}: {len(g['modules'])}{low} modules",
                 "revert": f"revert to {g.get('reverted_to')}"}.get(g["kind"], g["kind"])
-        q = ", ".join(f"{x['task']} {x['accuracy']:.2f}" for x in g["quality"][-3:])
+        q = ", ".join(f"{x['task']} {x['accuracy']:.2f}" + _likelihood(x) for x in g["quality"][-3:])
         reason = json.loads(g["selection_json"] or "{}").get("why") or g["reason"]
         lines.append(f"{mark}{g['id']:>4} {when} parent {str(g.get('parent', '-')):>4}  {what:<34}"
                      f"{('[' + reason + '] ') if reason else ''}{q}")

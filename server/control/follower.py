@@ -97,7 +97,7 @@ class Follower:
             live = gens.live
             for s in shadow:
                 gens.add_quality(done.id, rt.quality.adopt(done.id, s).to_dict())
-            self.probe(live, "post_swap", donor=p.donor if rec.kind == "transplant" else None)
+            self.probe(live, "post_swap", donor=p.donor if rec.kind == "transplant" else None, parent=parent.model)
             log.info("%s: generation %d -> %d (%d modules, %.1f ms)", rec.kind, parent.id, done.id, len(p.modules),
                      seconds * 1e3)
             self.install_seconds = {done.id: here}   # the controller adds what it spent building the offer
@@ -114,7 +114,7 @@ class Follower:
         if not q.probes:
             return None, []
         base = {t: q.baseline(parent.model, parent.id, t) for t in q.tasks}
-        shadow = {t: q.measure(cand.model, None, t, "shadow") for t in q.tasks}
+        shadow = {t: q.measure(cand.model, None, t, "shadow", parent=parent.model) for t in q.tasks}
         verdict = q.judge(base, shadow) if kind == "transplant" else None
         if verdict is not None and not verdict.ok and refuse:
             p = cand.plan
@@ -126,10 +126,10 @@ class Follower:
                                      f"generation {parent.id} stays live")
         return verdict, list(shadow.values())
 
-    def probe(self, live, phase: str, donor: str | None = None) -> None:
+    def probe(self, live, phase: str, donor: str | None = None, parent=None) -> None:
         rt = self.rt
         for t in rt.quality.tasks:
-            self.record_probe(live, rt.quality.measure(live.model, live.id, t, phase), export=False)
+            self.record_probe(live, rt.quality.measure(live.model, live.id, t, phase, parent=parent), export=False)
         acc = None
         if donor is not None and rt.quality.tasks and donor in {d.name for d in rt.donors.list()}:
             d = rt.donors.get(donor)   # (a fleet replica may not have the donor another one used)

@@ -7,8 +7,10 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
+from statistics import fmean
 
 from transplant_core.evaluate import evaluate
+from transplant_core.likelihood import answer_scores
 from transplant_core.metrics import bootstrap_ci, recovery, tir
 from transplant_core.tasks import Task
 
@@ -27,6 +29,8 @@ class Measurement:
     phase: str                   # baseline, shadow, post_swap, periodic, request
     correct: list[bool]
     at: float = field(default_factory=time.time)   # when it was measured (not when exported)
+    nll: list[float] | None = None     # per example: nats per reference-answer token (transplant_core.likelihood)
+    kl: list[float] | None = None      # per example: KL(parent || this model) per answer position
 
     @property
     def accuracy(self) -> float:
@@ -34,8 +38,13 @@ class Measurement:
 
     def to_dict(self) -> dict:
         lo, hi = bootstrap_ci(self.correct)
-        return {"task": self.task, "accuracy": self.accuracy, "n": len(self.correct), "correct": sum(self.correct),
-                "generation": self.generation, "ci_low": lo, "ci_high": hi, "phase": self.phase}
+        out = {"task": self.task, "accuracy": self.accuracy, "n": len(self.correct), "correct": sum(self.correct),
+               "generation": self.generation, "ci_low": lo, "ci_high": hi, "phase": self.phase}
+        if self.nll:
+            out["answer_nll"] = fmean(self.nll)
+        if self.kl:
+            out["kl"] = fmean(self.kl)
+        return out
 
 
 class QualityMonitor:
@@ -48,17 +57,20 @@ class QualityMonitor:
         self._cache: dict[tuple[int, str], Measurement] = {}
         self._donor_acc: dict[tuple[str, str], float] = {}
         self._failing: set[tuple[int, str]] = set()   # (generation, task) whose last probe failed
+        self._kl: dict[tuple[int, str], float] = {}     # (generation, task): its last KL from its parent
         for p in self.probes:
             metrics.interval.labels(p.task).set(p.interval_s)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
 
-    def measure(self, model, gen: int | None, task: str, phase: str) -> Measurement:
-        """Evaluate; cached as generation `gen`'s latest unless gen is None (a shadow
-        candidate has no id until it commits: `adopt` files it then)."""
+    def measure(self, model, gen: int | None, task: str, phase: str, parent=None) -> Measurement:
+        """Evaluate (accuracy, and each reference answer's likelihood; with the `parent`
+        model, the KL from its distributions); cached as generation `gen`'s latest unless
+        gen is None (a shadow candidate has no id until it commits: `adopt` files it then)."""
         r = evaluate(model, self.tokenizer, self.tasks[task], self.cfg.eval_max_new_tokens)
-        m = Measurement(task, gen if gen is not None else -1, phase, r.correct)
+        s = answer_scores(model, self.tokenizer, self.tasks[task], parent=parent)
+        m = Measurement(task, gen if gen is not None else -1, phase, r.correct, nll=s.nll, kl=s.kl)
         if gen is not None:
             self.adopt(gen, m)
         return m
@@ -67,6 +79,8 @@ class QualityMonitor:
         m.generation = gen
         with self._lock:
             self._cache[(gen, m.task)] = m
+            if m.kl:                                   # measured against the parent: kept until another is
+                self._kl[(gen, m.task)] = fmean(m.kl)
             self._failing.discard((gen, m.task))
         return m
 
@@ -104,6 +118,12 @@ class QualityMonitor:
                 continue
             lab = (task, str(gen))
             self.metrics.accuracy.labels(*lab).set(m.accuracy)
+            if m.nll:
+                self.metrics.answer_nll.labels(*lab).set(fmean(m.nll))
+            with self._lock:
+                kl = self._kl.get((gen, task))
+            if kl is not None:
+                self.metrics.kl.labels(*lab).set(kl)
             self.metrics.samples.labels(*lab).set(len(m.correct))
             self.metrics.measured.labels(*lab).set(m.at)
             self.metrics.last_success.labels(task).set(m.at)
