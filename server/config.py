@@ -105,6 +105,14 @@ class FleetSpec(BaseModel):
         return v
 
 
+class DriftSpec(BaseModel):
+    """Drift on traffic-like prompts (server/quality/drift.py): off by default."""
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    enabled: bool = False
+    sample: int = Field(64, ge=1, le=4096)            # recent prompts kept, in memory only
+    max_tokens: int = Field(256, ge=1, le=8192)       # of each prompt, its last ones
+
+
 class ServeConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -148,6 +156,7 @@ class ServeConfig(BaseModel):
 
     probes: tuple[ProbeSpec, ...] = ()
     guard: GuardSpec = GuardSpec()
+    drift: DriftSpec = DriftSpec()
     rollback_alerts: tuple[str, ...] = ("TransplantQualityRegression",)   # alertnames that revert
     fleet: FleetSpec | None = None        # unset: a standalone server (its own generations)
 

@@ -110,6 +110,11 @@ class QualityMetrics:
                              registry=registry)
         self.alerts = Counter("transplant_alerts_received_total", "Alert webhook notifications, by outcome",
                               ["outcome"], registry=registry)
+        self.drift_kl = Gauge("transplant_drift_kl", "Mean KL from the parent's next-token distributions to the live "
+                              "generation's over recent served prompts (opt-in: drift.enabled)", ["generation"],
+                              registry=registry)
+        self.drift_prompts = Gauge("transplant_drift_sample_prompts", "Recent prompts kept in memory for drift",
+                                   registry=registry)
         self._gauges = (self.accuracy, self.baseline, self.samples, self.tir, self.recovery, self.measured,
                         self.answer_nll, self.kl)
 

@@ -31,6 +31,7 @@ from .generations import Generations, Record, claim
 from .generations.log import LocalLog
 from .metrics import Metrics, QualityMetrics
 from .quality import QualityMonitor
+from .quality.drift import Drift
 
 __all__ = ["PlanResult", "Runtime", "SwapResult", "TransplantArgs"]
 
@@ -99,6 +100,8 @@ class Runtime:
         self.metrics.engine_up.set(1)
         threading.Thread(target=self._watch_engine, name="engine-watch", daemon=True).start()
         self.quality = QualityMonitor(cfg, self.tokenizer, self.task, QualityMetrics(self.metrics.registry))
+        self.drift = Drift(cfg.drift, self.quality.metrics, self.tokenizer.pad_token_id or 0)
+        self.requests.on_prompt = self.drift.keep
         self.follower.probe(self.gens.live, "post_swap")
         self.quality.start(lambda: self.gens.live, self.follower.record_probe)
         if cfg.fleet is None:

@@ -137,3 +137,12 @@ def test_fleet_manifests_and_rules(tmp_path):
     names = _exported_names()
     used = {m for r in rules["groups"][0]["rules"] for m in re.findall(r"\b(transplant_[a-z_]+)", r["expr"])}
     assert used and used <= names, used - names
+
+
+def test_the_drift_rule_passes_promtool_and_uses_exported_metrics():
+    """deploy/prometheus/drift-alerts.yml (opt-in, with drift.enabled) names what the server exports."""
+    assert "SUCCESS: 1 rules found" in run(tool("promtool"), "check", "rules", "drift-alerts.yml",
+                                           cwd=DEPLOY / "prometheus")
+    rules = yaml.safe_load((DEPLOY / "prometheus" / "drift-alerts.yml").read_text())
+    used = {m for g in rules["groups"] for r in g["rules"] for m in re.findall(r"\b(transplant_[a-z_]+)", r["expr"])}
+    assert used == {"transplant_drift_kl"} and used <= _exported_names()

@@ -105,3 +105,45 @@ def test_a_likelihood_guard_refuses_what_the_accuracy_guard_lets_through(tmp_pat
     finally:
         c.close()
         s.stop(1)
+
+
+def _series(port: int, name: str) -> dict[str, float]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    return {ln.split(" ")[0]: float(ln.split(" ")[-1]) for ln in text.splitlines() if ln.startswith(name)}
+
+
+def test_drift_on_recent_prompts_is_opt_in_and_never_written(tmp_path):
+    prompts = [f"copy: zqx{w}" for w in ("ab", "cde", "fgh", "ijkl", "mno", "pqrs")]
+    swap = A.TransplantRequest(donor="v1", modules=["layers.1.mlp.down"])
+    s = start(config(tmp_path / "off", "zoo:v2", [], watch_donor_roots=False, probes=[]))
+    c = Clients(s.grpc_port, s.token)
+    try:                                            # off by default: nothing kept, nothing measured
+        for p in prompts:
+            c.generate(p, 4)
+        c.admin("Transplant", swap)
+        assert not s.runtime.drift._prompts and s.runtime.follower.drift is None
+        assert not _series(s.http_port, "transplant_drift_kl{")
+    finally:
+        c.close()
+        s.stop(1)
+    s = start(config(tmp_path / "on", "zoo:v2", [], watch_donor_roots=False, probes=[],
+                     drift={"enabled": True, "sample": 4}))
+    c = Clients(s.grpc_port, s.token)
+    try:
+        for p in prompts:
+            c.generate(p, 4)
+        assert _series(s.http_port, "transplant_drift_sample_prompts") == {"transplant_drift_sample_prompts": 4.0}
+        g = c.admin("Transplant", swap).generation
+        s.runtime.follower.drift.join(60)
+        got = _series(s.http_port, "transplant_drift_kl{")
+        tok = s.runtime.tokenizer
+        recent = [tok(p)["input_ids"] for p in prompts[-4:]]          # the last `sample` served
+        want = L.prompt_kl(s.runtime.gens.live.model, s.runtime.gens.materialize(0), recent)
+        assert got == {f'transplant_drift_kl{{generation="{g.id}"}}': pytest.approx(sum(want) / 4, rel=1e-5)}
+        assert 0 < got[f'transplant_drift_kl{{generation="{g.id}"}}']
+    finally:
+        c.close()
+        s.stop(1)
+    for f in tmp_path.rglob("*"):                  # the prompts were never written anywhere
+        if f.is_file():
+            assert b"zqx" not in f.read_bytes(), f

@@ -67,3 +67,23 @@ def answer_scores(model, tokenizer, task: Task, parent=None, batch_size: int = 1
                 q = theirs[j]
                 kl.append(float((q.exp() * (q - lp)).sum(-1).mean()))
     return AnswerScores(nll, kl, tokens)
+
+
+@torch.no_grad()
+def prompt_kl(model, parent, prompts: list[list[int]], pad: int = 0, batch_size: int = 16) -> list[float]:
+    """Per prompt (token ids), KL(parent || model) of the next-token distribution at each
+    of its positions (the last one: the reply's first token), averaged over them. Needs no
+    answer and no label: drift on whatever text is given."""
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        chunk = [p for p in prompts[i:i + batch_size] if p]
+        if not chunk:
+            continue
+        width = max(len(p) for p in chunk)
+        ids = torch.tensor([p + [pad] * (width - len(p)) for p in chunk], dtype=torch.long)
+        mask = torch.tensor([[1] * len(p) + [0] * (width - len(p)) for p in chunk], dtype=torch.long)
+        mine = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), -1)
+        theirs = torch.log_softmax(parent(input_ids=ids, attention_mask=mask).logits.float(), -1)
+        per = (theirs.exp() * (theirs - mine)).sum(-1)                  # [rows, positions]
+        out += [float(per[j, :len(p)].mean()) for j, p in enumerate(chunk)]
+    return out

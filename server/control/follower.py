@@ -39,6 +39,7 @@ class Follower:
         self._lock = threading.Lock()
         self.install_seconds: dict[int, float] = {}   # generation -> seconds its install here took
         self.donor_accuracy: dict | None = None        # the live generation's donor, per probe task
+        self.drift = None                              # the last drift measurement's thread (opt-in)
 
     def offer(self, rec: Record, o: Offer) -> None:
         with self._lock:
@@ -101,6 +102,7 @@ class Follower:
             log.info("%s: generation %d -> %d (%d modules, %.1f ms)", rec.kind, parent.id, done.id, len(p.modules),
                      seconds * 1e3)
             self.install_seconds = {done.id: here}   # the controller adds what it spent building the offer
+            self.drift = rt.drift.after_swap(done.id, live.model, parent.model)   # (opt-in; its own thread)
             return seconds
 
     # ---- judging a candidate, probing a live generation -----------------------------------

@@ -33,6 +33,7 @@ class Requests:
 
     def __init__(self, cfg, tokenizer, gens, engine):
         self.cfg, self.tokenizer, self.gens, self.engine = cfg, tokenizer, gens, engine
+        self.on_prompt = lambda ids: None      # drift (opt-in) keeps recent prompts' token ids, in memory
 
     def prepare(self, prompt: str, max_new_tokens: int, temperature: float, top_p: float, seed: int | None,
                 stop: list[str], deadline: float | None = None, alive=lambda: True, stream=None,
@@ -112,6 +113,7 @@ class Requests:
                       f"of {limit} tokens: ask for at most {limit - len(ids)}", "max_new_tokens")
         params = SamplingParams(n, float(temperature), float(top_p) if top_p > 0 else 1.0, seed, tuple(stop),
                                 **sampling)
+        self.on_prompt(ids)
         return Request(prompt, ids, params, deadline, alive, stream, pinned=pinned, group=group)
 
     def pin(self, model: str = "", generation: int | None = None, field: str = "model"):
