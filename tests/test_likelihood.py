@@ -147,3 +147,38 @@ def test_drift_on_recent_prompts_is_opt_in_and_never_written(tmp_path):
     for f in tmp_path.rglob("*"):                  # the prompts were never written anywhere
         if f.is_file():
             assert b"zqx" not in f.read_bytes(), f
+
+
+@pytest.mark.parametrize("statistic", ["likelihood", "kl"])
+def test_a_retention_floor_on_likelihood_or_kl(tmp_path, statistic):
+    """The plan's retention on `statistic` is what a direct computation on the generation
+    it makes gives: exp(-(NLL rise)) or exp(-KL from the live model), on the retained task's
+    selection prompts; the journal says which statistic chose K."""
+    import math
+
+    s = start(config(tmp_path, "zoo:v2", [], watch_donor_roots=False, probes=[]))
+    c = Clients(s.grpc_port, s.token)
+    try:
+        args = dict(donor="v1", task="zoo:add", k=8, selector="dw", probe_prompts=32, retention_floor=0.5,
+                    retain=["zoo:rev"], retention_statistic=statistic)
+        plan = c.admin("PlanTransplant", A.TransplantRequest(**args))
+        best = next(p for p in plan.front if p.chosen)
+        assert all(0 < p.retention <= 1.0 + 1e-6 for p in plan.front) and best.retention >= 0.5
+        r = c.admin("Transplant", A.TransplantRequest(**args))
+        sel = json.loads(r.generation.selection_json)
+        assert sel["front"]["statistic"] == statistic and sel["k"] == best.k
+        rt = s.runtime
+        rev = rt.selection_task("zoo:rev", 32)
+        live, parent = rt.gens.live.model, rt.gens.materialize(0)
+        if statistic == "likelihood":
+            rise = (sum(L.answer_scores(live, rt.tokenizer, rev).nll) - sum(L.answer_scores(parent, rt.tokenizer, rev).nll)) / 32
+            want = math.exp(-rise)
+        else:
+            want = math.exp(-sum(L.answer_scores(live, rt.tokenizer, rev, parent=parent).kl) / 32)
+        assert best.retention == pytest.approx(want, rel=1e-4)
+        with pytest.raises(grpc.RpcError) as e:
+            c.admin("PlanTransplant", A.TransplantRequest(**dict(args, retention_statistic="perplexity")))
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "retention_statistic" in e.value.details()
+    finally:
+        c.close()
+        s.stop(1)

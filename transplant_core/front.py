@@ -13,9 +13,18 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Callable
 
+import math
+from statistics import fmean
+
 from .evaluate import evaluate
+from .likelihood import answer_scores
 from .metrics import recovery, retention
 from .tasks import Task
+
+# what retention measures, each 1 when nothing changed and smaller the more a task lost:
+# accuracy after / before; exp(-rise of the reference answers' NLL per token); exp(-KL
+# from the target's next-token distributions at the answer positions), label-free
+STATISTICS = ("accuracy", "likelihood", "kl")
 
 
 @dataclass
@@ -73,20 +82,31 @@ def choose(points: list[Point], floor: float) -> tuple[Point | None, str]:
 
 
 def measure(build: Callable[[int], object], target, donor, tokenizer, task: Task, retain: dict[str, Task],
-            ks: list[int], max_new_tokens: int, progress: Callable[[int], None] | None = None) -> list[Point]:
+            ks: list[int], max_new_tokens: int, progress: Callable[[int], None] | None = None,
+            statistic: str = "accuracy") -> list[Point]:
     """The front of `build(k)` (a model with the top-k installed, built off to the side)
     for each k in `ks`: `task` accuracy as Recovery between `target` and `donor`, and
-    the worst retention over the `retain` tasks. Marks the front."""
+    the worst retention over the `retain` tasks, on `statistic` (STATISTICS). Marks the front."""
     def acc(model, t: Task) -> float:
         return evaluate(model, tokenizer, t, max_new_tokens).accuracy
 
+    def nll(model, t: Task) -> float:
+        return fmean(answer_scores(model, tokenizer, t).nll)
+
+    def kept_by(model, name: str, t: Task) -> float | None:
+        if statistic == "likelihood":
+            return math.exp(-(nll(model, t) - before[name]))
+        if statistic == "kl":
+            return math.exp(-fmean(answer_scores(model, tokenizer, t, parent=target).kl))
+        return retention(acc(model, t), before[name])
+
     a_t, a_d = acc(target, task), acc(donor, task)
-    before = {name: acc(target, t) for name, t in retain.items()}
+    before = {name: (nll if statistic == "likelihood" else acc)(target, t) for name, t in retain.items()}
     points = []
     for i, k in enumerate(ks):
         model = build(k)
         a = acc(model, task)
-        kept = [retention(acc(model, t), before[name]) for name, t in retain.items()]
+        kept = [kept_by(model, name, t) for name, t in retain.items()]
         kept = [x for x in kept if x is not None]
         points.append(Point(k, recovery(a, a_t, a_d), min(kept) if kept else None, accuracy=a))
         if progress:

@@ -92,7 +92,7 @@ def _args(req) -> TransplantArgs:
                           req.alpha if req.HasField("alpha") else 1.0, req.probe_prompts, req.max_new_tokens,
                           req.alignment, list(req.eval_tasks), req.eval_examples, req.reason, req.selector,
                           req.cast, req.rank, req.param_budget, req.retention_floor, list(req.retain),
-                          req.idempotency_key)
+                          req.idempotency_key, req.retention_statistic)
 
 
 def _ranks(p) -> list:

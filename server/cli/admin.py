@@ -78,6 +78,9 @@ def register(sub) -> None:
                             "the largest Recovery whose retention (worst retained task) stays >= F, e.g. 0.95")
         q.add_argument("--retain", default="", help="tasks whose retention --retention-floor measures, comma "
                                                     "separated (default: the server's probe tasks)")
+        q.add_argument("--retention-statistic", default="", choices=["", "accuracy", "likelihood", "kl"],
+                       help="what retention measures: accuracy after / before (default), likelihood "
+                            "(exp(-rise of the answers' NLL per token)) or kl (exp(-KL from the live model))")
     q = action("revert", "make an earlier generation live again (default: the parent)", _revert)
     q.add_argument("--to", type=int, help="generation id to make live again (default: the live one's parent)")
     q.add_argument("--reason", default="", help="free text recorded with the generation")
@@ -240,6 +243,7 @@ def _treq(args):
         raise SystemExit("transplant admin: error: --rank and --budget must be >= 0")
     req.rank, req.param_budget = args.rank, args.budget
     req.retention_floor = args.retention_floor
+    req.retention_statistic = args.retention_statistic
     req.retain.extend(t.strip() for t in args.retain.split(",") if t.strip())
     if args.modules:
         req.modules.extend(m.strip() for m in args.modules.split(",") if m.strip())

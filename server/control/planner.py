@@ -36,6 +36,7 @@ class TransplantArgs:
     retention_floor: float = 0.0  # > 0: K = the largest Recovery (up to k) whose retention stays >= this
     retain: list[str] = field(default_factory=list)   # the tasks retention is measured on (default: probes)
     idempotency_key: str = ""     # the same call sent again with it returns the first outcome
+    retention_statistic: str = ""  # what retention measures: accuracy (""), likelihood or kl (front.STATISTICS)
 
 
 @dataclass
@@ -59,7 +60,8 @@ class PlanResult:
         if self.plan.casts:
             out["cast"] = self.plan.casts
         if self.front:
-            out["front"] = {"floor": a.retention_floor, "retain": self.retained, "why": self.front_why,
+            out["front"] = {"floor": a.retention_floor, "statistic": a.retention_statistic or "accuracy",
+                            "retain": self.retained, "why": self.front_why,
                             "points": [p.to_dict() for p in self.front]}
         if self.plan.factors:
             out["lowrank"] = {"rank": a.rank, "param_budget": a.param_budget, "ranks": self.plan.ranks,
@@ -92,8 +94,9 @@ class Planner:
             return PlanResult(donor, self._plan(a, donor, refs, live), [], live.id)
         if a.k < 1:
             raise InvalidArgument("k must be at least 1 with a task")
-        if a.retain and not a.retention_floor:
-            raise InvalidArgument("retain names the tasks a retention floor measures: give retention_floor too")
+        if (a.retain or a.retention_statistic) and not a.retention_floor:
+            raise InvalidArgument("retain and retention_statistic say what a retention floor measures: give "
+                                  "retention_floor too")
         if a.task in a.retain:
             raise InvalidArgument(f"{a.task} is the task being transplanted; retain lists the other tasks to keep")
         probe = rt.selection_task(a.task, a.probe_prompts or rt.cfg.probe_prompts)
@@ -125,6 +128,10 @@ class Planner:
         rt = self.rt
         if not 0.0 < a.retention_floor <= 1.0:
             raise InvalidArgument(f"retention_floor must be in (0, 1] (0 = off), got {a.retention_floor!r}")
+        statistic = a.retention_statistic or "accuracy"
+        if statistic not in front.STATISTICS:
+            raise InvalidArgument(f"retention_statistic must be one of {', '.join(front.STATISTICS)}, got "
+                                  f"{a.retention_statistic!r}", field="retention_statistic")
         retain = list(dict.fromkeys(a.retain or [p.task for p in rt.cfg.probes if p.task != a.task]))
         if not retain:
             raise InvalidArgument("a retention floor needs tasks to retain: give retain (--retain TASK,...) or "
@@ -137,7 +144,7 @@ class Planner:
             return tp.derive(live.model, self._plan(a, donor, order[:k], live))[0]
 
         points = front.measure(build, live.model, donor_model, rt.tokenizer, probe, tasks,
-                               front.ks_up_to(min(a.k, len(order))), rt.cfg.eval_max_new_tokens)
+                               front.ks_up_to(min(a.k, len(order))), rt.cfg.eval_max_new_tokens, statistic=statistic)
         chosen, why = front.choose(points, a.retention_floor)
         if chosen is None:
             raise PreconditionFailed(f"{why}; lower the floor or retain fewer tasks; nothing changed")
