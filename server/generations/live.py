@@ -151,12 +151,12 @@ class Generations:
         recent, else from the store (verified against their digests)."""
         return self.values.load_state(self.get(gen).state, gen)
 
-    def factor(self, digest: str, shape: tuple[int, int]) -> torch.Tensor:
-        """A stored low-rank factor (float32) by digest."""
+    def factor(self, digest: str, shape: tuple[int, int], dtype: str = "float32") -> torch.Tensor:
+        """A stored low-rank factor by digest, as `dtype` and `shape` (the store keeps bytes)."""
         t = self.values.find(digest)
         if t is None:
             raise NotFound(f"low-rank factor {digest} is not in the tensor store")
-        return LowRankRecipe("", "", digest, digest, shape[1], 1.0).factor(t, shape)
+        return t.reshape(-1).view(torch.uint8).view(getattr(torch, dtype)).reshape(shape)
 
     # ---- reading generations -----------------------------------------------------
 
