@@ -61,6 +61,11 @@ def answer_scores(model, tokenizer, task: Task, parent=None, batch_size: int = 1
         theirs = _answer_logprobs(parent, chunk, pad) if parent is not None else None
         for j, ((ids, start), lp) in enumerate(zip(chunk, mine)):
             answer = torch.tensor(ids[start:], dtype=torch.long)
+            if not len(answer):                  # an empty answer and no EOS: nothing to score
+                nll.append(0.0)
+                if theirs is not None:
+                    kl.append(0.0)
+                continue
             nll.append(float(-lp.gather(1, answer[:, None]).mean()))
             tokens += len(answer)
             if theirs is not None:
