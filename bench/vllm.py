@@ -165,9 +165,9 @@ def timed_steps():
     from server.engines import vllm as V
 
     totals: dict[str, float] = defaultdict(float)
-    targets = [(G.Generations, "prepare"), (G.Generations, "commit"), (V.VllmEngine, "_tensors"),
-               (V.VllmEngine, "_hold"), (V.VllmEngine, "_load"), (V.VllmEngine, "_label"),
-               (V.VllmEngine, "_release")]
+    targets = [(G.Generations, "prepare"), (G.Generations, "stage"), (G.Generations, "commit"),
+               (V.VllmEngine, "sources"), (V.VllmEngine, "_tensors"), (V.VllmEngine, "_hold"),
+               (V.VllmEngine, "_load"), (V.VllmEngine, "_label"), (V.VllmEngine, "_release")]
     saved = []
     for owner, attr in targets:
         orig = getattr(owner, attr, None)
