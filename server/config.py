@@ -44,8 +44,8 @@ class GuardSpec(BaseModel):
     # nll_margin nats per token, paired, sure at `confidence`); or kl, label-free (the
     # lower bound of the mean KL from the parent beyond kl_budget nats per answer position)
     statistic: Literal["accuracy", "likelihood", "kl"] = "accuracy"
-    nll_margin: float = Field(0.1, ge=0)
-    kl_budget: float = Field(0.1, ge=0)
+    nll_margin: float = Field(0.02, ge=0)       # (docs/experiments/guard: the margins measured)
+    kl_budget: float = Field(0.01, ge=0)
 
 
 # Default probes for a zoo model: the cross-generation setting's task (add), the base vs

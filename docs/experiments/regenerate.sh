@@ -44,4 +44,6 @@ done
 "$T" experiment --target "$Z/deep/v2" --donor "$Z/deep/v1" --task zoo:add --ks 1,2,4,7,14,28,42,all \
     --max-new-tokens 2,8 --seeds 5 --selectors taylor,swap,greedy,lowrank --threads "${THREADS:-1}" --quiet \
     --out docs/experiments/deep/cross_generation
+# the guards compared (accuracy, answer likelihood, KL): about 10 to 20 minutes
+.venv/bin/python -m transplant_core.experiment.guard --out docs/experiments/guard
 .venv/bin/python docs/experiments/summarize.py
