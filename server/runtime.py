@@ -299,6 +299,12 @@ class Runtime:
     def generation(self, gen: int) -> Record:
         return self.gens.get(gen)
 
+    def probe_quality(self) -> list[dict]:
+        """The live generation's latest measurement of each probe task (accuracy, answer NLL,
+        KL from its parent where measured)."""
+        live = self.gens.live.id
+        return [m.to_dict() for t in self.quality.tasks if (m := self.quality.latest(live, t)) is not None]
+
     def status(self) -> dict:
         return {"model": self.cfg.model, "model_path": str(self.loaded.path), "arch": self.table.arch,
                 "live_generation": self.gens.live.id, "generations": len(self.gens.records),

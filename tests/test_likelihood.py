@@ -101,6 +101,9 @@ def test_a_likelihood_guard_refuses_what_the_accuracy_guard_lets_through(tmp_pat
         assert rec["answer_nll"] == pytest.approx(post.answer_nll) and rec["kl"] == pytest.approx(post.kl)
         assert _metric(s.http_port, "transplant_quality_answer_nll", "zoo:copy", 1) == pytest.approx(post.answer_nll)
         assert _metric(s.http_port, "transplant_quality_kl", "zoo:copy", 1) == pytest.approx(post.kl)
+        st = c.admin("GetStatus", A.GetStatusRequest())                # and in the status
+        q = next(x for x in st.quality if x.task == "zoo:copy")
+        assert q.generation == 1 and q.answer_nll == pytest.approx(post.answer_nll) and q.kl == pytest.approx(post.kl)
         assert json.dumps(rec)                                          # plain numbers
     finally:
         c.close()

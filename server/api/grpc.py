@@ -119,7 +119,8 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
 
     @rpc
     def GetStatus(self, request, context):
-        return A.Status(version=__import__("transplant_core").__version__, **self.rt.status())
+        return A.Status(version=__import__("transplant_core").__version__, **self.rt.status(),
+                        quality=[_quality(q) for q in self.rt.probe_quality()])
 
     @rpc
     def ListDonors(self, request, context):

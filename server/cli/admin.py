@@ -181,7 +181,9 @@ def _status(args) -> int:
         f"{d['model']} ({d['arch']}): generation {d['live_generation']} live of {d['generations']}, "
         f"{d['health']}, {d['donors']} donors, queue {d['queue_depth']}, batch <= {d['max_batch_size']}, "
         f"up {float(d['uptime_seconds']):.0f} s"
-        + (f"; replica {d['replica']} of fleet {d['fleet']}" if d.get("fleet") else "")))
+        + (f"; replica {d['replica']} of fleet {d['fleet']}" if d.get("fleet") else "")
+        + "".join(f"\n  {q['task']}: accuracy {q['accuracy']:.3f} (n={q['n']}, {q['phase']})" + _likelihood(q)
+                  for q in d.get("quality", []))))
 
 
 def _fleet(args) -> int:
