@@ -12,7 +12,6 @@ import json
 
 from transplant_core.errors import InvalidArgument
 
-from ..generations.records import find_keyed as find  # noqa: F401 - the record a key made
 
 MAX_KEY = 128
 
