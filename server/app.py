@@ -50,11 +50,13 @@ def tolerant_handler(service, servicer) -> grpc.GenericRpcHandler:
 
 
 class Server:
-    def __init__(self, cfg: ServeConfig):
+    def __init__(self, cfg: ServeConfig, runtime: Runtime | None = None, openai: bool = True):
+        """runtime: one built by the caller (the vLLM plugin's, on vLLM's engine); openai:
+        serve /v1 on our HTTP port (not inside `vllm serve`, where vLLM's own server does)."""
         self.cfg = cfg
         self.token, self.token_created = load_or_create_token(cfg.token_file)
         self.inference_key = load_key(cfg.inference_key_file)
-        self.runtime = Runtime(cfg)
+        self.runtime = runtime or Runtime(cfg)
         self.health = health.HealthServicer(experimental_non_blocking=True)
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         self.grpc = grpc.server(
@@ -79,7 +81,8 @@ class Server:
         ))
         try:
             self.http = HttpServer(cfg.http_listen, self.runtime.metrics.registry, self.token, self._on_alert,
-                                   api=OpenAIApi(self.runtime, cfg.http_timeout_s), inference_key=self.inference_key,
+                                   api=OpenAIApi(self.runtime, cfg.http_timeout_s) if openai else None,
+                                   inference_key=self.inference_key,
                                    count=self.runtime.metrics.count_http,
                                    serving=lambda: self.runtime.serving,
                                    fleet_state=lambda: self.runtime.fleet.public_state() if self.runtime.fleet else None)

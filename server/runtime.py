@@ -40,8 +40,11 @@ log = logging.getLogger("transplant.runtime")
 
 
 class Runtime:
-    def __init__(self, cfg: ServeConfig):
+    def __init__(self, cfg: ServeConfig, attach=None):
+        """attach: (engine client, event loop) of a running vLLM server: the plugin inside
+        `vllm serve` serves on vLLM's engine instead of starting one."""
         self.cfg = cfg
+        self.attach = attach
         self.metrics = Metrics()
         self.started = time.time()
         self.serving = False
@@ -93,7 +96,8 @@ class Runtime:
         kind = "vllm" if cfg.engine == "vllm" else self._batching()
         self._stopped_during_start()
         self.scheduler = make_engine(kind, self.gens, self.tokenizer, cfg, self._on_finish,
-                                     self.metrics.batch_size.observe, table=self.table, model_path=self.loaded.path)
+                                     self.metrics.batch_size.observe, table=self.table, model_path=self.loaded.path,
+                                     attach=self.attach)
         self.requests = Requests(cfg, self.tokenizer, self.gens, self.scheduler)
         self.scheduler.start()
         self._stopped_during_start()

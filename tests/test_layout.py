@@ -21,7 +21,8 @@ RANK = {
     "server.runtime": 6,
     "server.api": 7,
     "server.app": 8,
-    "server.cli": 9,
+    "server.plugin": 9,
+    "server.cli": 10,
 }
 SERVING = ("grpc", "prometheus_client", "http", "urllib", "server", "fastapi", "uvicorn", "socketserver")
 MAX_LINES = 400

@@ -6,7 +6,13 @@ from .base import Engine, QueueFull, Request
 __all__ = ["Engine", "QueueFull", "Request", "make_engine"]
 
 
-def make_engine(kind: str, gens, tokenizer, cfg, on_finish, on_step, table=None, model_path=None) -> Engine:
+def make_engine(kind: str, gens, tokenizer, cfg, on_finish, on_step, table=None, model_path=None,
+                attach=None) -> Engine:
+    """attach: (engine client, event loop) of a running vLLM server (the plugin inside `vllm serve`)."""
+    if kind == "vllm" and attach is not None:
+        from .vllm_attached import AttachedVllmEngine
+
+        return AttachedVllmEngine(*attach, gens, table, model_path, cfg, on_finish=on_finish, on_step=on_step)
     if kind == "vllm":
         from .vllm import VllmEngine
 

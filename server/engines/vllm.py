@@ -101,14 +101,19 @@ class VllmEngine(Swaps):
         self._others = {p.pid for p in multiprocessing.active_children()}   # not ours to kill on stop
         self._thread.start()
         self._call(self._start())
+        self._repatch()
+        log.info("vLLM engine on %s, generation %d, policy %s", self.model_path, self.current, self.spec.swap_policy)
+
+    def _repatch(self) -> None:
+        """A restart on a live generation other than 0: vLLM loaded the checkpoint, so send
+        it the live generation's changed tensors (with their fused groups)."""
         overrides = sorted({m.ref for m in self.table.modules.values()
                             if any(k in self.gens.overrides for k in m.keys)})
-        if overrides:                       # a restart: re-patch the engine to the live generation
+        if overrides:
             keys = [k for r in complete_groups(self.table, overrides) for k in self.table[r].keys]
             live = self.gens.live
             self._call(self._load(*self.sources(self.gens.records[live.id].state, keys, live.model)))
-            self._call(self._label(self.current))
-        log.info("vLLM engine on %s, generation %d, policy %s", self.model_path, self.current, self.spec.swap_policy)
+        self._call(self._label(self.current))
 
     async def _start(self) -> None:
         _env(self.spec)
@@ -137,7 +142,7 @@ class VllmEngine(Swaps):
         stopped (a stop during start-up or during a swap)."""
         import concurrent.futures
 
-        if not self._thread.is_alive():
+        if not self._alive():
             coro.close()
             raise NotReady("the vLLM engine is stopped")
         fut = asyncio.run_coroutine_threadsafe(coro, self._loop)
@@ -146,16 +151,20 @@ class VllmEngine(Swaps):
             try:
                 return fut.result(0.5)
             except concurrent.futures.TimeoutError:
-                if not self._thread.is_alive():
+                if not self._alive():
                     fut.cancel()
                     raise NotReady("the vLLM engine stopped") from None
                 if deadline is not None and time.monotonic() > deadline:
                     fut.cancel()
                     raise TimeoutError("the vLLM engine did not answer in time") from None
 
+    def _alive(self) -> bool:
+        """The event loop the engine's calls run on is still running."""
+        return self._thread.is_alive()
+
     def healthy(self) -> bool:
         """False once vLLM's engine process is gone (killed, out of memory, crashed)."""
-        return self.engine is not None and not getattr(self.engine, "errored", False) and self._thread.is_alive()
+        return self.engine is not None and not getattr(self.engine, "errored", False) and self._alive()
 
     def context_limit(self) -> int | None:
         engine = self.engine

