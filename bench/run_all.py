@@ -15,7 +15,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-BENCHES = ("swap", "throughput", "swap_load", "lae_cost", "memory", "soak", "continuous", "fleet", "apply", "logprobs", "vs_vllm")
+BENCHES = ("swap", "throughput", "swap_load", "lae_cost", "memory", "soak", "continuous", "fleet", "apply", "logprobs", "vs_vllm", "plugin")
 ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -381,6 +381,10 @@ def test_kill_9_and_restart_restores_history_and_reinstalls_the_live_generation(
         assert int(st["live_generation"]) == 1 and st["generations"] == 2
         got = [complete(q.openai(), s) for s in SURE]
         assert {g for g, _ in got} == {1} and [r.choices[0].text for _, r in got] == expected["moved"]
+        q.proc.send_signal(signal.SIGTERM)        # vLLM's shutdown stops ours too: nothing is left behind
+        assert q.proc.wait(60) == 0, q.tail()
+        wait_for(lambda: not subprocess.run(["pgrep", "-g", str(q.proc.pid)], capture_output=True).stdout, 30,
+                 "vLLM's processes to go after SIGTERM")
     finally:
         q.stop()
 
