@@ -276,17 +276,10 @@ def run(args) -> C.Result:
     res = C.Result(PROG, C.command_line(PROG),
                    f"{m.label}, float32, {args.prompts} prompts x {args.tokens} tokens, vLLM's benchmark client; "
                    f"K={len(names)}, {args.swaps} transplant+revert pairs per server over {args.admin}")
-    if args.target or args.donor:
-        import hashlib
-
-        tag = hashlib.sha256(f"{m.target}\0{m.donor}".encode()).hexdigest()[:12]
-        merged_dir = C.bench_setup.bench_root() / f"merged-plugin-k{len(names)}-{tag}"
-    else:
-        merged_dir = C.bench_setup.preset_dir(args.preset) / f"merged-plugin-k{len(names)}"
-    from .vllm import merged_checkpoint
+    from .vllm import merged_checkpoint, merged_dir
 
     t0 = time.perf_counter()
-    merged, reused = merged_checkpoint(m, names, merged_dir)
+    merged, reused = merged_checkpoint(m, names, merged_dir(args, m, f"merged-plugin-k{len(names)}"))
     details: dict = {"modules": names, "module_bytes": C.module_bytes(table, names), "weight_bytes": wbytes,
                      "merged_checkpoint": {"path": str(merged), "reused": reused,
                                            "write_s": round(time.perf_counter() - t0, 1)}}

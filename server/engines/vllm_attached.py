@@ -41,12 +41,7 @@ class AttachedVllmEngine(VllmEngine):
         log.info("transplant inside vllm serve on %s: generation %d, swaps drain", self.model_path, self.current)
 
     async def _start(self) -> None:
-        self._gate = asyncio.Event()
-        self._gate.set()
-        self._idle = asyncio.Event()
-        self._idle.set()
-        self._pinned_idle = asyncio.Event()
-        self._pinned_idle.set()
+        self._events()
         self.engine = self._client
 
     def _alive(self) -> bool:
