@@ -488,7 +488,9 @@ def test_tensor_parallel_workers_each_load_their_shard(tmp_path, expected):
     """--tensor-parallel-size 2 (two CPU workers): collective_rpc reaches both, each reads
     the changed tensors by path and loads its own shard; replies equal the merged
     checkpoint's, and a revert the original's."""
-    p = Plugin(tmp_path, cfg(tmp_path), args=("--tensor-parallel-size", "2"))
+    # one NUMA node here: vLLM's automatic binding wants one per CPU worker, so bind by hand
+    p = Plugin(tmp_path, cfg(tmp_path), env={"VLLM_CPU_OMP_THREADS_BIND": "0|1"},
+               args=("--tensor-parallel-size", "2"))
     try:
         code, doc = p.admin_http("Transplant", {"donor": "base", "modules": MODULES})
         assert code == 200, doc
