@@ -260,6 +260,10 @@ def test_bad_and_unauthenticated_admin_calls_change_nothing(plugin):
         assert reply["error"]["message"]
     code, reply = plugin.admin_http("Transplant", None, raw=b"{not json")
     assert code == 400
+    # a 2 MiB body announced: refused from the headers alone, nothing of it read (none is sent)
+    assert _announced(plugin, 2 << 20, None)[0] == 401                  # the token before the body
+    code, reply = _announced(plugin, 2 << 20, plugin.token)
+    assert code == 413 and "over" in reply["error"]["message"]
     c = Clients(plugin.grpc_port, "x" * 20)
     try:
         with pytest.raises(grpc.RpcError) as e:
@@ -281,6 +285,25 @@ def test_bad_and_unauthenticated_admin_calls_change_nothing(plugin):
         with pytest.raises(urllib.error.HTTPError) as e:
             urllib.request.urlopen(req)
         assert e.value.code == 404, path
+
+
+def _announced(plugin, length: int, token: str | None):
+    """POST /transplant/v1/Transplant announcing a body of `length` bytes without sending
+    it: (status, JSON) of the reply the headers alone get."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", plugin.port, timeout=30)
+    try:
+        conn.putrequest("POST", "/transplant/v1/Transplant")
+        conn.putheader("Content-Type", "application/json")
+        conn.putheader("Content-Length", str(length))
+        if token:
+            conn.putheader("Authorization", f"Bearer {token}")
+        conn.endheaders()
+        r = conn.getresponse()
+        return r.status, json.loads(r.read())
+    finally:
+        conn.close()
 
 
 def test_v1_clients_under_swaps_never_fail_and_each_reply_is_its_generations(plugin, expected):
@@ -395,11 +418,17 @@ def test_kill_9_and_restart_restores_history_and_reinstalls_the_live_generation(
         q.stop()
 
 
-def test_a_misconfigured_plugin_refuses_to_start_and_says_why(tmp_path):
-    p = Plugin(tmp_path, cfg(tmp_path, model="zoo:v1"), wait=False)
+@pytest.mark.parametrize("case", ["another model", "dev mode"])
+def test_a_misconfigured_plugin_refuses_to_start_and_says_why(tmp_path, case):
+    if case == "another model":
+        p = Plugin(tmp_path, cfg(tmp_path, model="zoo:v1"), wait=False)
+        why = "names model 'zoo:v1', but vllm serves"
+    else:              # vLLM's unauthenticated weight routes would change weights behind the journal
+        p = Plugin(tmp_path, cfg(tmp_path), env={"VLLM_SERVER_DEV_MODE": "1"}, wait=False)
+        why = "VLLM_SERVER_DEV_MODE=1 opens vLLM's unauthenticated weight routes"
     try:
         assert p.proc.wait(300) != 0
-        assert "names model 'zoo:v1', but vllm serves" in p.tail(20000)
+        assert why in p.tail(20000)
     finally:
         p.stop()
 

@@ -61,15 +61,22 @@ class AdminJson:
     def methods() -> list[str]:
         return [m.name for m in SERVICE.methods if not m.server_streaming]
 
-    def call(self, method: str, body: bytes, authorization: str | None, who: str) -> tuple[int, dict]:
-        """(HTTP status, JSON document) for one call; nothing changes unless the caller
-        holds the admin token and the request parses."""
+    def refuse(self, authorization: str | None) -> tuple[int, dict] | None:
+        """The reply to a caller without the admin token, else None."""
         why = check_bearer(authorization, self.token)
         if why == "missing":                     # as the gRPC interceptor: missing 16, wrong 7 (both HTTP 401)
             return _error(grpc.StatusCode.UNAUTHENTICATED, "missing admin token: send 'Authorization: Bearer "
                                                           "<token>' (the server's admin token file)")
         if why is not None:
             return _error(grpc.StatusCode.PERMISSION_DENIED, "the admin token is wrong")
+        return None
+
+    def call(self, method: str, body: bytes, authorization: str | None, who: str) -> tuple[int, dict]:
+        """(HTTP status, JSON document) for one call; nothing changes unless the caller
+        holds the admin token and the request parses."""
+        refused = self.refuse(authorization)
+        if refused is not None:
+            return refused
         m = SERVICE.methods_by_name.get(method)
         if m is None or m.server_streaming:
             return _error(grpc.StatusCode.NOT_FOUND, f"no admin method {method!r}; the methods are "

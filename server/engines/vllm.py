@@ -90,6 +90,7 @@ class VllmEngine(Swaps):
         self.engine = None
         self._stopping = False
         self._held: dict[int, Request] = {}   # accepted and not finished: a stop finishes them
+        self.broken = ""                      # why the workers' weights are unknown (a failed undo: Swaps._undo)
 
     # ---- lifecycle ----------------------------------------------------------------------
 
@@ -166,7 +167,8 @@ class VllmEngine(Swaps):
 
     def healthy(self) -> bool:
         """False once vLLM's engine process is gone (killed, out of memory, crashed)."""
-        return self.engine is not None and not getattr(self.engine, "errored", False) and self._alive()
+        return (self.engine is not None and not getattr(self.engine, "errored", False) and self._alive()
+                and not self.broken)
 
     def context_limit(self) -> int | None:
         engine = self.engine

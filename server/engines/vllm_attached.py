@@ -59,7 +59,14 @@ class AttachedVllmEngine(VllmEngine):
         """A request vLLM is about to serve: wait while a swap is being installed, then count
         it as running (a swap drains it) and return the generation it runs on."""
         while not self._gate.is_set():
-            await self._gate.wait()
+            if self.broken:
+                raise NotReady(self.broken)
+            try:
+                await asyncio.wait_for(self._gate.wait(), 0.5)
+            except asyncio.TimeoutError:
+                pass
+        if self.broken:
+            raise NotReady(self.broken)
         # nothing awaits between the gate's check and the count: a swap that closes the gate
         # after this point waits for this request
         with self._count:

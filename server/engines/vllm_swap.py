@@ -4,9 +4,13 @@ extension, the commit, the weight-version label, resume. A mixin of VllmEngine."
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Callable
 
 from transplant_core.errors import InvalidArgument, PreconditionFailed
+
+log = logging.getLogger("transplant.vllm")
+PAUSE_FLOOR_S = 10.0
 
 
 def complete_groups(table, refs) -> list:
@@ -45,17 +49,28 @@ class Swaps:
             new, old = ([], self._tensors(cand.model, refs)), ([], self._tensors(parent_model, refs))
         self._call(self._hold())
         try:
-            self._call(self._load(*new))
             try:
+                self._call(self._load(*new))
                 rec = commit()
             except BaseException:
-                self._call(self._load(*old))
+                self._undo(old)                    # (a load may fail part way: the parent's values back)
                 raise
             self.current = rec.id
             self._call(self._label(rec.id))
             return rec
         finally:
             self._call(self._release())
+
+    def _undo(self, old) -> None:
+        """Put the parent's tensors back. If even that fails, the workers' weights are
+        unknown: the engine is broken (unhealthy: NOT_SERVING, /health 503, new requests
+        refused, the gate stays shut) rather than serving replies under a wrong label."""
+        try:
+            self._call(self._load(*old))
+        except BaseException as e:               # noqa: BLE001 - recorded; the swap's own error is raised
+            self.broken = (f"a swap failed and the parent generation {self.current}'s tensors could not be put "
+                           f"back ({type(e).__name__}: {e}); restart the server (it re-installs the live generation)")
+            log.error("%s", self.broken)
 
     async def _hold(self) -> None:
         """Close the gate and pause; on any failure the gate opens again (and the engine
@@ -82,7 +97,14 @@ class Swaps:
             await self.engine.pause_generation(mode="keep", clear_cache=True)
             return
         await self._wait(self._idle, "running requests")
-        await self.engine.pause_generation(mode="wait", clear_cache=False)
+        # vLLM waits for what it runs itself (our gate counts what we admitted): bounded too, so
+        # the gate never stays shut; at least PAUSE_FLOOR_S, the pause's own cost on an idle engine
+        bound = max(self.spec.swap_drain_timeout_s, PAUSE_FLOOR_S)
+        try:
+            await asyncio.wait_for(self.engine.pause_generation(mode="wait", clear_cache=False), bound)
+        except asyncio.TimeoutError:
+            raise PreconditionFailed(f"vLLM did not pause within {bound:g} s (vllm.swap_drain_timeout_s); "
+                                     "the swap was refused and nothing changed") from None
 
     async def _wait(self, event: asyncio.Event, what: str) -> None:
         try:
@@ -96,7 +118,8 @@ class Swaps:
             await self.engine.reset_prefix_cache()      # a reload does not: cached prefixes hold old weights' KV
             await self.engine.resume_generation()
         finally:
-            self._gate.set()                          # waiting requests go on (or fail fast on a dead engine)
+            if not self.broken:
+                self._gate.set()                      # waiting requests go on (or fail fast on a dead engine)
 
     def sources(self, state: dict[str, str], keys: list[str], model) -> tuple[list, dict]:
         """Where vLLM's worker reads each of `keys` for a generation whose override set is

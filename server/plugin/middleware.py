@@ -2,23 +2,25 @@
 plugin itself; `--middleware server.plugin.middleware.GenerationLabel` is the same and
 takes effect once).
 
-Every request that runs the model (a POST under /v1/, and vLLM's other inference routes)
-passes the engine's gate: while a swap is being installed it waits, then it counts as
-running until its reply (streamed or not) has gone out, so a swap drains it; the reply
-carries `x-transplant-generation`, the generation it was admitted on, which computed all
-of it. GET /health answers 503 while the runtime is not serving (loading, a dead engine,
-a fenced fleet replica). Anything else passes through untouched."""
+Every POST but a few known not to run the model (tokenization, our admin routes) passes
+the engine's gate: while a swap is being installed it waits, then it counts as running
+until its reply (streamed or not) has gone out, so a swap drains it; the reply carries
+`x-transplant-generation`, the generation it was admitted on, which computed all of it.
+Gating by exclusion means a route vLLM adds later is drained too. Paths are matched
+after `--root-path`, as vLLM's own middleware does. GET /health and /ping answer 503
+while the runtime is not serving (loading, a dead engine, a fenced fleet replica, a
+swap whose rollback failed). Anything else passes through untouched."""
 from __future__ import annotations
 
 import json
 
 HEADER = b"x-transplant-generation"
 UNGATED = ("/tokenize", "/detokenize", "/v1/tokenize", "/v1/detokenize")
-GATED_PREFIXES = ("/v1/", "/inference/", "/pooling", "/classify", "/score", "/rerank", "/invocations")
+HEALTH = ("/health", "/ping")
 
 
 def generates(method: str, path: str) -> bool:
-    return method == "POST" and path not in UNGATED and path.startswith(GATED_PREFIXES)
+    return method == "POST" and path not in UNGATED and not path.startswith("/transplant/")
 
 
 class GenerationLabel:
@@ -31,14 +33,18 @@ class GenerationLabel:
         if scope["type"] != "http" or server is None or scope.get("transplant.seen"):
             return await self.app(scope, receive, send)
         scope["transplant.seen"] = True
-        method, path = scope["method"], scope["path"]
-        if method == "GET" and path == "/health" and not server.runtime.serving:
-            return await _reply(send, 503, {"error": "transplant: not serving (loading, stopping, or the engine "
-                                                     "died; see the server log)"})
+        method, path = scope["method"], scope["path"].removeprefix(scope.get("root_path", ""))
+        engine = server.runtime.scheduler
+        if method == "GET" and path in HEALTH and not (server.runtime.serving and engine.healthy()):
+            return await _reply(send, 503, {"error": "transplant: not serving (loading, stopping, a dead engine, or "
+                                                     "a swap that could not be undone; see the server log)"})
         if not generates(method, path):
             return await self.app(scope, receive, send)
-        engine = server.runtime.scheduler
-        generation = await engine.enter()
+        try:
+            generation = await engine.enter()
+        except Exception as e:                   # noqa: BLE001 - NotReady: the engine cannot be trusted
+            return await _reply(send, 503, {"error": {"message": f"transplant: {e}", "type": "service_unavailable",
+                                                      "code": 503}})
         label = str(generation).encode()
 
         async def labelled(message):

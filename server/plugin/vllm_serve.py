@@ -16,7 +16,7 @@ from pathlib import Path
 
 from transplant_core.errors import InvalidArgument
 
-from ..api.admin_json import PREFIX, AdminJson
+from ..api.admin_json import MAX_BODY, PREFIX, AdminJson
 from ..app import Server
 from ..config import ServeConfig, load_config
 from ..runtime import Runtime
@@ -31,6 +31,11 @@ class TransplantPlugin:
     name = "transplant"
     required_tasks = ("generate",)
 
+    def __init__(self):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="transplant-admin")
+
     def attach_router(self, app) -> None:
         from fastapi import APIRouter, Request
         from fastapi.responses import JSONResponse
@@ -44,11 +49,20 @@ class TransplantPlugin:
             server = getattr(request.app.state, "transplant", None)
             if server is None:
                 return JSONResponse({"error": {"code": "UNAVAILABLE", "message": "transplant is not started"}}, 503)
-            body = await request.body()
+            # the token before the body: an unauthenticated caller gets nothing read, nothing buffered
+            authorization = request.headers.get("authorization")
+            refused = server.admin_json.refuse(authorization)
+            if refused is not None:
+                return JSONResponse(refused[1], refused[0])
+            body = await _bounded_body(request)
+            if body is None:
+                return JSONResponse({"error": {"code": "INVALID_ARGUMENT",
+                                               "message": f"the body is over {MAX_BODY} bytes"}}, 413)
             who = f"http:{request.client.host}:{request.client.port}" if request.client else "http"
             who = request.headers.get("x-requested-by") or who
-            code, doc = await asyncio.to_thread(server.admin_json.call, method, body,
-                                                request.headers.get("authorization"), who)
+            loop = asyncio.get_running_loop()        # our own threads: vLLM's default pool stays free for it
+            code, doc = await loop.run_in_executor(self._pool, server.admin_json.call, method, body, authorization,
+                                                   who)
             return JSONResponse(doc, code)
 
         app.include_router(router)
@@ -57,6 +71,11 @@ class TransplantPlugin:
     async def init_state(self, engine_client, state, args) -> None:
         if engine_client is None:
             raise InvalidArgument("the transplant plugin needs vLLM's engine (not the render-only server)")
+        from vllm import envs
+
+        if envs.VLLM_SERVER_DEV_MODE:
+            raise InvalidArgument("VLLM_SERVER_DEV_MODE=1 opens vLLM's unauthenticated weight routes (/collective_rpc, "
+                                  "/update_weights, /pause): weights could change behind the journal; unset it")
         cfg = plugin_config(args)
         runtime = Runtime(cfg, attach=(engine_client, asyncio.get_running_loop()))
         server = Server(cfg, runtime=runtime, openai=False)
@@ -68,6 +87,19 @@ class TransplantPlugin:
             log.warning("transplant: created an admin token in %s", cfg.token_file)
         log.info("transplant: generation %d live; Admin gRPC on %s, %s<Method> here, /metrics and /alerts on %s",
                  runtime.gens.live.id, server.runtime.endpoints["grpc"], PREFIX, server.runtime.endpoints["http"])
+
+
+async def _bounded_body(request) -> bytes | None:
+    """The request's body, or None past MAX_BODY (read no further)."""
+    if int(request.headers.get("content-length") or 0) > MAX_BODY:
+        return None
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def plugin_config(args) -> ServeConfig:
