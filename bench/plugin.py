@@ -16,6 +16,10 @@
    swap <= 100 ms. The ratio takes each plugin server's first transplant, whose tensors
    are new to its store (what a new donor costs); later transplants of the same modules
    find them stored and are reported on their own.
+4. the guard's pause: one more plugin server with a guarded probe (zoo:add, likelihood,
+   `--trial-examples`, default 16) whose transplants are each first installed with the
+   gate shut and probed through vLLM; how long requests were held (our
+   transplant_guard_trial_seconds) and the guarded transplant against the unguarded one.
 
     python -m bench.plugin                # 300M Llama, 64 prompts x 64 tokens, 2 repeats
     python -m bench.plugin --quick        # small model (3M), 16 prompts x 16 tokens, 8 concurrent, 1 repeat
@@ -127,7 +131,8 @@ class Server:
                str(max_len), "--enforce-eager", "--seed", "0", "--max-num-seqs", "16", "--disable-log-stats"]
         if plugin is not None:
             self.grpc_port = _free_port()
-            cfg = dict(plugin, grpc_listen=f"127.0.0.1:{self.grpc_port}", http_listen=f"127.0.0.1:{_free_port()}")
+            self.http_port = _free_port()
+            cfg = dict(plugin, grpc_listen=f"127.0.0.1:{self.grpc_port}", http_listen=f"127.0.0.1:{self.http_port}")
             path = tmp / f"transplant-{self.port}.json"
             path.write_text(json.dumps(cfg))
             self.state = Path(cfg["state_dir"])
@@ -260,6 +265,35 @@ def swaps(srv: Server, names: list[str], pairs: int, via: str) -> list[dict]:
     return recs
 
 
+def guard_trial(m, names: list[str], max_len: int, tmp: Path, args) -> dict:
+    """A plugin server with a guarded probe (zoo:add, likelihood, a margin no candidate
+    reaches: the pause is measured, not the verdict): each transplant is first installed
+    with the gate shut and probed through vLLM. The pause, from our /metrics
+    (transplant_guard_trial_seconds), and the transplant's time at the client."""
+    plugin = {"model": m.target, "state_dir": str(tmp / "state-guard"), "donor_roots": [str(m.donor_root)],
+              "zoo_donors": False, "guard": {"nll_margin": 1000.0},
+              "probes": [{"task": "zoo:add", "examples": args.trial_examples, "guard": True,
+                          "statistic": "likelihood", "interval_s": 86400}]}
+    srv = Server(m.target, max_len, tmp, plugin)
+    try:
+        srv.wait()
+        srv.complete()
+        srv.wait_plugin()
+        recs = swaps(srv, names, 2, args.admin)
+        with urllib.request.urlopen(f"http://127.0.0.1:{srv.http_port}/metrics", timeout=30) as r:
+            text = r.read().decode()
+    finally:
+        srv.stop()
+    got = {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
+           if line.startswith("transplant_guard_trial_seconds_")}
+    n = got.get("transplant_guard_trial_seconds_count", 0)
+    if n != 2:
+        raise SystemExit(f"expected 2 guard trials, /metrics says {n}")
+    walls = [r["wall"] for r in recs if r["kind"] == "transplant"]
+    return {"trial_s": [got["transplant_guard_trial_seconds_sum"] / n], "first_wall": walls[:1],
+            "transplant_ms": [round(w * 1e3, 1) for w in walls]}
+
+
 # ---- the run ---------------------------------------------------------------------------------------
 
 def run(args) -> C.Result:
@@ -319,6 +353,8 @@ def run(args) -> C.Result:
                 finally:
                     srv.stop()
 
+        trial = guard_trial(m, names, max_len, tmp, args) if args.trial_examples else None
+
     # -- figures
     for c in conc:
         ours, base = bench_runs[("plugin", c)], bench_runs[("vllm", c)]
@@ -346,6 +382,12 @@ def run(args) -> C.Result:
     res.add("revert, reported swap_seconds, ms", "report", [r["server"] * 1e3 for rv in revs for r in rv],
             unit="ms")
 
+    if trial is not None:
+        res.add(f"guard trial ({args.trial_examples} probe examples): requests held, ms", "report",
+                [x * 1e3 for x in trial["trial_s"]], unit="ms")
+        res.add("guarded / unguarded transplant (new tensors) at the client", "report",
+                [g / t[0]["wall"] for g, t in zip(trial["first_wall"], trans)])
+        details["guard_trial"] = trial
     ms = lambda xs: [round(x * 1e3, 1) for x in xs]   # noqa: E731
     details.update({
         "memory_mib": {k: [{x: (round(v / 2**20, 1) if x != "processes" else v) for x, v in r.items()} for r in rs]
@@ -371,6 +413,8 @@ def main(argv=None) -> C.Result:
                     help="concurrent requests of vLLM's client, comma separated (default 8,16)")
     ap.add_argument("--k", type=int, default=8, help="modules per transplant, whole fused groups (default 8)")
     ap.add_argument("--swaps", type=int, default=5, help="transplant+revert pairs per plugin server (default 5)")
+    ap.add_argument("--trial-examples", type=int, default=16,
+                    help="probe examples of the guard-trial server (0: skip it; default 16)")
     ap.add_argument("--admin", choices=("grpc", "http"), default="grpc",
                     help="the Admin API the swaps go through: gRPC, or JSON on vLLM's port (default grpc)")
     args = ap.parse_args(argv)

@@ -183,6 +183,10 @@ class ServeConfig(BaseModel):
             raise ValueError("TLS needs both tls_cert and tls_key")
         if self.max_new_tokens_limit and self.default_max_new_tokens > self.max_new_tokens_limit:
             raise ValueError("default_max_new_tokens exceeds max_new_tokens_limit")
+        if self.engine == "vllm" and self.drift.enabled:
+            raise ValueError("drift compares the new generation's and its parent's full next-token distributions on "
+                             "sampled traffic, and on the vLLM engine only one of them is installed at a time: turn "
+                             "drift off, or serve with the embedded engine")
         names = [d.name for d in self.donors]
         if len(names) != len(set(names)):
             raise ValueError(f"donor names repeat: {names}")

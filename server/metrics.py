@@ -46,6 +46,10 @@ class Metrics:
         self.swap_seconds = Histogram("transplant_swap_seconds", "Time to commit a new generation (validate, "
                                       "snapshot, write-ahead, swap), by kind", ["kind"],
                                       buckets=LATENCY_BUCKETS, registry=r)
+        self.guard_trial_seconds = Histogram(
+            "transplant_guard_trial_seconds", "vLLM: how long the guard's trial of a candidate kept requests waiting "
+            "(install with the gate shut, the guarded probes through vLLM, the parent back)",
+            buckets=LATENCY_BUCKETS, registry=r)
         self.modules_swapped = Counter("transplant_modules_swapped_total", "Modules installed by swaps", registry=r)
         self.bytes_swapped = Counter("transplant_bytes_swapped_total", "Bytes installed by swaps", registry=r)
         self.donors = Gauge("transplant_donors_registered", "Donor checkpoints registered", registry=r)

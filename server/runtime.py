@@ -14,10 +14,10 @@ import time
 from pathlib import Path
 
 from transplant_core.errors import InvalidArgument
-from transplant_core.evaluate import evaluate
+from transplant_core.mapped import NotMappable
 from transplant_core.generation import DecodeBatch, SamplingParams, SpliceUnsupported
 from transplant_core.tasks import Task, held_out_task, load_task, selection_task
-from transplant_core.workflow import open_model
+from transplant_core.workflow import open_mapped, open_model
 
 from .config import ServeConfig
 from .control.controller import Controller, SwapResult
@@ -31,6 +31,7 @@ from .generations import Generations, Record, claim
 from .generations.log import LocalLog
 from .metrics import Metrics, QualityMetrics
 from .quality import QualityMonitor
+from .quality.forward import EngineForward, ModelForward
 from .quality.drift import Drift
 
 __all__ = ["PlanResult", "Runtime", "SwapResult", "TransplantArgs"]
@@ -67,7 +68,14 @@ class Runtime:
         try:
             from transplant_core.checkpoint import parse_dtype
 
-            self.loaded = open_model(cfg.model, cfg.allow_pickle, parse_dtype(cfg.dtype))
+            self.loaded = None
+            if cfg.engine == "vllm":      # vLLM holds the model: its weights stay in the checkpoint's files here
+                try:
+                    self.loaded = open_mapped(cfg.model, cfg.allow_pickle)
+                except NotMappable as e:
+                    log.warning("%s; holding a transformers copy of the model beside vLLM's (its memory again)", e)
+            if self.loaded is None:
+                self.loaded = open_model(cfg.model, cfg.allow_pickle, parse_dtype(cfg.dtype))
             self.tokenizer, self.table = self.loaded.tokenizer, self.loaded.table
             self.gens = Generations(self.loaded.model, self.table, cfg.state_dir, cfg.model, self._crash_hook,
                                     owner=owner, keep_servable=0 if cfg.engine == "vllm" else cfg.servable_generations,
@@ -107,7 +115,7 @@ class Runtime:
         self.drift = Drift(cfg.drift, self.quality.metrics, self.tokenizer.pad_token_id or 0)
         self.requests.on_prompt = self.drift.keep
         self.follower.probe(self.gens.live, "post_swap")
-        self.quality.start(lambda: self.gens.live, self.follower.record_probe)
+        self.quality.start(lambda: self.gens.live, self.follower.record_probe, self.forward)
         if cfg.fleet is None:
             self.log = LocalLog(self.gens, self.follower.install, cfg.model_name)
         else:
@@ -269,11 +277,27 @@ class Runtime:
         self.task(spec)
         return held_out_task(spec, n)
 
+    @property
+    def on_vllm(self) -> bool:
+        """vLLM holds the weights: the runtime has no model copy (transplant_core.mapped);
+        probes and evaluation are requests to the engine."""
+        return self.cfg.engine == "vllm"
+
+    def forward(self, live, direct: bool = False):
+        """What serves generation `live` (quality.forward): its model object (embedded), or
+        the engine (vLLM; `direct`: past the gate, for a candidate the guard judges)."""
+        if self.on_vllm:
+            return EngineForward(self.scheduler, live.id if live is not None else None, direct)
+        return ModelForward(live.model, live.id)
+
     def evaluate_on(self, model, gen: int, spec: str, n: int = 0, max_new_tokens: int = 0,
                     held_out: bool = False) -> dict:
+        """Accuracy of generation `gen` (whose model object is `model`; on vLLM the engine
+        serving it, which must be the live one) on task `spec`."""
         n = n or self.cfg.eval_examples
         task = self.held_out_task(spec, n) if held_out else self.task(spec, n)
-        r = evaluate(model, self.tokenizer, task, max_new_tokens or self.cfg.eval_max_new_tokens)
+        fwd = EngineForward(self.scheduler, gen) if self.on_vllm else ModelForward(model, gen)
+        r = fwd.accuracy(self.tokenizer, task, max_new_tokens or self.cfg.eval_max_new_tokens)
         lo, hi = r.interval()
         return {"task": spec, "accuracy": r.accuracy, "n": r.n, "correct": r.n_correct, "generation": gen,
                 "ci_low": lo, "ci_high": hi, "phase": "request"}

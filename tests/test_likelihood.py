@@ -185,3 +185,15 @@ def test_a_retention_floor_on_likelihood_or_kl(tmp_path, statistic):
     finally:
         c.close()
         s.stop(1)
+
+
+def test_drift_is_refused_on_the_vllm_engine_with_the_reason():
+    """vLLM holds one generation's weights at a time: drift (both generations' full
+    distributions on sampled traffic) cannot be measured there, and the config says so."""
+    from pydantic import ValidationError
+
+    from server.config import ServeConfig
+
+    with pytest.raises(ValidationError, match="only one of them is installed at a time"):
+        ServeConfig(engine="vllm", drift={"enabled": True})
+    assert ServeConfig(engine="vllm").drift.enabled is False

@@ -5,6 +5,7 @@ under load, a refused swap, kill -9 and restart, bad input. One engine at a time
 
 vLLM is part of the test setup (`bash deploy/setup.sh --test`); TRANSPLANT_NO_VLLM=1
 skips this file on a machine that deliberately has no vLLM."""
+import copy
 import json
 import os
 import signal
@@ -16,6 +17,7 @@ import time
 import grpc
 import openai
 import pytest
+import torch
 
 if os.environ.get("TRANSPLANT_NO_VLLM") == "1":
     pytest.skip("TRANSPLANT_NO_VLLM=1", allow_module_level=True)
@@ -27,6 +29,7 @@ from serverkit import (ROOT, A, I, Clients, alive, config, descendants, load_dur
 from server.engines.vllm import complete_groups  # noqa: E402
 from transplant_core.errors import InvalidArgument  # noqa: E402
 from transplant_core.refs import ModuleRef  # noqa: E402
+from transplant_core.checkpoint import load_model  # noqa: E402
 from transplant_core.generation import SamplingParams, generate  # noqa: E402
 from transplant_core.tasks import load_task  # noqa: E402
 
@@ -52,10 +55,29 @@ def served(tmp_path_factory):
     s.stop(5)
 
 
+_LOADED = {}
+
+
+def ref_model(s, gen=None):
+    """Transformers' model of generation `gen` (default: the live one): the checkpoint
+    loaded here, in the test, with the generation's tensors from the server's store. The
+    server itself holds no copy (vLLM has the one it serves)."""
+    rt = s.runtime
+    gen = rt.gens.live.id if gen is None else gen
+    if rt.cfg.model not in _LOADED:
+        _LOADED[rt.cfg.model] = load_model(rt.cfg.model, dtype=torch.float32)[0]
+    m = copy.deepcopy(_LOADED[rt.cfg.model])
+    params = dict(m.named_parameters())
+    with torch.no_grad():
+        for k, t in rt.gens._load_overrides(gen).items():
+            params[k].copy_(t)
+    return m
+
+
 def hf(s, prompts, n=12, model=None):
     """Greedy token ids from transformers on the live generation (or `model`)."""
     rt = s.runtime
-    m = model if model is not None else rt.gens.live.model
+    m = model if model is not None else ref_model(s)
     return [generate(m, rt.tokenizer, [p], SamplingParams(max_new_tokens=n))[0] for p in prompts]
 
 
@@ -129,25 +151,35 @@ def test_prefix_cache_is_reset_by_a_swap(served):
     try:
         got = c.generate(LONG, 8).text
         assert got == hf(s, [LONG], 8)[0].text
-        assert got != hf(s, [LONG], 8, model=s.runtime.gens.materialize(0))[0].text   # the swap changed it
+        assert got != hf(s, [LONG], 8, model=ref_model(s, 0))[0].text   # the swap changed it
     finally:
         c.admin("Revert", A.RevertRequest(to_generation=0))
 
 
 def test_zoo_transplant_matches_apply(served, tmp_path):
-    """K = 8 on the cross-generation setting through the vLLM server equals `transplant
-    apply` with the same selection, loaded in transformers."""
+    """K = 8 on the cross-generation setting: vLLM holds the only copy of the model, so the
+    activation selector (LAE) is refused with the way round it, which is followed here:
+    `transplant apply` offline (a process that loads both models and exits) chooses the
+    modules, the vLLM server transplants them by name, and its replies equal the applied
+    checkpoint's in transformers. A weight-only selector plans on the server itself."""
     s, c = served
-    r = c.admin("Transplant", A.TransplantRequest(donor="v1", task="zoo:add", k=8))
+    with pytest.raises(grpc.RpcError) as e:
+        c.admin("Transplant", A.TransplantRequest(donor="v1", task="zoo:add", k=8))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "transplant analyze --target zoo:v2" in e.value.details() and "--modules" in e.value.details()
+    live = s.runtime.gens.live.id
+    plan = c.admin("PlanTransplant", A.TransplantRequest(donor="v1", task="zoo:add", k=4, selector="dw"))
+    assert s.runtime.gens.live.id == live                 # (refused: nothing changed)
+    assert len(plan.selected) >= 4 and plan.selector == "dw" and len(plan.ranked) == len(s.runtime.table.modules)
     out = tmp_path / "applied"
     proc = subprocess.run([sys.executable, "-m", "server.cli", "apply", "--target", "zoo:v2", "--donor", "zoo:v1",
                            "--task", "zoo:add", "--k", "8", "--out", str(out), "--quiet", "--json"],
                           capture_output=True, text=True, timeout=300, cwd=ROOT,
                           env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert proc.returncode == 0, proc.stderr
-    assert sorted(json.loads(proc.stdout)["modules"]) == sorted(r.generation.modules)
-    from transplant_core.checkpoint import load_model
-
+    chosen = json.loads(proc.stdout)["modules"]
+    r = c.admin("Transplant", A.TransplantRequest(donor="v1", modules=chosen))
+    assert sorted(chosen) == sorted(r.generation.modules)
     applied, tok, _ = load_model(str(out))
     prompts = [f"add:{a}+{b}=" for a, b in ((12, 30), (7, 8), (41, 17), (3, 90), (55, 5), (23, 23))]
     texts, gens = served_texts(c, prompts, 6)
@@ -167,7 +199,7 @@ def test_drain_under_load_every_reply_is_one_generation(served):
     assert len(gens) >= 3, gens
     assert len({r["generation"] for r in results if r["api"] == "http"}) >= 2
     for g in gens:
-        want = {p: t.text for p, t in zip(SURE, hf(s, SURE, 16, model=s.runtime.gens.materialize(g)))}
+        want = {p: t.text for p, t in zip(SURE, hf(s, SURE, 16, model=ref_model(s, g)))}
         bad = [r for r in results if r["generation"] == g and (r["text"] != want[r["prompt"]] or r["spans"])]
         assert not bad, (g, bad[:3])
 
@@ -231,7 +263,7 @@ def test_refused_swaps_guard_and_alert_rollback_on_vllm(tmp_path, broken_donor):
         assert reply["decisions"][0]["action"] == "reverted"
         texts, gens = served_texts(c, PROMPTS)
         assert gens == {s.runtime.gens.live.id} and s.runtime.gens.live.id > gen
-        assert texts == [x.text for x in hf(s, PROMPTS, model=s.runtime.gens.materialize(0))]
+        assert texts == [x.text for x in hf(s, PROMPTS, model=ref_model(s, 0))]
         # the engine process dies: a swap fails at once and leaves nothing waiting behind it
         for pid in ours:
             if "EngineCore" in open(f"/proc/{pid}/cmdline").read():
@@ -257,7 +289,7 @@ def test_freeze_reports_the_spans_of_replies_that_cross_a_swap(tmp_path):
         # prompts every generation here answers with clear margins (the zoo's copy and upper: 100%):
         # the KV recomputed at a boundary may round differently, which must not flip a near tie
         models = {}
-        model = lambda g: models.setdefault(g, s.runtime.gens.materialize(g))
+        model = lambda g: models.setdefault(g, ref_model(s, g))
         # 1. 2 of the 5 gRPC clients pin the generation live when they send (a swap waits for
         # the pinned ones that run, so few replies cross it here); 3 /v1 clients
         results, errors = load_during_swaps(s, c, 3, SURE, n=40, pinned=2)
@@ -514,7 +546,7 @@ def test_logprobs_echo_and_sampling_extras_equal_transformers(served):
                                       extra_body={k: v for k, v in body.items() if k not in ("logprobs", "echo")},
                                       logprobs=body["logprobs"], echo=body.get("echo", False))
         ids = rt.tokenizer(prompt)["input_ids"]
-        want = generate(rt.gens.live.model, rt.tokenizer, [prompt], SamplingParams(max_new_tokens=10, **params),
+        want = generate(ref_model(s), rt.tokenizer, [prompt], SamplingParams(max_new_tokens=10, **params),
                         prompt_ids=[ids])[0]
         got = r.choices[0].logprobs
         ref = completion_logprobs(rt.tokenizer, want, type("R", (), {"prompt_ids": ids})(), body["logprobs"],
@@ -545,3 +577,87 @@ def test_logprobs_echo_and_sampling_extras_equal_transformers(served):
     assert sum((x.tokens for x in lps), []) == whole.tokens
     assert sum((x.text_offset for x in lps), []) == whole.text_offset
     assert sum((x.token_logprobs for x in lps), []) == pytest.approx(whole.token_logprobs, abs=1e-5, nan_ok=True)
+
+
+def _maps_of(path: str) -> dict[tuple[int, int], int]:
+    """This process's memory maps of file `path`: {address range: resident bytes}."""
+    maps, here = {}, None
+    for line in open("/proc/self/smaps"):
+        head = line.split()
+        if "-" in head[0] and len(head) >= 5 and ":" not in head[0]:
+            here = tuple(int(x, 16) for x in head[0].split("-")) if line.rstrip().endswith(path) else None
+            if here:
+                maps[here] = 0
+        elif here and head[0] == "Rss:":
+            maps[here] += int(head[1]) * 1024
+    return maps
+
+
+def test_vllm_holds_the_only_copy_and_probes_and_the_guard_run_through_it(tmp_path, broken_donor):
+    """On the vLLM engine the runtime keeps no copy of the model: every base weight is a
+    view of the checkpoint's file map, and after start-up, probes, a refused and an
+    accepted transplant and a revert, only a few pages of it are resident. Probes are
+    requests to vLLM: their answer NLL equals transformers' on the same weights, and their
+    KL from the parent (from vLLM's top-20) is a lower bound of the exact KL, close to it.
+    The likelihood guard judges a candidate installed while the gate is shut: user
+    requests in the meantime wait and never see it."""
+    from transplant_core.likelihood import answer_scores
+
+    cfg = dict(vcfg(tmp_path, max_new_tokens_limit=48), donor_roots=[str(broken_donor)],
+               probes=[{"task": "zoo:add", "examples": 16, "guard": True, "statistic": "likelihood"}])
+    s = start(cfg)
+    c = Clients(s.grpc_port, s.token)
+    rt = s.runtime
+    try:
+        weights = str(rt.loaded.path / "model.safetensors")
+        params = [p for _, p in rt.gens.base.named_parameters()]
+        ours = {r for r in _maps_of(weights) if any(r[0] <= p.data_ptr() < r[1] for p in params)}
+        assert ours and all(any(lo <= p.data_ptr() < hi for lo, hi in ours) for p in params)
+        size = os.path.getsize(weights)
+        task = rt.quality.tasks["zoo:add"]
+        m0 = rt.quality.latest(0, "zoo:add")               # the start-up probe, through vLLM
+        want = answer_scores(ref_model(s, 0), rt.tokenizer, task)
+        assert max(abs(a - b) for a, b in zip(m0.nll, want.nll)) < 1e-4
+
+        c.admin("RegisterDonor", A.RegisterDonorRequest(name="broken", path=str(broken_donor / "broken")))
+        before, _ = served_texts(c, PROMPTS)
+        seen, errors, stop = [], [], threading.Event()
+
+        def user():
+            cl = Clients(s.grpc_port, s.token)
+            while not stop.is_set():
+                try:
+                    seen.append(cl.generate(PROMPTS[0], 12))
+                except grpc.RpcError as e:
+                    errors.append(e)
+            cl.close()
+        threads = [threading.Thread(target=user) for _ in range(2)]
+        for t in threads:
+            t.start()
+        try:
+            with pytest.raises(grpc.RpcError) as e:
+                c.admin("Transplant", A.TransplantRequest(donor="broken", modules=["layers.*.mlp.down"]))
+        finally:
+            stop.set()
+            for t in threads:
+                t.join()
+        assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "guard refused" in e.value.details()
+        assert rt.scheduler.last_trial_s > 0
+        assert not errors and seen and {r.generation for r in seen} == {0} and {r.text for r in seen} == {before[0]}
+        assert served_texts(c, PROMPTS) == (before, {0})     # the parent's weights are back
+
+        gen = c.admin("Transplant", A.TransplantRequest(donor="v1", modules=["layers.1.attn.o"])).generation.id
+        m1 = rt.quality.latest(gen, "zoo:add")
+        exact = answer_scores(ref_model(s, gen), rt.tokenizer, task, parent=ref_model(s, 0))
+        assert max(abs(a - b) for a, b in zip(m1.nll, exact.nll)) < 1e-4
+        assert all(k <= x + 1e-4 for k, x in zip(m1.kl, exact.kl))       # a lower bound
+        assert sum(m1.kl) >= 0.9 * sum(exact.kl) > 0.1                 # and close: top-20 hold most of the mass
+        status = c.admin("GetStatus", A.GetStatusRequest())
+        assert status.live_generation == gen
+        c.admin("Revert", A.RevertRequest())
+        assert served_texts(c, PROMPTS) == (before, {rt.gens.live.id})
+        resident = sum(v for r, v in _maps_of(weights).items() if r in ours)   # (the runtime's map alone)
+        assert resident < 0.1 * size, (resident, size)
+    finally:
+        c.close()
+        s.stop(5)

@@ -168,7 +168,7 @@ def weight_files(path: Path, allow_pickle: bool = False) -> list[Path]:
 
 def load_model(spec: str, allow_pickle: bool = False, dtype: torch.dtype | None = None):
     """(model, tokenizer, path) for a spec; the model is in eval mode on the CPU."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()   # our own progress is shown where work is long
@@ -193,6 +193,13 @@ def load_model(spec: str, allow_pickle: bool = False, dtype: torch.dtype | None 
         raise InvalidArgument(f"{path} does not hold the weights of its {type(model).__name__}: "
                               + "; ".join(problems) + ". Refusing it rather than serving random weights")
     model.eval()
+    return model, load_tokenizer(path, spec), path
+
+
+def load_tokenizer(path: Path, spec: str = ""):
+    """The checkpoint's tokenizer, padded on the left (batched generation), with a pad token."""
+    from transformers import AutoTokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
@@ -201,7 +208,7 @@ def load_model(spec: str, allow_pickle: bool = False, dtype: torch.dtype | None 
         from .zoo.tokenizer import CHAT_TEMPLATE      # a family built before it had one
 
         tokenizer.chat_template = CHAT_TEMPLATE
-    return model, tokenizer, path
+    return tokenizer
 
 
 def stored_dtype(files: list[Path]) -> torch.dtype | None:

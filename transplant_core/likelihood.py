@@ -26,6 +26,7 @@ class AnswerScores:
     nll: list[float]                 # per example, nats per answer token
     kl: list[float] | None = None    # per example, KL(parent || model) per answer position (with a parent)
     tokens: int = 0                  # answer tokens scored, all examples
+    top: list | None = None          # per example, per answer position: {token: logprob} (an engine's top-N)
 
 
 def _rows(tokenizer, task: Task) -> list[tuple[list[int], int]]:

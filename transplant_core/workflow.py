@@ -31,6 +31,17 @@ def open_model(spec: str, allow_pickle: bool = False, dtype=None) -> Loaded:
     return Loaded(spec, model, tok, path, build_table(model))
 
 
+def open_mapped(spec: str, allow_pickle: bool = False) -> Loaded:
+    """The model with its weights left in the checkpoint's files (transplant_core.mapped):
+    for a server whose engine holds the model itself (vLLM)."""
+    from .checkpoint import load_tokenizer, resolve_model_path
+    from .mapped import mapped_model
+
+    path = resolve_model_path(spec)
+    model = mapped_model(path, allow_pickle)
+    return Loaded(spec, model, load_tokenizer(path, spec), path, build_table(model))
+
+
 def compatibility(target: ModuleTable, donor: ModuleTable) -> CompatReport:
     report = check(target, donor)
     if not report.usable:

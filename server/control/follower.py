@@ -98,11 +98,12 @@ class Follower:
             live = gens.live
             for s in shadow:
                 gens.add_quality(done.id, rt.quality.adopt(done.id, s).to_dict())
-            self.probe(live, "post_swap", donor=p.donor if rec.kind == "transplant" else None, parent=parent.model)
+            self.probe(live, "post_swap", donor=p.donor if rec.kind == "transplant" else None, parent=parent)
             log.info("%s: generation %d -> %d (%d modules, %.1f ms)", rec.kind, parent.id, done.id, len(p.modules),
                      seconds * 1e3)
             self.install_seconds = {done.id: here}   # the controller adds what it spent building the offer
-            self.drift = rt.drift.after_swap(done.id, live.model, parent.model)   # (opt-in; its own thread)
+            if not rt.on_vllm:      # (drift needs both models' full distributions: refused on vLLM by the config)
+                self.drift = rt.drift.after_swap(done.id, live.model, parent.model)   # (opt-in; its own thread)
             return seconds
 
     # ---- judging a candidate, probing a live generation -----------------------------------
@@ -115,8 +116,21 @@ class Follower:
         q = rt.quality
         if not q.probes:
             return None, []
-        base = {t: q.baseline(parent.model, parent.id, t) for t in q.tasks}
-        shadow = {t: q.measure(cand.model, None, t, "shadow", parent=parent.model) for t in q.tasks}
+        if rt.on_vllm:
+            # vLLM holds one set of weights: the candidate is tried in place with the gate shut
+            # (engine.trial), which costs a pause; only a transplant a guard judges pays it
+            if kind != "transplant" or not any(p.guard for p in q.probes):
+                return None, []                  # measured once live (post_swap)
+            before = rt.forward(parent)
+            base = {t: q.baseline(before, parent.id, t) for t in q.tasks}
+            try:
+                shadow = rt.scheduler.trial(parent.model, cand, lambda: {
+                    t: q.measure(rt.forward(None, direct=True), None, t, "shadow", parent=before) for t in q.tasks})
+            finally:
+                rt.metrics.guard_trial_seconds.observe(rt.scheduler.last_trial_s)
+        else:
+            base = {t: q.baseline(parent.model, parent.id, t) for t in q.tasks}
+            shadow = {t: q.measure(cand.model, None, t, "shadow", parent=parent.model) for t in q.tasks}
         verdict = q.judge(base, shadow) if kind == "transplant" else None
         if verdict is not None and not verdict.ok and refuse:
             p = cand.plan
@@ -129,11 +143,17 @@ class Follower:
         return verdict, list(shadow.values())
 
     def probe(self, live, phase: str, donor: str | None = None, parent=None) -> None:
+        """Measure generation `live` on every probe task (with its `parent` Live: the KL
+        from it too); export, with the donor's own accuracy where it was a transplant's
+        (not on vLLM: that would load the donor model, a second copy)."""
         rt = self.rt
         for t in rt.quality.tasks:
-            self.record_probe(live, rt.quality.measure(live.model, live.id, t, phase, parent=parent), export=False)
+            m = rt.quality.measure(rt.forward(live), live.id, t, phase,
+                                   parent=rt.forward(parent) if parent is not None else None)
+            self.record_probe(live, m, export=False)
         acc = None
-        if donor is not None and rt.quality.tasks and donor in {d.name for d in rt.donors.list()}:
+        if (donor is not None and rt.quality.tasks and not rt.on_vllm
+                and donor in {d.name for d in rt.donors.list()}):
             d = rt.donors.get(donor)   # (a fleet replica may not have the donor another one used)
             acc = {t: rt.quality.donor_accuracy(donor, t, lambda: rt.donor_model(d)) for t in rt.quality.tasks}
         self.donor_accuracy = acc

@@ -10,8 +10,10 @@ from transplant_core import front
 from transplant_core import transplant as tp
 from transplant_core.checkpoint import ModelTensors
 from transplant_core.errors import Incompatible, InvalidArgument, PreconditionFailed
+from transplant_core.mapped import release
+from transplant_core.selectors import LENGTH_FREE, Evidence
 from transplant_core.tasks import Task
-from transplant_core.workflow import compare, explicit_modules, rank, select
+from transplant_core.workflow import _compatible, compare, explicit_modules, rank, select
 
 from ..donors import Donor
 
@@ -101,6 +103,8 @@ class Planner:
             raise InvalidArgument(f"{a.task} is the task being transplanted; retain lists the other tasks to keep")
         probe = rt.selection_task(a.task, a.probe_prompts or rt.cfg.probe_prompts)
         selector = a.selector or "lae"
+        if rt.on_vllm:
+            return self._weight_only(a, donor, probe, selector, live)
         # hooks go on a private module tree; selectors that swap modules or take gradients
         # get private copies of the transplantable weights too (the live ones are shared)
         private = [] if selector == "lae" else [k for m in rt.table.modules.values() for k in m.keys]
@@ -120,6 +124,33 @@ class Planner:
         ranked = [(str(r), s, rt.table[r].nbytes) for r, s in ranking.ranking()]
         return PlanResult(donor, self._plan(a, donor, refs, live), ranked, live.id, selector, comparison,
                           points, why, retained)
+
+    def _weight_only(self, a: TransplantArgs, donor: Donor, probe: Task, selector: str, live) -> PlanResult:
+        """On vLLM, which holds the only copy of the model: selectors that read weights alone,
+        the live weights from the checkpoint's files (and the store) and the donor's from its
+        files, module by module; those that need both models' activations are refused."""
+        rt = self.rt
+        if selector not in LENGTH_FREE:
+            raise InvalidArgument(
+                f"selector {selector!r} needs both models' activations, and on the vLLM engine vLLM holds the only "
+                f"copy of the model; rank offline with `transplant analyze --target {rt.cfg.model} --donor {donor.path} "
+                f"--task {a.task} --k {a.k} --selector {selector}` (a process that loads both models and exits), "
+                f"then transplant its choice with --modules; or use a weight-only selector here "
+                f"({', '.join(LENGTH_FREE)})",
+                field="selector")
+        if a.retention_floor:
+            raise InvalidArgument("a retention floor measures each candidate K on both models' outputs, which the "
+                                  "vLLM engine does not hold here; choose K offline (`transplant analyze`) and give "
+                                  "k or --modules", field="retention_floor")
+        ev = Evidence(live.model, None, rt.tokenizer, _compatible(rt.table, donor.compat), probe.prompts, 1)
+        ev._cache["src"] = donor.checkpoint.tensors          # the donor's files, read per module
+        try:
+            ranking = rank(None, rt.tokenizer, rt.table, None, probe, donor.compat, 1, selector, evidence=ev)
+        finally:
+            release(live.model)
+        ranked = [(str(r), s, rt.table[r].nbytes) for r, s in ranking.ranking()]
+        refs = select(ranking, a.k)
+        return PlanResult(donor, self._plan(a, donor, refs, live), ranked, live.id, selector)
 
     def _front(self, a: TransplantArgs, donor: Donor, donor_model, ranking, live, probe: Task, steps: int):
         """Measure Recovery (on the selection prompts) and retention (on the retained tasks'
@@ -158,5 +189,8 @@ class Planner:
         p = dataclasses.replace(tp.plan(self.rt.table, donor.checkpoint.tensors, refs, a.alpha, cast=a.cast),
                                 donor=donor.name)
         if a.rank or a.param_budget:
-            p = tp.lowrank(p, ModelTensors(live.model), rank=a.rank or None, budget=a.param_budget or None)
+            try:
+                p = tp.lowrank(p, ModelTensors(live.model), rank=a.rank or None, budget=a.param_budget or None)
+            finally:
+                release(live.model)          # a mapped base (vLLM): the pages just read go back
         return p

@@ -29,9 +29,11 @@ The engine's processes die with the server, even on kill -9 and from the first m
 of start-up: they are forked with a parent-death signal (SIGKILL). `healthy()` is
 false once vLLM's engine process is gone; the runtime then reports NOT_SERVING.
 
-Only the live generation is servable (vLLM holds one set of weights); the runtime's
-transformers copy of each generation still serves activation analysis, shadow
-evaluation and probes, exactly (float32 parity with vLLM).
+Only the live generation is servable (vLLM holds one set of weights), and vLLM holds
+the only copy of the model: the runtime's base is the checkpoint's files mapped
+(transplant_core.mapped), probes and evaluation are requests to vLLM
+(quality/forward.py), and the guard judges a candidate installed while the gate is shut
+(Swaps.trial).
 """
 from __future__ import annotations
 
@@ -91,6 +93,7 @@ class VllmEngine(Swaps):
         self._stopping = False
         self._held: dict[int, Request] = {}   # accepted and not finished: a stop finishes them
         self.broken = ""                      # why the workers' weights are unknown (a failed undo: Swaps._undo)
+        self.last_trial_s = 0.0               # how long the last guard trial kept the gate shut
 
     # ---- lifecycle ----------------------------------------------------------------------
 

@@ -1,10 +1,13 @@
 """Swaps on the vLLM engine (the steps in vllm.py's docstring): the gate, vLLM's pause
 (drain or freeze), the changed tensors with their whole fused groups to our worker
-extension, the commit, the weight-version label, resume. A mixin of VllmEngine."""
+extension, the commit, the weight-version label, resume; and the guard's trial of a
+candidate (installed with the gate shut, probed by requests that pass it, taken out).
+A mixin of VllmEngine."""
 from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from typing import Callable
 
 from transplant_core.errors import InvalidArgument, PreconditionFailed
@@ -60,6 +63,88 @@ class Swaps:
             return rec
         finally:
             self._call(self._release())
+
+    def trial(self, parent_model, cand, fn: Callable[[], object]):
+        """Install candidate `cand` for the guard, call `fn()` (its probes, requests through
+        `direct`) and put the parent back: user requests wait at the shut gate all the while
+        (the pause this costs is `last_trial_s`), and none ever runs on the candidate. Its
+        tensors reach the workers by path (a scratch safetensors file in the state
+        directory, removed after), as a staged generation's do."""
+        import time
+
+        from safetensors.torch import save_file
+
+        self.last_trial_s = 0.0
+        refs = complete_groups(self.table, cand.plan.refs)
+        keys = [k for r in refs for k in self.table[r].keys]
+        params = dict(cand.model.named_parameters())
+        old = self.sources(self.gens.records[cand.parent].state, keys, parent_model)
+        scratch = self.gens.dir / "trial"
+        scratch.mkdir(exist_ok=True)
+        file = scratch / f"{uuid.uuid4().hex}.safetensors"
+        save_file({k: params[k].detach().contiguous() for k in keys}, str(file))
+        t0 = time.perf_counter()
+        try:
+            self._call(self._hold())
+            try:
+                try:
+                    self._call(self._load([(k, str(file), k, "", []) for k in keys], {}))
+                    self._call(self._reopen())
+                    return fn()
+                finally:
+                    try:
+                        self._call(self.engine.pause_generation(mode="wait", clear_cache=False), PAUSE_FLOOR_S)
+                    except Exception:          # noqa: BLE001 - the parent goes back regardless
+                        log.exception("pausing vLLM after a guard trial")
+                    self._undo(old)
+            finally:
+                self._call(self._release())
+        finally:
+            file.unlink(missing_ok=True)
+            self.last_trial_s = time.perf_counter() - t0
+            log.info("guard trial of %d modules: the gate was shut %.0f ms", len(refs), self.last_trial_s * 1e3)
+
+    def run_all(self, prompts: list[list[int]], params, direct: bool = False) -> list:
+        """Requests of the runtime's own (probes, evaluation) for token-id prompts, run and
+        waited for: through the gate like any other, at most a batch at a time (the queue
+        stays free for users), or `direct`ly past it. Each finished: result or error."""
+        from .base import Request
+
+        reqs = [Request("", ids, params) for ids in prompts]
+        if direct:
+            self.direct(reqs)
+            return reqs
+        step = max(1, self.max_batch_size)
+        for i in range(0, len(reqs), step):
+            chunk = reqs[i:i + step]
+            for r in chunk:
+                self.submit(r)
+            for r in chunk:
+                r.done.wait()
+        return reqs
+
+    def direct(self, reqs: list) -> None:
+        """Run requests past the gate and its counts, and wait for them: the guard's probes
+        of a candidate installed while the gate is shut (Swaps.trial). Each finishes with a
+        result or an error."""
+        async def one(r: Request) -> None:
+            try:
+                r.admit(self.current)
+                await self._generate(r, uuid.uuid4().hex)
+            except BaseException as e:     # noqa: BLE001 - the request learns why
+                r.fail(self._why(e))
+            finally:
+                r.finish()
+
+        async def run() -> None:
+            await asyncio.gather(*(one(r) for r in reqs))
+
+        self._call(run())
+
+    async def _reopen(self) -> None:
+        """vLLM runs again (for `direct` requests only: our gate stays shut)."""
+        await self.engine.reset_prefix_cache()
+        await self.engine.resume_generation()
 
     def _undo(self, old) -> None:
         """Put the parent's tensors back. If even that fails, the workers' weights are

@@ -39,6 +39,7 @@ from transplant_core.arch import ModuleTable
 from transplant_core.change import LowRankRecipe
 from transplant_core.checkpoint import DictTensors
 from transplant_core.errors import NotFound, PreconditionFailed
+from transplant_core.mapped import release
 
 from . import legacy
 from .journal import Journal
@@ -73,6 +74,7 @@ class Generations:
             self.live = Live(0, base)
             self.unverifiable: dict | None = None   # the journal's live generation, if the store could not build it
             self._recover()
+            release(base)                        # a mapped base: give back the pages read here
             self._servable: dict[int, Live] = {self.live.id: self.live}   # in memory, oldest first
             legacy.migrate(self.tensor_dir, self.records, self.store)
             named = {d for r in self.records.values() for d in r.state.values()} | self.values.named()
@@ -99,7 +101,7 @@ class Generations:
         entries = self.journal.records
         # sha256 of every parameter of the model as loaded (embeddings, norms and the head
         # too: a checkpoint whose head changed on disk is not the one generation 0 was)
-        now = tp.checksums(self.base)
+        now = _streamed_checksums(self.base)
         if not entries:
             rec = Record(0, None, "load", selection={"model": self.model_spec}, created=time.time(), checksums=now)
             self.journal.append(rec.to_journal())
@@ -214,6 +216,7 @@ class Generations:
         evaluation runs on it before it may go live."""
         parent = self.live
         model, replaced = tp.derive(parent.model, p, share=share)
+        release(self.base)            # a mapped base (vLLM): the pages of the modules just read go back
         return Candidate(p, parent.id, model, replaced)
 
     def stage(self, c: Candidate, kind: str, requested_by: str = "", reason: str = "",
@@ -368,6 +371,16 @@ class Generations:
         self.store.close()
         self.journal.close()
         self._owner.close()                  # releases the state directory
+
+
+def _streamed_checksums(model: nn.Module) -> dict[str, str]:
+    """tp.checksums, releasing each tensor's pages once hashed: a mapped base (vLLM holds
+    the model) is read through once, never resident as a whole."""
+    out = {}
+    for k, p in sorted(model.named_parameters()):
+        out[k] = tp.tensor_digest(p)
+        release(model, k)
+    return out
 
 
 class _Overlay(DictTensors):

@@ -10,13 +10,13 @@ from dataclasses import dataclass, field
 from statistics import fmean
 
 from transplant_core.evaluate import evaluate
-from transplant_core.likelihood import answer_scores
 from transplant_core.metrics import bootstrap_ci, recovery, tir
 from transplant_core.tasks import Task
 
 from ..config import ProbeSpec, ServeConfig
 from ..metrics import QualityMetrics
 from . import guard
+from .forward import EngineForward, ModelForward
 from .guard import Verdict
 
 log = logging.getLogger("transplant.quality")
@@ -31,6 +31,7 @@ class Measurement:
     at: float = field(default_factory=time.time)   # when it was measured (not when exported)
     nll: list[float] | None = None     # per example: nats per reference-answer token (transplant_core.likelihood)
     kl: list[float] | None = None      # per example: KL(parent || this model) per answer position
+    top: list | None = field(default=None, repr=False)   # an engine's top-N per answer position (memory only)
 
     @property
     def accuracy(self) -> float:
@@ -64,13 +65,20 @@ class QualityMonitor:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
 
-    def measure(self, model, gen: int | None, task: str, phase: str, parent=None) -> Measurement:
-        """Evaluate (accuracy, and each reference answer's likelihood; with the `parent`
-        model, the KL from its distributions); cached as generation `gen`'s latest unless
-        gen is None (a shadow candidate has no id until it commits: `adopt` files it then)."""
-        r = evaluate(model, self.tokenizer, self.tasks[task], self.cfg.eval_max_new_tokens)
-        s = answer_scores(model, self.tokenizer, self.tasks[task], parent=parent)
-        m = Measurement(task, gen if gen is not None else -1, phase, r.correct, nll=s.nll, kl=s.kl)
+    def measure(self, fwd, gen: int | None, task: str, phase: str, parent=None) -> Measurement:
+        """Evaluate on `fwd` (quality.forward: the model object, or the engine serving the
+        generation; a bare model is taken as its ModelForward): accuracy, and each reference
+        answer's likelihood; with the `parent` (a forward of the same kind), the KL from its
+        distributions. Cached as generation `gen`'s latest unless gen is None (a shadow
+        candidate has no id until it commits: `adopt` files it then)."""
+        fwd, parent = as_forward(fwd), as_forward(parent)
+        t = self.tasks[task]
+        r = fwd.accuracy(self.tokenizer, t, self.cfg.eval_max_new_tokens)
+        top = None
+        if parent is not None and parent.gen is not None and (pm := self.latest(parent.gen, task)) is not None:
+            top = pm.top
+        s = fwd.scores(self.tokenizer, t, parent, top)
+        m = Measurement(task, gen if gen is not None else -1, phase, r.correct, nll=s.nll, kl=s.kl, top=s.top)
         if gen is not None:
             self.adopt(gen, m)
         return m
@@ -88,8 +96,11 @@ class QualityMonitor:
         with self._lock:
             return self._cache.get((gen, task))
 
-    def baseline(self, model, gen: int, task: str) -> Measurement:
-        return self.latest(gen, task) or self.measure(model, gen, task, "baseline")
+    def baseline(self, fwd, gen: int, task: str) -> Measurement:
+        m = self.latest(gen, task)
+        if m is None or (m.top is None and isinstance(fwd, EngineForward)):   # the KL needs the parent's top-N
+            m = self.measure(fwd, gen, task, "baseline")
+        return m
 
     def donor_accuracy(self, donor_name: str, task: str, load_model) -> float:
         key = (donor_name, task)
@@ -141,9 +152,9 @@ class QualityMonitor:
 
     # ---- periodic probes ---------------------------------------------------------------
 
-    def start(self, live, on_measure) -> None:
+    def start(self, live, on_measure, forward=lambda live: live.model) -> None:
         """Every probe's interval: measure the live generation; `live()` returns the pinned
-        Live, `on_measure(live, measurement)` records it."""
+        Live, `forward(live)` what serves it, `on_measure(live, measurement)` records it."""
         if not self.probes:
             return
 
@@ -157,7 +168,7 @@ class QualityMonitor:
                         due[p.task] = time.monotonic() + p.interval_s
                         pinned = live()
                         try:
-                            on_measure(pinned, self.measure(pinned.model, pinned.id, p.task, "periodic"))
+                            on_measure(pinned, self.measure(forward(pinned), pinned.id, p.task, "periodic"))
                         except Exception as e:
                             log.exception("periodic probe %s failed on generation %d", p.task, pinned.id)
                             self.failed(pinned.id, p.task, type(e).__name__)
@@ -181,3 +192,11 @@ class QualityMonitor:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
+
+
+def as_forward(x):
+    """A probe's forward path: a ModelForward or an EngineForward as given, a bare model
+    object as its ModelForward (None stays None)."""
+    if x is None or isinstance(x, (ModelForward, EngineForward)):
+        return x
+    return ModelForward(x)
