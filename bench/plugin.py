@@ -10,7 +10,9 @@
    the plugin minus without, over the model's weight bytes. Target <= 0.05.
 3. swap: K=8 modules (whole fused groups) transplanted and reverted through the Admin API
    of the plugin server (idle: no running request to wait for), wall time at the client
-   and the swap_seconds the runtime reports; against what an operator does without
+   and the swap_seconds the runtime reports, and the swap's own pause (how long requests
+   were held once none ran: transplant_swap_pause_seconds; the staging before it, hashing
+   and writing the new tensors durably, holds no request); against what an operator does without
    transplant: `transplant apply` onto a new checkpoint and a new plain vLLM server on it,
    timed from its start to its first completion. Targets: swap / new server <= 0.01,
    swap <= 100 ms. The ratio takes each plugin server's first transplant, whose tensors
@@ -265,6 +267,22 @@ def swaps(srv: Server, names: list[str], pairs: int, via: str) -> list[dict]:
     return recs
 
 
+def metrics(srv: Server) -> dict[str, float]:
+    """Our /metrics (the plugin's own HTTP port) as {sample name with labels: value}."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{srv.http_port}/metrics", timeout=30) as r:
+        text = r.read().decode()
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+            if line and not line.startswith("#")}
+
+
+def pause_means(srv: Server) -> dict[str, float]:
+    """Mean transplant_swap_pause_seconds per kind: how long each swap held requests once
+    none was running (the workers' loads, the commit, the label, the resume)."""
+    got = metrics(srv)
+    return {k: got[f'transplant_swap_pause_seconds_sum{{kind="{k}"}}'] /
+            got[f'transplant_swap_pause_seconds_count{{kind="{k}"}}'] for k in ("transplant", "revert")}
+
+
 def guard_trial(m, names: list[str], max_len: int, tmp: Path, args) -> dict:
     """A plugin server with a guarded probe (zoo:add, likelihood, a margin no candidate
     reaches: the pause is measured, not the verdict): each transplant is first installed
@@ -280,12 +298,9 @@ def guard_trial(m, names: list[str], max_len: int, tmp: Path, args) -> dict:
         srv.complete()
         srv.wait_plugin()
         recs = swaps(srv, names, 2, args.admin)
-        with urllib.request.urlopen(f"http://127.0.0.1:{srv.http_port}/metrics", timeout=30) as r:
-            text = r.read().decode()
+        got = metrics(srv)
     finally:
         srv.stop()
-    got = {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
-           if line.startswith("transplant_guard_trial_seconds_")}
     n = got.get("transplant_guard_trial_seconds_count", 0)
     if n != 2:
         raise SystemExit(f"expected 2 guard trials, /metrics says {n}")
@@ -323,6 +338,7 @@ def run(args) -> C.Result:
     first_s: dict = {k: [] for k in KINDS}
     health_s: dict = {k: [] for k in KINDS}
     swap_recs: list[list[dict]] = []
+    pauses: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="bench-plugin-") as d:
         tmp = Path(d)
         for i in range(args.repeats):
@@ -350,6 +366,7 @@ def run(args) -> C.Result:
                         bench_runs[(kind, c)].append(client(srv.port, m.target, args.prompts, c, args.tokens))
                     if kind == "plugin":
                         swap_recs.append(swaps(srv, names, args.swaps, args.admin))
+                        pauses.append(pause_means(srv))
                 finally:
                     srv.stop()
 
@@ -377,6 +394,9 @@ def run(args) -> C.Result:
     res.add("transplant (new tensors), ms", "<= 100", [t[0]["wall"] * 1e3 for t in trans], unit="ms")
     res.add("transplant (tensors already stored), ms", "<= 100", [x * 1e3 for s in stored for x in s], unit="ms")
     res.add("revert, ms", "<= 100", [r["wall"] * 1e3 for rv in revs for r in rv], unit="ms")
+    res.add("transplant: the swap's pause (requests held once none runs), ms", "<= 100",
+            [p["transplant"] * 1e3 for p in pauses], unit="ms")
+    res.add("revert: the swap's pause, ms", "<= 100", [p["revert"] * 1e3 for p in pauses], unit="ms")
     res.add("transplant, reported swap_seconds, ms", "report", [r["server"] * 1e3 for t in trans for r in t],
             unit="ms")
     res.add("revert, reported swap_seconds, ms", "report", [r["server"] * 1e3 for rv in revs for r in rv],
@@ -420,6 +440,7 @@ def main(argv=None) -> C.Result:
     args = ap.parse_args(argv)
     if args.quick:
         args.repeats, args.prompts, args.tokens, args.concurrency, args.swaps = 1, 16, 16, [8], 3
+        args.trial_examples = min(args.trial_examples, 4)
     return run(args)
 
 

@@ -46,6 +46,9 @@ class Metrics:
         self.swap_seconds = Histogram("transplant_swap_seconds", "Time to commit a new generation (validate, "
                                       "snapshot, write-ahead, swap), by kind", ["kind"],
                                       buckets=LATENCY_BUCKETS, registry=r)
+        self.swap_pause_seconds = Histogram(
+            "transplant_swap_pause_seconds", "vLLM: how long a swap held requests once none was running (load in "
+            "every worker, commit, label, resume), by kind", ["kind"], buckets=LATENCY_BUCKETS, registry=r)
         self.guard_trial_seconds = Histogram(
             "transplant_guard_trial_seconds", "vLLM: how long the guard's trial of a candidate kept requests waiting "
             "(install with the gate shut, the guarded probes through vLLM, the parent back)",

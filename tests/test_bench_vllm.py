@@ -63,7 +63,8 @@ def test_benches_with_vllms_client_run_quick(tmp_path, name):
 def test_bench_plugin_runs_quick(tmp_path):
     """bench.plugin on its quick setting (small preset; plain vLLM, vLLM + the transplant
     plugin, a plain vLLM on the merged checkpoint): every request completes, swaps go
-    through the plugin's Admin API, the figures are finite."""
+    through the plugin's Admin API, a guarded plugin server's transplants are each tried
+    first (two trials counted on its /metrics), the figures are finite."""
     out = tmp_path / "r.json"
     env = dict(os.environ, TRANSPLANT_BENCH_DIR=str(tmp_path / "bench"),
                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
@@ -74,7 +75,8 @@ def test_bench_plugin_runs_quick(tmp_path):
     assert data["bench"] == "plugin" and all(math.isfinite(f["median"]) for f in data["figures"])
     names = {f["figure"] for f in data["figures"]}
     assert {"plugin / vLLM tokens/s, 8 concurrent", "RSS (plugin - vLLM) / weight bytes",
-            "transplant (new tensors) / new vLLM server"} <= names
+            "transplant (new tensors) / new vLLM server", "transplant: the swap's pause (requests held once none "
+            "runs), ms", "guard trial (4 probe examples): requests held, ms"} <= names
     d = data["details"]
     assert len(d["modules"]) == 8 and len(d["transplant_ms"][0]) == len(d["revert_ms"][0]) >= 1
     assert all(r["completed"] == 16 and r["failed"] == 0 for k in ("vllm@8", "plugin@8") for r in d[k])

@@ -92,6 +92,8 @@ class Follower:
             seconds = built + here
             m.swaps.labels(rec.kind, "ok", why).inc()
             m.swap_seconds.labels(rec.kind).observe(seconds)
+            if rt.on_vllm:
+                m.swap_pause_seconds.labels(rec.kind).observe(rt.scheduler.last_pause_s)
             m.modules_swapped.inc(len(p.modules))
             m.bytes_swapped.inc(p.nbytes)
             m.live_generation.set(done.id)

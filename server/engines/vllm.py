@@ -94,6 +94,7 @@ class VllmEngine(Swaps):
         self._held: dict[int, Request] = {}   # accepted and not finished: a stop finishes them
         self.broken = ""                      # why the workers' weights are unknown (a failed undo: Swaps._undo)
         self.last_trial_s = 0.0               # how long the last guard trial kept the gate shut
+        self.last_pause_s = 0.0               # the last swap's pause, after the drain (Swaps.install)
 
     # ---- lifecycle ----------------------------------------------------------------------
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from typing import Callable
 
@@ -51,6 +52,7 @@ class Swaps:
         else:
             new, old = ([], self._tensors(cand.model, refs)), ([], self._tensors(parent_model, refs))
         self._call(self._hold())
+        paused = time.perf_counter()
         try:
             try:
                 self._call(self._load(*new))
@@ -63,6 +65,8 @@ class Swaps:
             return rec
         finally:
             self._call(self._release())
+            # the swap's own pause: from the moment nothing runs (drained, vLLM paused) until requests go on
+            self.last_pause_s = time.perf_counter() - paused
 
     def trial(self, parent_model, cand, fn: Callable[[], object]):
         """Install candidate `cand` for the guard, call `fn()` (its probes, requests through
@@ -70,8 +74,6 @@ class Swaps:
         (the pause this costs is `last_trial_s`), and none ever runs on the candidate. Its
         tensors reach the workers by path (a scratch safetensors file in the state
         directory, removed after), as a staged generation's do."""
-        import time
-
         from safetensors.torch import save_file
 
         self.last_trial_s = 0.0

@@ -56,6 +56,7 @@ class QualityMonitor:
         self.probes: list[ProbeSpec] = list(cfg.probes)
         self.tasks: dict[str, Task] = {p.task: load_task(p.task, p.examples) for p in self.probes}
         self._cache: dict[tuple[int, str], Measurement] = {}
+        self._top_gen: dict[str, int] = {}               # task -> the generation whose top-N were kept last
         self._donor_acc: dict[tuple[str, str], float] = {}
         self._failing: set[tuple[int, str]] = set()   # (generation, task) whose last probe failed
         self._kl: dict[tuple[int, str], float] = {}     # (generation, task): its last KL from its parent
@@ -86,6 +87,13 @@ class QualityMonitor:
     def adopt(self, gen: int, m: Measurement) -> Measurement:
         m.generation = gen
         with self._lock:
+            if m.top is not None:
+                # an engine's top-N are what the next generation's KL needs from its parent: kept for
+                # the two generations measured last per task (a baseline measures again if need be)
+                for (g, t), old in self._cache.items():
+                    if t == m.task and g not in (gen, self._top_gen.get(t)):
+                        old.top = None
+                self._top_gen[m.task] = gen
             self._cache[(gen, m.task)] = m
             if m.kl:                                   # measured against the parent: kept until another is
                 self._kl[(gen, m.task)] = fmean(m.kl)
