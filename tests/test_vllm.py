@@ -204,6 +204,23 @@ def test_drain_under_load_every_reply_is_one_generation(served):
         assert not bad, (g, bad[:3])
 
 
+def _users(s, prompt: str, n: int, count: int, stop: threading.Event, seen: list, errors: list):
+    """`count` gRPC clients sending `prompt` until `stop` is set (started): replies to
+    `seen`, errors to `errors`."""
+    def user():
+        cl = Clients(s.grpc_port, s.token)
+        while not stop.is_set():
+            try:
+                seen.append(cl.generate(prompt, n))
+            except grpc.RpcError as e:
+                errors.append(e)
+        cl.close()
+    threads = [threading.Thread(target=user) for _ in range(count)]
+    for t in threads:
+        t.start()
+    return threads
+
+
 @pytest.fixture(scope="module")
 def broken_donor(tmp_path_factory):
     import serverkit
@@ -230,18 +247,7 @@ def test_refused_swaps_guard_and_alert_rollback_on_vllm(tmp_path, broken_donor):
         texts, gens = served_texts(c, PROMPTS)
         assert gens == {0} and texts == [x.text for x in hf(s, PROMPTS)]
         stop, errors = threading.Event(), []
-
-        def busy():
-            cl = Clients(s.grpc_port, s.token)
-            while not stop.is_set():
-                try:
-                    cl.generate("copy:abcdefghijklmnopqrstuvwxyz=", 30)
-                except grpc.RpcError as e:
-                    errors.append(e)
-            cl.close()
-        threads = [threading.Thread(target=busy) for _ in range(4)]
-        for t in threads:
-            t.start()
+        threads = _users(s, "copy:abcdefghijklmnopqrstuvwxyz=", 30, 4, stop, [], errors)
         wait_for(lambda: s.runtime.scheduler._running > 0, 60, "requests running")
         with pytest.raises(grpc.RpcError) as e:
             c.admin("Transplant", A.TransplantRequest(donor="v1", modules=["layers.0.mlp.down"]))
@@ -622,18 +628,7 @@ def test_vllm_holds_the_only_copy_and_probes_and_the_guard_run_through_it(tmp_pa
         c.admin("RegisterDonor", A.RegisterDonorRequest(name="broken", path=str(broken_donor / "broken")))
         before, _ = served_texts(c, PROMPTS)
         seen, errors, stop = [], [], threading.Event()
-
-        def user():
-            cl = Clients(s.grpc_port, s.token)
-            while not stop.is_set():
-                try:
-                    seen.append(cl.generate(PROMPTS[0], 12))
-                except grpc.RpcError as e:
-                    errors.append(e)
-            cl.close()
-        threads = [threading.Thread(target=user) for _ in range(2)]
-        for t in threads:
-            t.start()
+        threads = _users(s, PROMPTS[0], 12, 2, stop, seen, errors)
         try:
             with pytest.raises(grpc.RpcError) as e:
                 c.admin("Transplant", A.TransplantRequest(donor="broken", modules=["layers.*.mlp.down"]))

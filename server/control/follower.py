@@ -121,19 +121,31 @@ class Follower:
         if rt.on_vllm:
             # vLLM holds one set of weights: the candidate is tried in place with the gate shut
             # (engine.trial), which costs a pause; only a transplant a guard judges pays it
-            if kind != "transplant" or not any(p.guard for p in q.probes):
+            # and only for what the guard reads: the guarded tasks, and greedy replies only where a
+            # guarded probe's statistic is accuracy (likelihood and KL need one prefill per example)
+            guarded = {p.task: p.statistic or rt.cfg.guard.statistic for p in q.probes if p.guard}
+            if kind != "transplant" or not guarded:
                 return None, []                  # measured once live (post_swap)
             before = rt.forward(parent)
-            base = {t: q.baseline(before, parent.id, t) for t in q.tasks}
+            base = {t: q.baseline(before, parent.id, t) for t in guarded}
             try:
                 shadow = rt.scheduler.trial(parent.model, cand, lambda: {
-                    t: q.measure(rt.forward(None, direct=True), None, t, "shadow", parent=before) for t in q.tasks})
+                    t: q.measure(rt.forward(None, direct=True), None, t, "shadow", parent=before,
+                                 accuracy=stat == "accuracy") for t, stat in guarded.items()})
             finally:
                 rt.metrics.guard_trial_seconds.observe(rt.scheduler.last_trial_s)
-        else:
-            base = {t: q.baseline(parent.model, parent.id, t) for t in q.tasks}
-            shadow = {t: q.measure(cand.model, None, t, "shadow", parent=parent.model) for t in q.tasks}
+            verdict = q.judge(base, shadow)
+            self._refuse(cand, parent, kind, requested_by, verdict, refuse)
+            return verdict, []                   # (the generation is measured whole once live: post_swap)
+        base = {t: q.baseline(parent.model, parent.id, t) for t in q.tasks}
+        shadow = {t: q.measure(cand.model, None, t, "shadow", parent=parent.model) for t in q.tasks}
         verdict = q.judge(base, shadow) if kind == "transplant" else None
+        self._refuse(cand, parent, kind, requested_by, verdict, refuse)
+        return verdict, list(shadow.values())
+
+    def _refuse(self, cand, parent, kind: str, requested_by: str, verdict, refuse: bool) -> None:
+        """A guard's refusal, when `refuse`: journaled as an event, counted, raised."""
+        rt = self.rt
         if verdict is not None and not verdict.ok and refuse:
             p = cand.plan
             rt.gens.append_event({"event": "refused", "reason": "guard", "kind": kind, "donor": p.donor,
@@ -142,7 +154,6 @@ class Follower:
             rt.metrics.swaps.labels(kind, "refused", "guard").inc()
             raise PreconditionFailed(f"the guard refused this transplant: {verdict.reason()}; "
                                      f"generation {parent.id} stays live")
-        return verdict, list(shadow.values())
 
     def probe(self, live, phase: str, donor: str | None = None, parent=None) -> None:
         """Measure generation `live` on every probe task (with its `parent` Live: the KL

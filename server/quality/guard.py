@@ -42,7 +42,7 @@ def judge(probes, spec, before: dict, after: dict) -> Verdict:
         if not p.guard or p.task not in before or p.task not in after:
             continue
         b, a, stat = before[p.task], after[p.task], p.statistic or spec.statistic
-        n = len(a.correct)
+        n = len(a.nll or a.correct)
         if stat == "likelihood":
             rise, lower = paired_shift(b.nll, a.nll, spec.confidence)
             if rise > spec.nll_margin and lower > 0:

@@ -66,21 +66,23 @@ class QualityMonitor:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
 
-    def measure(self, fwd, gen: int | None, task: str, phase: str, parent=None) -> Measurement:
+    def measure(self, fwd, gen: int | None, task: str, phase: str, parent=None, accuracy: bool = True) -> Measurement:
         """Evaluate on `fwd` (quality.forward: the model object, or the engine serving the
         generation; a bare model is taken as its ModelForward): accuracy, and each reference
         answer's likelihood; with the `parent` (a forward of the same kind), the KL from its
         distributions. Cached as generation `gen`'s latest unless gen is None (a shadow
-        candidate has no id until it commits: `adopt` files it then)."""
+        candidate has no id until it commits: `adopt` files it then). Without `accuracy`
+        (a guard that reads likelihoods only) no reply is decoded: `correct` is empty, and
+        such a measurement is never cached or exported."""
         fwd, parent = as_forward(fwd), as_forward(parent)
         t = self.tasks[task]
-        r = fwd.accuracy(self.tokenizer, t, self.cfg.eval_max_new_tokens)
+        correct = fwd.accuracy(self.tokenizer, t, self.cfg.eval_max_new_tokens).correct if accuracy else []
         top = None
         if parent is not None and parent.gen is not None and (pm := self.latest(parent.gen, task)) is not None:
             top = pm.top
         s = fwd.scores(self.tokenizer, t, parent, top)
-        m = Measurement(task, gen if gen is not None else -1, phase, r.correct, nll=s.nll, kl=s.kl, top=s.top)
-        if gen is not None:
+        m = Measurement(task, gen if gen is not None else -1, phase, correct, nll=s.nll, kl=s.kl, top=s.top)
+        if gen is not None and accuracy:
             self.adopt(gen, m)
         return m
 
