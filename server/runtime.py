@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 
 from transplant_core.errors import InvalidArgument
-from transplant_core.mapped import NotMappable
 from transplant_core.generation import DecodeBatch, SamplingParams, SpliceUnsupported
+from transplant_core.mapped import NotMappable
 from transplant_core.tasks import Task, held_out_task, load_task, selection_task
 from transplant_core.workflow import open_mapped, open_model
 
@@ -31,8 +31,8 @@ from .generations import Generations, Record, claim
 from .generations.log import LocalLog
 from .metrics import Metrics, QualityMetrics
 from .quality import QualityMonitor
-from .quality.forward import EngineForward, ModelForward
 from .quality.drift import Drift
+from .quality.forward import EngineForward, ModelForward
 
 __all__ = ["PlanResult", "Runtime", "SwapResult", "TransplantArgs"]
 
@@ -72,6 +72,9 @@ class Runtime:
             if cfg.engine == "vllm":      # vLLM holds the model: its weights stay in the checkpoint's files here
                 try:
                     self.loaded = open_mapped(cfg.model, cfg.allow_pickle)
+                    if cfg.dtype:
+                        log.warning("dtype %s is the embedded engine's; on vLLM the weights are read as stored and "
+                                    "vLLM computes in its own dtype (vllm.dtype, or vLLM's --dtype)", cfg.dtype)
                 except NotMappable as e:
                     log.warning("%s; holding a transformers copy of the model beside vLLM's (its memory again)", e)
             if self.loaded is None:

@@ -656,3 +656,37 @@ def test_vllm_holds_the_only_copy_and_probes_and_the_guard_run_through_it(tmp_pa
     finally:
         c.close()
         s.stop(5)
+
+
+def test_under_freeze_the_guard_trial_drains_first(tmp_path, broken_donor):
+    """`freeze` keeps running requests across a swap, but a guard trial must not: a
+    frozen request would resume on the candidate. The trial drains them first, so
+    requests running while a guarded transplant is refused all finish wholly on
+    generation 0, with no spans."""
+    cfg = dict(vcfg(tmp_path, max_new_tokens_limit=48, vllm={"swap_policy": "freeze"}),
+               donor_roots=[str(broken_donor)],
+               probes=[{"task": "zoo:copy", "examples": 8, "guard": True, "statistic": "likelihood"}])
+    s = start(cfg)
+    c = Clients(s.grpc_port, s.token)
+    try:
+        c.admin("RegisterDonor", A.RegisterDonorRequest(name="broken", path=str(broken_donor / "broken")))
+        prompt = "copy:abcdefghijklmnopqrstuvwxyz="
+        want = hf(s, [prompt], 30)[0].text
+        seen, errors, stop = [], [], threading.Event()
+        threads = _users(s, prompt, 30, 3, stop, seen, errors)
+        try:
+            wait_for(lambda: s.runtime.scheduler._running > 0 or errors, 60, "requests running")
+            assert not errors, errors[:1]
+            with pytest.raises(grpc.RpcError) as e:
+                c.admin("Transplant", A.TransplantRequest(donor="broken", modules=["layers.*.mlp.down"]))
+        finally:
+            stop.set()
+            for t in threads:
+                t.join()
+        assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "guard refused" in e.value.details()
+        assert not errors and seen
+        assert all(r.generation == 0 and not r.spans and r.text == want for r in seen), \
+            [(r.generation, list(r.spans), r.text) for r in seen if r.text != want or r.spans][:3]
+    finally:
+        c.close()
+        s.stop(5)

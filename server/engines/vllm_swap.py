@@ -71,7 +71,8 @@ class Swaps:
     def trial(self, parent_model, cand, fn: Callable[[], object]):
         """Install candidate `cand` for the guard, call `fn()` (its probes, requests through
         `direct`) and put the parent back: user requests wait at the shut gate all the while
-        (the pause this costs is `last_trial_s`), and none ever runs on the candidate. Its
+        (the pause this costs is `last_trial_s`), running ones are drained first (under
+        `freeze` too), and none ever runs on the candidate. Its
         tensors reach the workers by path (a scratch safetensors file in the state
         directory, removed after), as a staged generation's do."""
         from safetensors.torch import save_file
@@ -87,7 +88,8 @@ class Swaps:
         save_file({k: params[k].detach().contiguous() for k in keys}, str(file))
         t0 = time.perf_counter()
         try:
-            self._call(self._hold())
+            # drained even under `freeze`: a frozen request would resume on the candidate
+            self._call(self._hold(drain=True))
             try:
                 try:
                     self._call(self._load([(k, str(file), k, "", []) for k in keys], {}))
@@ -159,12 +161,13 @@ class Swaps:
                            f"back ({type(e).__name__}: {e}); restart the server (it re-installs the live generation)")
             log.error("%s", self.broken)
 
-    async def _hold(self) -> None:
-        """Close the gate and pause; on any failure the gate opens again (and the engine
-        resumes if it can), so requests never wait behind a swap that did not happen."""
+    async def _hold(self, drain: bool = False) -> None:
+        """Close the gate and pause (`drain`: wait for running requests whatever the policy);
+        on any failure the gate opens again (and the engine resumes if it can), so requests
+        never wait behind a swap that did not happen."""
         self._gate.clear()
         try:
-            await self._pause()
+            await self._pause(drain)
         except BaseException:
             try:
                 await self.engine.resume_generation()
@@ -173,8 +176,8 @@ class Swaps:
             self._gate.set()
             raise
 
-    async def _pause(self) -> None:
-        if self.spec.swap_policy == "freeze":
+    async def _pause(self, drain: bool = False) -> None:
+        if self.spec.swap_policy == "freeze" and not drain:
             # a pinned request runs wholly on its generation: wait for those (the gate is shut,
             # so no new one starts); the rest are frozen
             await self._wait(self._pinned_idle, "running requests pinned to a generation")
