@@ -63,6 +63,7 @@ class VllmSpec(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
     swap_policy: Literal["drain", "freeze"] = "drain"   # see the README: exact generations vs never waiting
     swap_drain_timeout_s: float = Field(30.0, gt=0)    # drain: longest wait for running requests
+    guard_trial_timeout_s: float = Field(120.0, gt=0)  # longest a guard trial may hold requests (else: refused)
     kv_cache_gib: int = Field(1, ge=1)                  # VLLM_CPU_KVCACHE_SPACE (CPU builds)
     memory_fraction: float = Field(0.2, gt=0, le=1)     # gpu_memory_utilization (on CPU: of host memory)
     dtype: str = "float32"                              # exact parity with transformers needs float32

@@ -13,7 +13,7 @@ import threading
 import time
 from pathlib import Path
 
-from transplant_core.errors import InvalidArgument
+from transplant_core.errors import InvalidArgument, PreconditionFailed
 from transplant_core.generation import DecodeBatch, SamplingParams, SpliceUnsupported
 from transplant_core.mapped import NotMappable
 from transplant_core.tasks import Task, held_out_task, load_task, selection_task
@@ -68,10 +68,10 @@ class Runtime:
         try:
             from transplant_core.checkpoint import parse_dtype
 
-            self.loaded = None
+            self.loaded, mapped = None, False
             if cfg.engine == "vllm":      # vLLM holds the model: its weights stay in the checkpoint's files here
                 try:
-                    self.loaded = open_mapped(cfg.model, cfg.allow_pickle)
+                    self.loaded, mapped = open_mapped(cfg.model, cfg.allow_pickle), True
                     if cfg.dtype:
                         log.warning("dtype %s is the embedded engine's; on vLLM the weights are read as stored and "
                                     "vLLM computes in its own dtype (vllm.dtype, or vLLM's --dtype)", cfg.dtype)
@@ -79,10 +79,19 @@ class Runtime:
                     log.warning("%s; holding a transformers copy of the model beside vLLM's (its memory again)", e)
             if self.loaded is None:
                 self.loaded = open_model(cfg.model, cfg.allow_pickle, parse_dtype(cfg.dtype))
-            self.tokenizer, self.table = self.loaded.tokenizer, self.loaded.table
-            self.gens = Generations(self.loaded.model, self.table, cfg.state_dir, cfg.model, self._crash_hook,
-                                    owner=owner, keep_servable=0 if cfg.engine == "vllm" else cfg.servable_generations,
-                                    shared_store=cfg.fleet.store if cfg.fleet else None)
+            try:
+                self.gens = self._generations(owner)
+            except PreconditionFailed as e:
+                if not mapped or "changed on disk" not in str(e):
+                    raise
+                # generation 0 recorded from a transformers copy (an earlier version, or a dtype
+                # converting the stored weights): its checksums are that copy's, so load it again
+                log.warning("%s: the weights as stored differ from those generation 0 recorded; holding a "
+                            "transformers copy of the model (dtype %s) to serve this state directory",
+                            cfg.state_dir, cfg.dtype or "as stored")
+                self.loaded = open_model(cfg.model, cfg.allow_pickle, parse_dtype(cfg.dtype))
+                owner = claim(cfg.state_dir)       # (the failed attempt released it)
+                self.gens = self._generations(owner)
         except BaseException:
             owner.close()
             raise
@@ -130,6 +139,13 @@ class Runtime:
             self.fleet.start()              # catches up to the fleet's head before serving
         self._stopped_during_start()
         self.ready.set()
+
+    def _generations(self, owner) -> Generations:
+        cfg = self.cfg
+        self.tokenizer, self.table = self.loaded.tokenizer, self.loaded.table
+        return Generations(self.loaded.model, self.table, cfg.state_dir, cfg.model, self._crash_hook, owner=owner,
+                           keep_servable=0 if cfg.engine == "vllm" else cfg.servable_generations,
+                           shared_store=cfg.fleet.store if cfg.fleet else None)
 
     def _stopped_during_start(self) -> None:
         """close() came while load() ran: stop here, so nothing started after it outlives it."""

@@ -690,3 +690,45 @@ def test_under_freeze_the_guard_trial_drains_first(tmp_path, broken_donor):
     finally:
         c.close()
         s.stop(5)
+
+
+def test_a_state_dir_recorded_from_a_converted_copy_still_starts(tmp_path):
+    """Generation 0 recorded from a transformers copy in another dtype (an earlier version,
+    or `dtype` set) has checksums the weights as stored do not match: the vLLM server says
+    so, holds that copy to keep the state directory's history, and serves."""
+    cfg = vcfg(tmp_path, dtype="bfloat16")
+    e = start(dict(cfg, engine="embedded"))      # records generation 0 in bfloat16
+    e.stop(5)
+    s = start(cfg)
+    c = Clients(s.grpc_port, s.token)
+    try:
+        assert s.runtime.gens.live.id == 0 and len(s.runtime.gens.records) == 1
+        assert not hasattr(s.runtime.gens.base, "transplant_mapping")      # the copy, not the map
+        assert next(s.runtime.gens.base.parameters()).dtype == torch.bfloat16
+        texts, gens = served_texts(c, PROMPTS[:2])
+        assert gens == {0} and all(texts)
+    finally:
+        c.close()
+        s.stop(5)
+
+
+def test_a_guard_trial_past_its_timeout_is_refused_and_changes_nothing(tmp_path):
+    """The trial holds user requests: bounded by vllm.guard_trial_timeout_s. Past it the
+    probes are cancelled, the parent goes back, the transplant is refused with the reason,
+    and the live generation serves as before."""
+    cfg = dict(vcfg(tmp_path, max_new_tokens_limit=48, vllm={"guard_trial_timeout_s": 0.001}),
+               probes=[{"task": "zoo:copy", "examples": 16, "guard": True}])
+    s = start(cfg)
+    c = Clients(s.grpc_port, s.token)
+    try:
+        before, _ = served_texts(c, PROMPTS)
+        with pytest.raises(grpc.RpcError) as e:
+            c.admin("Transplant", A.TransplantRequest(donor="v1", modules=["layers.0.mlp.down"]))
+        assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "guard_trial_timeout_s" in e.value.details() and "nothing changed" in e.value.details()
+        assert s.runtime.gens.live.id == 0 and len(s.runtime.gens.records) == 1
+        assert served_texts(c, PROMPTS) == (before, {0})
+        assert s.runtime.scheduler._gate.is_set() and not s.runtime.scheduler.broken
+    finally:
+        c.close()
+        s.stop(5)

@@ -54,7 +54,7 @@ class Mapping:
                 continue
             dtype = _ST_TORCH.get(v["dtype"])
             if dtype is None:
-                raise InvalidArgument(f"{f}: tensor {k} has dtype {v['dtype']}, which transplant cannot read in place")
+                raise NotMappable(f"{f}: tensor {k} has dtype {v['dtype']}, which transplant cannot read in place")
             start, end = v["data_offsets"]
             size = torch.empty((), dtype=dtype).element_size()
             if end > start:

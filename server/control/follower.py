@@ -123,15 +123,18 @@ class Follower:
             # (engine.trial), which costs a pause; only a transplant a guard judges pays it
             # and only for what the guard reads: the guarded tasks, and greedy replies only where a
             # guarded probe's statistic is accuracy (likelihood and KL need one prefill per example)
-            guarded = {p.task: p.statistic or rt.cfg.guard.statistic for p in q.probes if p.guard}
+            guarded: dict[str, bool] = {}        # task -> whether a guarded probe of it reads accuracy
+            for p in q.probes:
+                if p.guard:
+                    guarded[p.task] = guarded.get(p.task, False) or (p.statistic or rt.cfg.guard.statistic) == "accuracy"
             if kind != "transplant" or not guarded:
                 return None, []                  # measured once live (post_swap)
             before = rt.forward(parent)
             base = {t: q.baseline(before, parent.id, t) for t in guarded}
             try:
                 shadow = rt.scheduler.trial(parent.model, cand, lambda: {
-                    t: q.measure(rt.forward(None, direct=True), None, t, "shadow", parent=before,
-                                 accuracy=stat == "accuracy") for t, stat in guarded.items()})
+                    t: q.measure(rt.forward(None, direct=True), None, t, "shadow", parent=before, accuracy=acc)
+                    for t, acc in guarded.items()})
             finally:
                 rt.metrics.guard_trial_seconds.observe(rt.scheduler.last_trial_s)
             verdict = q.judge(base, shadow)
@@ -161,8 +164,13 @@ class Follower:
         (not on vLLM: that would load the donor model, a second copy)."""
         rt = self.rt
         for t in rt.quality.tasks:
-            m = rt.quality.measure(rt.forward(live), live.id, t, phase,
-                                   parent=rt.forward(parent) if parent is not None else None)
+            try:
+                m = rt.quality.measure(rt.forward(live), live.id, t, phase,
+                                       parent=rt.forward(parent) if parent is not None else None)
+            except Exception as e:              # noqa: BLE001 - the generation is live: a probe cannot undo that
+                log.warning("%s probe %s of generation %d failed: %s", phase, t, live.id, e)
+                rt.quality.failed(live.id, t, type(e).__name__)
+                continue
             self.record_probe(live, m, export=False)
         acc = None
         if (donor is not None and rt.quality.tasks and not rt.on_vllm

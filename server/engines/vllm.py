@@ -95,6 +95,10 @@ class VllmEngine(Swaps):
         self.broken = ""                      # why the workers' weights are unknown (a failed undo: Swaps._undo)
         self.last_trial_s = 0.0               # how long the last guard trial kept the gate shut
         self.last_pause_s = 0.0               # the last swap's pause, after the drain (Swaps.install)
+        self._trial_deadline: float | None = None   # while a guard trial runs: when its probes must end
+        import shutil
+
+        shutil.rmtree(gens.dir / "trial", ignore_errors=True)   # a trial's scratch file left by a crash
 
     # ---- lifecycle ----------------------------------------------------------------------
 

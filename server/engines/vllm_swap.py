@@ -12,6 +12,9 @@ import uuid
 from typing import Callable
 
 from transplant_core.errors import InvalidArgument, PreconditionFailed
+from transplant_core.generation import Completion
+
+from .base import NotReady
 
 log = logging.getLogger("transplant.vllm")
 PAUSE_FLOOR_S = 10.0
@@ -94,13 +97,18 @@ class Swaps:
                 try:
                     self._call(self._load([(k, str(file), k, "", []) for k in keys], {}))
                     self._call(self._reopen())
-                    return fn()
+                    self._trial_deadline = time.monotonic() + self.spec.guard_trial_timeout_s
+                    out = fn()
                 finally:
+                    self._trial_deadline = None
                     try:
                         self._call(self.engine.pause_generation(mode="wait", clear_cache=False), PAUSE_FLOOR_S)
                     except Exception:          # noqa: BLE001 - the parent goes back regardless
                         log.exception("pausing vLLM after a guard trial")
                     self._undo(old)
+                if self.broken:                # the parent could not be put back: nothing may commit
+                    raise NotReady(self.broken)
+                return out
             finally:
                 self._call(self._release())
         finally:
@@ -112,12 +120,22 @@ class Swaps:
         """Requests of the runtime's own (probes, evaluation) for token-id prompts, run and
         waited for: through the gate like any other, at most a batch at a time (the queue
         stays free for users), or `direct`ly past it. Each finished: result or error."""
+        from ..generations import Live
         from .base import Request
 
-        reqs = [Request("", ids, params) for ids in prompts]
         if direct:
+            deadline = getattr(self, "_trial_deadline", None)
+            reqs = [Request("", ids, params, deadline=deadline) for ids in prompts]
             self.direct(reqs)
+            for r in reqs:
+                if r.error is None and r.result is not None and r.result.finish_reason == "cancelled":
+                    r.fail(PreconditionFailed(f"the guard's trial took longer than vllm.guard_trial_timeout_s "
+                                              f"({self.spec.guard_trial_timeout_s:g} s); the transplant was refused "
+                                              "and nothing changed: probe fewer examples or raise the timeout"))
             return reqs
+        # pinned to the generation live now: a `freeze` swap waits for them (they run wholly on it)
+        live = Live(self.current, None)
+        reqs = [Request("", ids, params, pinned=live) for ids in prompts]
         step = max(1, self.max_batch_size)
         for i in range(0, len(reqs), step):
             chunk = reqs[i:i + step]
@@ -134,6 +152,9 @@ class Swaps:
         async def one(r: Request) -> None:
             try:
                 r.admit(self.current)
+                if r.cancelled():                # the trial's deadline passed before it started
+                    r.result = Completion("", [], len(r.prompt_ids), "cancelled")
+                    return
                 await self._generate(r, uuid.uuid4().hex)
             except BaseException as e:     # noqa: BLE001 - the request learns why
                 r.fail(self._why(e))
@@ -143,7 +164,9 @@ class Swaps:
         async def run() -> None:
             await asyncio.gather(*(one(r) for r in reqs))
 
-        self._call(run())
+        deadline = max((r.deadline for r in reqs if r.deadline is not None), default=None)
+        # past the deadline a request ends at its next token; a wedged engine gives none: bounded too
+        self._call(run(), None if deadline is None else max(0.0, deadline - time.monotonic()) + 30)
 
     async def _reopen(self) -> None:
         """vLLM runs again (for `direct` requests only: our gate stays shut)."""

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 
-from transplant_core.errors import PreconditionFailed
+from transplant_core.errors import NotFound, PreconditionFailed
 from transplant_core.evaluate import EvalResult, evaluate
 from transplant_core.generation import SamplingParams
 from transplant_core.likelihood import AnswerScores, _rows, answer_scores
@@ -47,8 +47,12 @@ class EngineForward:
     def _run(self, prompts: list[list[int]], params: SamplingParams) -> list:
         out = []
         for r in self.engine.run_all(prompts, params, self.direct):
-            c = r.outcome()
-            if self.gen is not None and not self.direct and r.generation != self.gen:
+            try:
+                c = r.outcome()
+            except NotFound as e:           # pinned to a generation that stopped being live meanwhile
+                raise PreconditionFailed(f"generation {self.gen} stopped being live while it was being probed; "
+                                         "measured again on the next probe") from e
+            if self.gen is not None and not self.direct and (r.generation != self.gen or c.spans):
                 raise PreconditionFailed(f"generation {r.generation} went live while generation {self.gen} was "
                                          "being probed; measured again on the next probe")
             out.append(c)
@@ -88,7 +92,8 @@ def coarse_kl(p: dict[int, float], q: dict[int, float]) -> float:
         kl += math.exp(lp) * (lp - lq)
         p_in += math.exp(lp)
         q_in += math.exp(lq)
-    p_rest, q_rest = max(1.0 - p_in, 0.0), max(1.0 - q_in, 1e-12)
-    if p_rest > 1e-12:
+    # the pooled rest: float32 rounding of ~20 probabilities is ~1e-6, which bounds the rest from below
+    p_rest, q_rest = max(1.0 - p_in, 0.0), max(1.0 - q_in, 1e-6)
+    if p_rest > 1e-6:
         kl += p_rest * (math.log(p_rest) - math.log(q_rest))
     return max(kl, 0.0)

@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass, field
 from statistics import fmean
 
+from transplant_core.errors import PreconditionFailed
 from transplant_core.evaluate import evaluate
 from transplant_core.metrics import bootstrap_ci, recovery, tir
 from transplant_core.tasks import Task
@@ -179,6 +180,8 @@ class QualityMonitor:
                         pinned = live()
                         try:
                             on_measure(pinned, self.measure(forward(pinned), pinned.id, p.task, "periodic"))
+                        except PreconditionFailed as e:   # a swap landed meanwhile: the next probe measures
+                            log.info("periodic probe %s of generation %d skipped: %s", p.task, pinned.id, e)
                         except Exception as e:
                             log.exception("periodic probe %s failed on generation %d", p.task, pinned.id)
                             self.failed(pinned.id, p.task, type(e).__name__)
