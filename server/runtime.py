@@ -252,6 +252,8 @@ class Runtime:
     def _on_finish(self, r: Request) -> None:
         m = self.metrics
         m.queue_depth.set(self.scheduler.depth)
+        if r.internal:                  # a probe's request: the traffic metrics are the users'
+            return
         if r.started is not None:
             m.queue_seconds.observe(r.started - r.enqueued)
         if r.first_token is not None:

@@ -47,6 +47,7 @@ class Request:
     done: threading.Event = field(default_factory=threading.Event)
     admitted: threading.Event = field(default_factory=threading.Event)
     prompt_logprobs: list | None = None             # known once prefilled, where asked for (echo)
+    internal: bool = False                          # the runtime's own (probes, evaluation): not traffic
     _logprobs: list = field(default_factory=list)   # entries not yet streamed (their text was held)
 
     def cancelled(self) -> bool:

@@ -125,7 +125,7 @@ class Swaps:
 
         if direct:
             deadline = getattr(self, "_trial_deadline", None)
-            reqs = [Request("", ids, params, deadline=deadline) for ids in prompts]
+            reqs = [Request("", ids, params, deadline=deadline, internal=True) for ids in prompts]
             self.direct(reqs)
             for r in reqs:
                 if r.error is None and r.result is not None and r.result.finish_reason == "cancelled":
@@ -135,7 +135,7 @@ class Swaps:
             return reqs
         # pinned to the generation live now: a `freeze` swap waits for them (they run wholly on it)
         live = Live(self.current, None)
-        reqs = [Request("", ids, params, pinned=live) for ids in prompts]
+        reqs = [Request("", ids, params, pinned=live, internal=True) for ids in prompts]
         step = max(1, self.max_batch_size)
         for i in range(0, len(reqs), step):
             chunk = reqs[i:i + step]
