@@ -221,6 +221,27 @@ def _users(s, prompt: str, n: int, count: int, stop: threading.Event, seen: list
     return threads
 
 
+def _refused_while_users_run(s, c, prompt: str, n: int, count: int, running: bool = False) -> list:
+    """The broken donor's FFNs transplanted while `count` clients send `prompt` (with
+    `running`: once some of their requests run): the guard refuses it, no client request
+    fails. Returns the clients' replies."""
+    seen, errors, stop = [], [], threading.Event()
+    threads = _users(s, prompt, n, count, stop, seen, errors)
+    try:
+        if running:
+            wait_for(lambda: s.runtime.scheduler._running > 0 or errors, 60, "requests running")
+        assert not errors, errors[:1]
+        with pytest.raises(grpc.RpcError) as e:
+            c.admin("Transplant", A.TransplantRequest(donor="broken", modules=["layers.*.mlp.down"]))
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "guard refused" in e.value.details()
+    assert not errors and seen
+    return seen
+
+
 @pytest.fixture(scope="module")
 def broken_donor(tmp_path_factory):
     import serverkit
@@ -627,18 +648,9 @@ def test_vllm_holds_the_only_copy_and_probes_and_the_guard_run_through_it(tmp_pa
 
         c.admin("RegisterDonor", A.RegisterDonorRequest(name="broken", path=str(broken_donor / "broken")))
         before, _ = served_texts(c, PROMPTS)
-        seen, errors, stop = [], [], threading.Event()
-        threads = _users(s, PROMPTS[0], 12, 2, stop, seen, errors)
-        try:
-            with pytest.raises(grpc.RpcError) as e:
-                c.admin("Transplant", A.TransplantRequest(donor="broken", modules=["layers.*.mlp.down"]))
-        finally:
-            stop.set()
-            for t in threads:
-                t.join()
-        assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "guard refused" in e.value.details()
+        seen = _refused_while_users_run(s, c, PROMPTS[0], 12, 2)
         assert rt.scheduler.last_trial_s > 0
-        assert not errors and seen and {r.generation for r in seen} == {0} and {r.text for r in seen} == {before[0]}
+        assert {r.generation for r in seen} == {0} and {r.text for r in seen} == {before[0]}
         assert served_texts(c, PROMPTS) == (before, {0})     # the parent's weights are back
 
         gen = c.admin("Transplant", A.TransplantRequest(donor="v1", modules=["layers.1.attn.o"])).generation.id
@@ -672,19 +684,7 @@ def test_under_freeze_the_guard_trial_drains_first(tmp_path, broken_donor):
         c.admin("RegisterDonor", A.RegisterDonorRequest(name="broken", path=str(broken_donor / "broken")))
         prompt = "copy:abcdefghijklmnopqrstuvwxyz="
         want = hf(s, [prompt], 30)[0].text
-        seen, errors, stop = [], [], threading.Event()
-        threads = _users(s, prompt, 30, 3, stop, seen, errors)
-        try:
-            wait_for(lambda: s.runtime.scheduler._running > 0 or errors, 60, "requests running")
-            assert not errors, errors[:1]
-            with pytest.raises(grpc.RpcError) as e:
-                c.admin("Transplant", A.TransplantRequest(donor="broken", modules=["layers.*.mlp.down"]))
-        finally:
-            stop.set()
-            for t in threads:
-                t.join()
-        assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "guard refused" in e.value.details()
-        assert not errors and seen
+        seen = _refused_while_users_run(s, c, prompt, 30, 3, running=True)
         assert all(r.generation == 0 and not r.spans and r.text == want for r in seen), \
             [(r.generation, list(r.spans), r.text) for r in seen if r.text != want or r.spans][:3]
     finally:
