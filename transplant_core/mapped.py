@@ -119,6 +119,7 @@ def mapped_model(path: Path, allow_pickle: bool = False) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(False)
     model.eval()
+    mapping.close()                  # (the maps stay open while tensors view them)
     model.transplant_mapping = mapping
     named = {id(t): k for k, t in state.items()}
     # model parameter -> its name in the checkpoint (tied parameters appear once)

@@ -40,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
 import signal
 import threading
 import time
@@ -96,8 +97,6 @@ class VllmEngine(Swaps):
         self.last_trial_s = 0.0               # how long the last guard trial kept the gate shut
         self.last_pause_s = 0.0               # the last swap's pause, after the drain (Swaps.install)
         self._trial_deadline: float | None = None   # while a guard trial runs: when its probes must end
-        import shutil
-
         shutil.rmtree(gens.dir / "trial", ignore_errors=True)   # a trial's scratch file left by a crash
 
     # ---- lifecycle ----------------------------------------------------------------------

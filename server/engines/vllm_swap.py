@@ -124,8 +124,7 @@ class Swaps:
         from .base import Request
 
         if direct:
-            deadline = getattr(self, "_trial_deadline", None)
-            reqs = [Request("", ids, params, deadline=deadline, internal=True) for ids in prompts]
+            reqs = [Request("", ids, params, deadline=self._trial_deadline, internal=True) for ids in prompts]
             self.direct(reqs)
             for r in reqs:
                 if r.error is None and r.result is not None and r.result.finish_reason == "cancelled":
