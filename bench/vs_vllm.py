@@ -126,7 +126,7 @@ def run(args) -> C.Result:
     m = C.models(args)
     res = C.Result(PROG, C.command_line(PROG), f"{m.label}, float32, {args.prompts} prompts x {args.tokens} tokens, "
                                                "vLLM's benchmark client")
-    kinds, conc = ("vllm", "ours-embedded", "ours-vllm"), (8, 16)
+    kinds, conc = ("vllm", *args.servers.split(",")), (8, 16)
     got: dict = {(k, c): [] for k in kinds for c in conc}
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
@@ -142,6 +142,8 @@ def run(args) -> C.Result:
     for c in conc:
         base = got[("vllm", c)]
         for kind, target in (("ours-embedded", ">= 0.9"), ("ours-vllm", ">= 0.98")):
+            if kind not in kinds:
+                continue
             ours = got[(kind, c)]
             res.add(f"{kind} / vLLM tokens/s, {c} concurrent", target,
                     [a["output_throughput"] / b["output_throughput"] for a, b in zip(ours, base)])
@@ -157,7 +159,12 @@ def main(argv=None) -> C.Result:
     ap.set_defaults(repeats=2)
     ap.add_argument("--prompts", type=int, default=64)
     ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--servers", default="ours-embedded,ours-vllm",
+                    help="which of ours to compare with plain vLLM (comma-separated: ours-embedded, ours-vllm)")
     args = ap.parse_args(argv)
+    bad = set(args.servers.split(",")) - {"ours-embedded", "ours-vllm"}
+    if bad or not args.servers:
+        ap.error(f"--servers: unknown {', '.join(sorted(bad)) or 'empty list'} (ours-embedded, ours-vllm)")
     if args.quick:                     # the small preset: vLLM's CPU attention has no kernel for tiny's head_dim
         args.quick, args.preset, args.repeats, args.prompts, args.tokens = False, "small", 1, 16, 16
     return run(args)

@@ -27,6 +27,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from . import kernels
 from .arch import ModuleTable, build_table
 from .errors import InvalidArgument, NotFound, UnsafeCheckpoint
 
@@ -167,7 +168,9 @@ def weight_files(path: Path, allow_pickle: bool = False) -> list[Path]:
 
 
 def load_model(spec: str, allow_pickle: bool = False, dtype: torch.dtype | None = None):
-    """(model, tokenizer, path) for a spec; the model is in eval mode on the CPU."""
+    """(model, tokenizer, path) for a spec; the model is in eval mode on the CPU, its large
+    float32 linear layers on oneDNN's matmul unless TRANSPLANT_LINEAR_KERNEL=torch
+    (transplant_core.kernels)."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -193,6 +196,8 @@ def load_model(spec: str, allow_pickle: bool = False, dtype: torch.dtype | None 
         raise InvalidArgument(f"{path} does not hold the weights of its {type(model).__name__}: "
                               + "; ".join(problems) + ". Refusing it rather than serving random weights")
     model.eval()
+    if kernels.wanted():
+        kernels.use_onednn(model)
     return model, load_tokenizer(path, spec), path
 
 

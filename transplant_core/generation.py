@@ -244,6 +244,15 @@ def _last_logits_only(model: nn.Module) -> dict:
     return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
 
 
+def _spare(cache):
+    """A prompt pass's cache moved into layers with spare room (no copy per decode step),
+    where the cache is plain full attention and transformers has cache layers; else as is."""
+    kv = _layers(cache)
+    if kv is None or _layer_kind() is not _SpareLayers:
+        return cache
+    return _SpareLayers.cache([_SpareLayers.assemble([part], part[0].shape[2]) for part in kv])
+
+
 @torch.no_grad()
 def generate(
     model: nn.Module,
@@ -281,7 +290,9 @@ def generate(
             for i, r in enumerate(rows):
                 if r.params.prompt_logprobs is not None:
                     r.prompt_logprobs = _prompt_logprobs(out.logits[i], ids[i], width, r.params.prompt_logprobs)
-        past, logits = getattr(out, cache_kw, None), out.logits[:, -1, :]
+        new = getattr(out, cache_kw, None)
+        past = _spare(new) if past is None else new
+        logits = out.logits[:, -1, :]
         for i, r in enumerate(rows):
             if not r.done and cancelled is not None and cancelled(i):
                 r.done = "cancelled"
@@ -320,10 +331,11 @@ def greedy(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size
 # ---- continuous batching ---------------------------------------------------------------
 # A DecodeBatch is a set of rows decoding together on ONE model, where rows join between
 # steps and leave the moment they finish. Its KV cache is kept as per-layer (keys,
-# values) tensors [rows, heads, length, head_dim], left-padded, with a [rows, length]
-# attention mask: a joining row is prefilled on its own (with the others that joined in
+# values) [rows, heads, length, head_dim], left-padded, with a [rows, length] attention
+# mask, in cache layers with spare room (transplant_core.kvcache: a decode step writes its
+# column in place): a joining row is prefilled on its own (with the others that joined in
 # the same round), then its cache is left-padded to the batch's length (or the batch's
-# to its) and concatenated; a leaving row's slice is dropped, and columns that only
+# to its) and stacked below; a leaving row's slice is dropped, and columns that only
 # padding still occupies are trimmed. Positions come from each row's own token count,
 # so a row computes what it would alone, up to padding (masked, never attended to).
 
@@ -369,6 +381,65 @@ def _left_pad(t: torch.Tensor, length: int, dim: int) -> torch.Tensor:
     return torch.cat([t.new_zeros(shape), t], dim=dim)
 
 
+def _kv(layer) -> tuple[torch.Tensor, torch.Tensor]:
+    return layer if isinstance(layer, tuple) else (layer.keys, layer.values)
+
+
+class _CatLayers:
+    """Transformers < 4.56 (no cache layers): (keys, values) tensors, grown by the model's
+    own concatenation, spliced by concatenation."""
+
+    @staticmethod
+    def assemble(parts, length):
+        return (torch.cat([_left_pad(k, length, 2) for k, _ in parts]),
+                torch.cat([_left_pad(v, length, 2) for _, v in parts]))
+
+    @staticmethod
+    def select(layer, rows, start):
+        sel = torch.tensor(rows)
+        return tuple(t.index_select(0, sel)[:, :, start:].contiguous() for t in layer)
+
+    @staticmethod
+    def current(cache, layers):
+        return _layers(cache)          # the model's steps replaced the tensors
+
+    @staticmethod
+    def cache(layers):
+        return _cache(layers)
+
+
+class _SpareLayers:
+    """Cache layers with spare room (transplant_core.kvcache): no copy per decode step."""
+
+    @staticmethod
+    def assemble(parts, length):
+        from .kvcache import SpareLayer
+
+        return SpareLayer.assemble(parts, length)
+
+    @staticmethod
+    def select(layer, rows, start):
+        return layer.select(rows, start)
+
+    @staticmethod
+    def current(cache, layers):
+        return layers                  # grown in place
+
+    @staticmethod
+    def cache(layers):
+        from .kvcache import cache
+
+        return cache(layers)
+
+
+def _layer_kind():
+    try:
+        from transformers.cache_utils import DynamicLayer  # noqa: F401  (transformers >= 4.56)
+    except ImportError:
+        return _CatLayers
+    return _SpareLayers
+
+
 class SpliceUnsupported(Exception):
     """The model's KV cache cannot be spliced (continuous batching needs a plain cache)."""
 
@@ -378,14 +449,15 @@ class DecodeBatch:
         self.model, self.tokenizer = model, tokenizer
         self.keys: list[object] = []
         self.rows: list[_Row] = []
-        self.kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
-        self.cache = None                      # the transformers cache object over self.kv
+        self.layers: list | None = None        # per model layer: its cache layer (see _SpareLayers)
+        self.cache = None                      # the transformers cache object over self.layers
         self.mask: torch.Tensor | None = None  # [rows, length]
         self.pos: torch.Tensor | None = None   # [rows, 1]: position of each row's next input token
         self.last: torch.Tensor | None = None  # [rows]: each row's next input token
         self._cache_kw, self._extra = cache_argument(model), _last_logits_only(model)
         self._pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self._eos = stop_ids(model, tokenizer)
+        self._kind = _layer_kind()
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -435,25 +507,27 @@ class DecodeBatch:
                 keep.append(j)
         if keep:
             sel = torch.tensor(keep)
-            kv = [(k.index_select(0, sel), v.index_select(0, sel)) for k, v in kv]
+            if len(keep) < len(items):
+                kv = [(k.index_select(0, sel), v.index_select(0, sel)) for k, v in kv]
             self._merge([items[j][0] for j in keep], [rows[j] for j in keep], kv, mask.index_select(0, sel),
                         positions[sel, -1:] + 1, torch.tensor([toks[j] for j in keep], dtype=torch.long))
         return events
 
     def _merge(self, keys, rows, kv, mask, pos, last) -> None:
+        """The new rows' cache `kv` (per layer) below the batch's, both left-padded to the longer."""
         if self.cache is None:
-            self.kv, self.mask, self.pos, self.last = kv, mask, pos, last
+            length = mask.shape[1]
+            self.layers = [self._kind.assemble([part], length) for part in kv]
+            self.mask, self.pos, self.last = mask, pos, last
         else:
-            self.kv = _layers(self.cache)           # the steps since the last splice grew it
+            old = self._kind.current(self.cache, self.layers)
             length = max(self.mask.shape[1], mask.shape[1])
-            self.kv = [(torch.cat([_left_pad(k0, length, 2), _left_pad(k1, length, 2)]),
-                        torch.cat([_left_pad(v0, length, 2), _left_pad(v1, length, 2)]))
-                       for (k0, v0), (k1, v1) in zip(self.kv, kv)]
+            self.layers = [self._kind.assemble([_kv(a), b], length) for a, b in zip(old, kv)]
             self.mask = torch.cat([_left_pad(self.mask, length, 1), _left_pad(mask, length, 1)])
             self.pos, self.last = torch.cat([self.pos, pos]), torch.cat([self.last, last])
         self.keys += keys
         self.rows += rows
-        self.cache = _cache(self.kv)
+        self.cache = self._kind.cache(self.layers)
 
     def remove(self, keep: list[int]) -> None:
         """Keep only rows `keep` (indices); frees the others' cache at once and trims
@@ -461,18 +535,17 @@ class DecodeBatch:
         if len(keep) == len(self.rows):
             return
         if not keep:
-            self.keys, self.rows, self.kv, self.cache, self.mask, self.pos, self.last = [], [], None, None, None, None, None
+            self.keys, self.rows, self.layers, self.cache, self.mask, self.pos, self.last = [], [], None, None, None, None, None
             return
-        self.kv = _layers(self.cache)
         sel = torch.tensor(keep)
         mask = self.mask.index_select(0, sel)
         used = mask.any(0).nonzero()
         start = int(used[0]) if len(used) else 0
-        self.kv = [(k.index_select(0, sel)[:, :, start:].contiguous(), v.index_select(0, sel)[:, :, start:].contiguous())
-                   for k, v in self.kv]
+        self.layers = [self._kind.select(layer, keep, start)
+                       for layer in self._kind.current(self.cache, self.layers)]
         self.mask, self.pos, self.last = mask[:, start:], self.pos.index_select(0, sel), self.last.index_select(0, sel)
         self.keys, self.rows = [self.keys[i] for i in keep], [self.rows[i] for i in keep]
-        self.cache = _cache(self.kv)
+        self.cache = self._kind.cache(self.layers)
 
     def cancel(self, which: Callable[[object], bool]) -> list[Event]:
         """Drop the rows whose key `which` says to; each ends as "cancelled"."""
