@@ -162,9 +162,11 @@ def main(argv=None) -> C.Result:
     ap.add_argument("--servers", default="ours-embedded,ours-vllm",
                     help="which of ours to compare with plain vLLM (comma-separated: ours-embedded, ours-vllm)")
     args = ap.parse_args(argv)
-    bad = set(args.servers.split(",")) - {"ours-embedded", "ours-vllm"}
-    if bad or not args.servers:
-        ap.error(f"--servers: unknown {', '.join(sorted(bad)) or 'empty list'} (ours-embedded, ours-vllm)")
+    names = [x.strip() for x in args.servers.split(",") if x.strip()]
+    bad = sorted(set(names) - {"ours-embedded", "ours-vllm"})
+    if bad or not names:
+        ap.error(f"--servers: {'unknown ' + ', '.join(bad) if bad else 'none named'} (ours-embedded, ours-vllm)")
+    args.servers = ",".join(dict.fromkeys(names))        # each once, in the order given
     if args.quick:                     # the small preset: vLLM's CPU attention has no kernel for tiny's head_dim
         args.quick, args.preset, args.repeats, args.prompts, args.tokens = False, "small", 1, 16, 16
     return run(args)

@@ -12,7 +12,7 @@ from transplant_core import generation, transplant as tp
 from transplant_core.arch import build_table
 from transplant_core.checkpoint import DictTensors, load_model
 from transplant_core.errors import InvalidArgument
-from transplant_core.generation import DecodeBatch, SamplingParams, cache_argument, generate
+from transplant_core.generation import DecodeBatch, SamplingParams, SpliceUnsupported, cache_argument, generate
 from transplant_core.kernels import ENV, MIN_ELEMENTS, OneDNNLinear, use_onednn
 from transplant_core.kvcache import SPARE, SpareLayer
 from transplant_core.refs import ModuleRef
@@ -59,10 +59,12 @@ def test_large_linear_layers_load_on_onednn_and_compute_what_torch_computes(wide
         got = model(**x).logits
         want = plain_copy(model)(**x).logits
     assert calls == 6                                             # the kernel really ran, once per layer
-    assert torch.allclose(got, want, rtol=1e-4, atol=1e-4) and not torch.equal(got, want)
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
 def test_the_kernel_can_be_turned_off_and_a_bad_choice_is_named(wide, monkeypatch):
+    monkeypatch.setenv(ENV, "")                                   # empty, as in env templates: the default
+    assert any(isinstance(m, OneDNNLinear) for m in load_model(str(wide[0]))[0].modules())
     monkeypatch.setenv(ENV, "torch")
     model, _, _ = load_model(str(wide[0]))
     assert not any(isinstance(m, OneDNNLinear) for m in model.modules())
@@ -110,6 +112,11 @@ def test_autograd_and_other_dtypes_fall_back_to_torch(monkeypatch):
         xb = x.detach().to(torch.bfloat16)
         assert onednn_calls(lambda: half(xb)) == 0
         assert torch.equal(half(xb), nn.functional.linear(xb, half.weight, half.bias))
+    strided = OneDNNLinear(1024, 512)                              # a bias oneDNN would misread: torch's
+    strided.bias = nn.Parameter(torch.randn(1024)[::2])
+    with torch.no_grad():
+        assert onednn_calls(lambda: strided(x)) == 0
+        assert torch.equal(strided(x), nn.functional.linear(x, strided.weight, strided.bias))
     small = nn.Linear(128, 384)
     assert use_onednn(nn.Sequential(small)) == 0 and type(small) is nn.Linear
 
@@ -144,6 +151,35 @@ def test_a_spare_layer_writes_in_place_until_full_then_grows_keeping_its_content
         assert torch.equal(got_k, ref_k) and torch.equal(got_v, ref_v)
         assert (layer._k.data_ptr() == buf) == (step < SPARE)       # no copy until the room runs out
         assert layer.get_seq_length() == 6 + step
+
+
+def test_what_would_put_a_spare_layer_out_of_step_is_refused():
+    layer = SpareLayer.assemble([(torch.zeros(1, 1, 2, 4), torch.zeros(1, 1, 2, 4))], 2)
+    for call in (lambda: layer.crop(-1), lambda: layer.reorder_cache(torch.tensor([0])), layer.reset,
+                 lambda: layer.batch_select_indices(torch.tensor([0]))):
+        with pytest.raises(NotImplementedError, match="only grows"):
+            call()
+
+
+def test_a_cache_with_more_state_than_keys_and_values_is_left_to_the_model(tokenizer):
+    """MiniMax's cache (full and linear attention layers) is a DynamicCache subclass whose
+    linear layers hold no keys: generate keeps the model's own cache, the continuous
+    batch refuses it by name."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from transplant_core.zoo.tokenizer import VOCAB_SIZE
+
+    torch.manual_seed(0)
+    cfg = AutoConfig.for_model("minimax", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_local_experts=2,
+                               num_experts_per_tok=1, max_position_embeddings=128, vocab_size=VOCAB_SIZE,
+                               pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    ids = tokenizer("hello")["input_ids"]
+    got = generate(model, tokenizer, ["hello"], SamplingParams(max_new_tokens=6, ignore_eos=True))[0]
+    assert got.token_ids == own_cache_greedy(model, ids, 6)
+    with pytest.raises(SpliceUnsupported, match="MiniMaxForCausalLM's KV cache is not a plain dynamic cache"):
+        DecodeBatch(model, tokenizer).add([(0, ids, SamplingParams(max_new_tokens=3))])
 
 
 def test_joining_and_leaving_rows_splice_spare_layers_exactly():

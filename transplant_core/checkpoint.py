@@ -175,6 +175,7 @@ def load_model(spec: str, allow_pickle: bool = False, dtype: torch.dtype | None 
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()   # our own progress is shown where work is long
+    fast = kernels.wanted()             # a bad TRANSPLANT_LINEAR_KERNEL is refused before the load
     path = resolve_model_path(spec)
     files = weight_files(path, allow_pickle)
     check_causal_lm(path)
@@ -196,7 +197,7 @@ def load_model(spec: str, allow_pickle: bool = False, dtype: torch.dtype | None 
         raise InvalidArgument(f"{path} does not hold the weights of its {type(model).__name__}: "
                               + "; ".join(problems) + ". Refusing it rather than serving random weights")
     model.eval()
-    if kernels.wanted():
+    if fast:
         kernels.use_onednn(model)
     return model, load_tokenizer(path, spec), path
 

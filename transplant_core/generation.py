@@ -354,10 +354,10 @@ class Event:
 def _layers(cache) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
     """Per-layer (keys, values) of a transformers cache, or None where the cache is not
     plain full attention (sliding windows, quantised, ...): those cannot be spliced."""
-    if cache is None:
-        return None
+    if cache is None or type(cache).__name__ != "DynamicCache":     # subclasses hold more state (MiniMax's
+        return None                                                  # linear attention, ...): not ours to move
     if hasattr(cache, "layers"):                 # transformers >= 4.56
-        if any(type(layer).__name__ != "DynamicLayer" for layer in cache.layers):
+        if any(type(layer).__name__ != "DynamicLayer" or layer.keys is None for layer in cache.layers):
             return None
         return [(layer.keys, layer.values) for layer in cache.layers]
     if hasattr(cache, "key_cache"):              # older transformers
@@ -517,17 +517,16 @@ class DecodeBatch:
         """The new rows' cache `kv` (per layer) below the batch's, both left-padded to the longer."""
         if self.cache is None:
             length = mask.shape[1]
-            self.layers = [self._kind.assemble([part], length) for part in kv]
-            self.mask, self.pos, self.last = mask, pos, last
+            layers = [self._kind.assemble([part], length) for part in kv]
         else:
-            old = self._kind.current(self.cache, self.layers)
             length = max(self.mask.shape[1], mask.shape[1])
-            self.layers = [self._kind.assemble([_kv(a), b], length) for a, b in zip(old, kv)]
-            self.mask = torch.cat([_left_pad(self.mask, length, 1), _left_pad(mask, length, 1)])
-            self.pos, self.last = torch.cat([self.pos, pos]), torch.cat([self.last, last])
-        self.keys += keys
-        self.rows += rows
-        self.cache = self._kind.cache(self.layers)
+            layers = [self._kind.assemble([_kv(a), b], length)
+                      for a, b in zip(self._kind.current(self.cache, self.layers), kv)]
+            mask = torch.cat([_left_pad(self.mask, length, 1), _left_pad(mask, length, 1)])
+            pos, last = torch.cat([self.pos, pos]), torch.cat([self.last, last])
+        cache = self._kind.cache(layers)         # all built before any is replaced: a failure changes nothing
+        self.layers, self.cache, self.mask, self.pos, self.last = layers, cache, mask, pos, last
+        self.keys, self.rows = self.keys + keys, self.rows + rows
 
     def remove(self, keep: list[int]) -> None:
         """Keep only rows `keep` (indices); frees the others' cache at once and trims
@@ -541,11 +540,11 @@ class DecodeBatch:
         mask = self.mask.index_select(0, sel)
         used = mask.any(0).nonzero()
         start = int(used[0]) if len(used) else 0
-        self.layers = [self._kind.select(layer, keep, start)
-                       for layer in self._kind.current(self.cache, self.layers)]
+        layers = [self._kind.select(layer, keep, start) for layer in self._kind.current(self.cache, self.layers)]
+        cache = self._kind.cache(layers)
+        self.layers, self.cache = layers, cache
         self.mask, self.pos, self.last = mask[:, start:], self.pos.index_select(0, sel), self.last.index_select(0, sel)
         self.keys, self.rows = [self.keys[i] for i in keep], [self.rows[i] for i in keep]
-        self.cache = self._kind.cache(self.layers)
 
     def cancel(self, which: Callable[[object], bool]) -> list[Event]:
         """Drop the rows whose key `which` says to; each ends as "cancelled"."""

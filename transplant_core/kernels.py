@@ -13,8 +13,8 @@ replaces the parameter is read by the next forward as before, and copies of the 
 Below `MIN_ELEMENTS` weight elements oneDNN's per-call overhead makes it slower than MKL
 (a 256 x 704 matmul: 0.99x at 8 rows; 128 x 384: about 0.35x), so those stay on torch's
 kernel. Anything the kernel does not cover falls back to `F.linear` per call: other dtypes
-than float32, tensors off the CPU (or on the meta device), and autograd (the kernel has no
-backward). Results equal torch's within float32 rounding (the reduction order differs), so
+than float32, tensors off the CPU (or on the meta device), a bias that is not contiguous
+(oneDNN would misread it), and autograd (the kernel has no backward). Results equal torch's within float32 rounding (the reduction order differs), so
 greedy decoding can pick another token where two logits tie to ~1e-6; set
 `TRANSPLANT_LINEAR_KERNEL=torch` to keep torch's kernel everywhere (e.g. to compare tokens
 bit for bit with plain transformers).
@@ -34,12 +34,14 @@ ENV = "TRANSPLANT_LINEAR_KERNEL"
 
 
 def available() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    return (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
 
 def wanted() -> bool:
-    """Whether loaders should switch models to oneDNN: unless TRANSPLANT_LINEAR_KERNEL=torch."""
-    choice = os.environ.get(ENV, "onednn").strip().lower()
+    """Whether loaders should switch models to oneDNN: unless TRANSPLANT_LINEAR_KERNEL=torch
+    (unset or empty: onednn)."""
+    choice = os.environ.get(ENV, "").strip().lower() or "onednn"
     if choice not in ("onednn", "torch"):
         raise InvalidArgument(f"{ENV} must be 'onednn' or 'torch', not {choice!r}")
     return choice == "onednn" and available()
@@ -51,7 +53,7 @@ class OneDNNLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w, b = self.weight, self.bias
         if (x.dtype is torch.float32 and w.dtype is torch.float32 and x.device.type == "cpu"
-                and w.device.type == "cpu" and (b is None or b.dtype is torch.float32)
+                and w.device.type == "cpu" and (b is None or (b.dtype is torch.float32 and b.is_contiguous()))
                 and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad
                                                       or (b is not None and b.requires_grad)))):
             return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")

@@ -77,6 +77,20 @@ class SpareLayer(DynamicLayer):
         return self.keys, self.values
 
 
+def _unsupported(name: str):
+    def refuse(self, *args, **kwargs):
+        raise NotImplementedError(f"SpareLayer.{name}: a continuous batch's cache layer only grows "
+                                  "(update) and is rebuilt to splice rows (assemble, select)")
+    return refuse
+
+
+# what would change keys/values behind the buffers' back (beam search, assisted decoding,
+# offloading, cropping): refused rather than silently out of step with the next update
+for _name in ("crop", "reset", "reorder_cache", "batch_repeat_interleave", "batch_select_indices", "offload",
+              "prefetch"):
+    setattr(SpareLayer, _name, _unsupported(_name))
+
+
 def cache(layers: list[SpareLayer]) -> DynamicCache:
     """A transformers cache over these layers."""
     c = DynamicCache()
