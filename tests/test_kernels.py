@@ -153,12 +153,30 @@ def test_a_spare_layer_writes_in_place_until_full_then_grows_keeping_its_content
         assert layer.get_seq_length() == 6 + step
 
 
-def test_what_would_put_a_spare_layer_out_of_step_is_refused():
-    layer = SpareLayer.assemble([(torch.zeros(1, 1, 2, 4), torch.zeros(1, 1, 2, 4))], 2)
-    for call in (lambda: layer.crop(-1), lambda: layer.reorder_cache(torch.tensor([0])), layer.reset,
-                 lambda: layer.batch_select_indices(torch.tensor([0]))):
-        with pytest.raises(NotImplementedError, match="only grows"):
-            call()
+@pytest.mark.parametrize("op", ["crop", "reorder_cache", "batch_select_indices", "batch_repeat_interleave",
+                                "reset", "offload_prefetch"])
+def test_transformers_own_layer_methods_work_on_a_spare_layer(op):
+    """What beam search, assisted decoding or offloading do to a cache layer leaves a
+    SpareLayer equal to transformers' DynamicLayer, before and after the next updates."""
+    from transformers.cache_utils import DynamicLayer
+
+    torch.manual_seed(0)
+    k, v = torch.randn(3, 2, 6, 4), torch.randn(3, 2, 6, 8)
+    ours, theirs = SpareLayer.assemble([(k, v)], 6), DynamicLayer()
+    theirs.update(k, v)
+    for layer in (ours, theirs):
+        {"crop": lambda: layer.crop(-2), "reorder_cache": lambda: layer.reorder_cache(torch.tensor([2, 0, 0])),
+         "batch_select_indices": lambda: layer.batch_select_indices(torch.tensor([1, 2])),
+         "batch_repeat_interleave": lambda: layer.batch_repeat_interleave(2), "reset": layer.reset,
+         "offload_prefetch": lambda: (layer.offload(), layer.prefetch())}[op]()
+    assert ours.get_seq_length() == theirs.get_seq_length()
+    rows = {"batch_select_indices": 2, "batch_repeat_interleave": 6}.get(op, 3)
+    for _ in range(SPARE + 2):                                       # past a reallocation
+        nk, nv = torch.randn(rows, 2, 1, 4), torch.randn(rows, 2, 1, 8)
+        a, b = ours.update(nk, nv), theirs.update(nk, nv)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    kept = ours.select([0], 1)
+    assert torch.equal(kept.keys, theirs.keys[[0], :, 1:])
 
 
 def test_a_cache_with_more_state_than_keys_and_values_is_left_to_the_model(tokenizer):

@@ -11,7 +11,9 @@ attention reads, as before). When the room runs out the buffers are reallocated 
 The continuous batch (`transplant_core.generation.DecodeBatch`) builds these layers
 itself when rows join (`assemble`: several row groups, each left-padded with zeros to
 one length, one copy) or leave (`select`: the kept rows, columns from `start` on, one
-copy). Needs transformers >= 4.56 (cache layers); older versions keep `DynamicCache`.
+copy). DynamicLayer's own methods (crop, reorder_cache, batch_select_indices, reset, ...)
+still work: they replace `keys`/`values`, which the next `update` or `select` takes as the
+data. Needs transformers >= 4.56 (cache layers); older versions keep `DynamicCache`.
 """
 from __future__ import annotations
 
@@ -26,9 +28,12 @@ class SpareLayer(DynamicLayer):
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, length: int):
         """Over buffers [rows, heads, capacity, dim] of which the first `length` positions hold data."""
         super().__init__()
-        self._k, self._v, self._n = keys, values, length
-        self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
-        self.keys, self.values = keys[:, :, :length], values[:, :, :length]
+        self._use(keys, values, length)
+
+    def _use(self, k: torch.Tensor, v: torch.Tensor, length: int) -> None:
+        self._k, self._v, self._n = k, v, length
+        self.dtype, self.device, self.is_initialized = k.dtype, k.device, True
+        self.keys, self.values = self._views = k[:, :, :length], v[:, :, :length]
 
     @staticmethod
     def _buffer(like: torch.Tensor, rows: int, length: int) -> torch.Tensor:
@@ -54,6 +59,7 @@ class SpareLayer(DynamicLayer):
 
     def select(self, rows: list[int], start: int) -> "SpareLayer":
         """A new layer of rows `rows` (indices), positions `start` on."""
+        self._sync(self._k, self._v)
         length = self._n - start
         bufs = []
         for src in (self._k, self._v):
@@ -64,6 +70,7 @@ class SpareLayer(DynamicLayer):
         return SpareLayer(bufs[0], bufs[1], length)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        self._sync(key_states, value_states)
         n = self._n + key_states.shape[-2]
         if n > self._k.shape[2]:
             k, v = self._buffer(self._k, self._k.shape[0], n), self._buffer(self._v, self._v.shape[0], n)
@@ -72,23 +79,24 @@ class SpareLayer(DynamicLayer):
             self._k, self._v = k, v
         self._k[:, :, self._n:n].copy_(key_states)
         self._v[:, :, self._n:n].copy_(value_states)
-        self._n = n
-        self.keys, self.values = self._k[:, :, :n], self._v[:, :, :n]
+        self._use(self._k, self._v, n)
         return self.keys, self.values
 
-
-def _unsupported(name: str):
-    def refuse(self, *args, **kwargs):
-        raise NotImplementedError(f"SpareLayer.{name}: a continuous batch's cache layer only grows "
-                                  "(update) and is rebuilt to splice rows (assemble, select)")
-    return refuse
-
-
-# what would change keys/values behind the buffers' back (beam search, assisted decoding,
-# offloading, cropping): refused rather than silently out of step with the next update
-for _name in ("crop", "reset", "reorder_cache", "batch_repeat_interleave", "batch_select_indices", "offload",
-              "prefetch"):
-    setattr(SpareLayer, _name, _unsupported(_name))
+    def _sync(self, like_k: torch.Tensor, like_v: torch.Tensor) -> None:
+        """Where `keys`/`values` were replaced by one of transformers' own methods (crop,
+        reorder_cache, batch_select_indices, batch_repeat_interleave, reset, offload,
+        prefetch, all inherited from DynamicLayer), take them as the data."""
+        if self.keys is self._views[0] and self.values is self._views[1]:
+            return
+        k, v = self.keys, self.values
+        if k is None or v is None or k.numel() == 0:                 # reset: start again from nothing
+            rows = like_k.shape[0]
+            self._use(self._buffer(like_k, rows, 0), self._buffer(like_v, rows, 0), 0)
+            return
+        bk, bv = self._buffer(k, k.shape[0], k.shape[2]), self._buffer(v, v.shape[0], v.shape[2])
+        bk[:, :, :k.shape[2]].copy_(k)
+        bv[:, :, :v.shape[2]].copy_(v)
+        self._use(bk, bv, k.shape[2])
 
 
 def cache(layers: list[SpareLayer]) -> DynamicCache:
