@@ -26,7 +26,7 @@ WIDE = dict(hidden_size=512, intermediate_size=1024, num_hidden_layers=2, num_at
 @pytest.fixture(scope="module")
 def wide(tmp_path_factory):
     d = tmp_path_factory.mktemp("wide")
-    return save(make_model("llama", 0, **WIDE), d / "target"), save(make_model("llama", 1, **WIDE), d / "donor")
+    return save(make_model("llama", 0, **WIDE), d / "target"), save(make_model("llama", 1, **WIDE), d / "donors" / "donor")
 
 
 def onednn_calls(fn) -> int:
@@ -250,3 +250,38 @@ def test_the_continuous_batch_equals_transformers_own_cache(kind, tokenizer, mon
     assert in_place >= 60 or kind == "cat"      # of the ~70 steps with no row joining or leaving
     for i, p in enumerate(prompts):
         assert got[i].token_ids == own_cache_greedy(model, tokenizer(p)["input_ids"], lengths[i])
+
+
+def test_the_server_on_the_kernel_answers_each_generation_s_own_text_under_swaps(wide, tmp_path, monkeypatch):
+    """The embedded server on a model whose MLPs run on oneDNN: gRPC and the official openai
+    client send greedy requests while transplants of those MLPs and reverts run; none
+    fails, and every reply equals its reported generation's own greedy text (the
+    generation's model, on the same kernel)."""
+    from serverkit import Clients, config, load_during_swaps, start
+
+    from server.rpc import admin_pb2 as A
+    from transplant_core.generation import greedy
+
+    monkeypatch.delenv(ENV, raising=False)
+    s = start(config(tmp_path, wide[0], [wide[1].parent], watch_donor_roots=False, probes=[]))
+    c = Clients(s.grpc_port, s.token)
+    try:
+        c.admin("RegisterDonor", A.RegisterDonorRequest(name="donor", path=str(wide[1])))
+        prompts = ["hello", "the quick brown", "add:1+2=", "Q", "sort:dcba="]
+        results, errors = load_during_swaps(s, c, 3, prompts, n=10, donor="donor", modules=("layers.*.mlp.*",),
+                                            grpc_clients=3, http_clients=2, per_swap=4)
+        assert not errors, errors[:3]
+        gens = sorted({r["generation"] for r in results})
+        assert len(gens) >= 3 and {r["api"] for r in results} == {"grpc", "http"}, gens
+        texts = {}
+        for g in gens:
+            model = s.runtime.gens.materialize(g)
+            assert isinstance(model.model.layers[1].mlp.down_proj, OneDNNLinear)
+            texts[g] = {p: greedy(model, s.runtime.tokenizer, [p], 10)[0].text for p in prompts}
+            for r in results:
+                if r["generation"] == g:
+                    assert r["text"] == texts[g][r["prompt"]] and not r["spans"], (g, r)
+        assert any(texts[gens[0]][p] != texts[gens[1]][p] for p in prompts)   # a mix would have been caught
+    finally:
+        c.close()
+        s.stop(2)
