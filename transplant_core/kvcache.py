@@ -43,6 +43,10 @@ class SpareLayer(DynamicLayer):
     def assemble(cls, parts: list[tuple[torch.Tensor, torch.Tensor]], length: int) -> "SpareLayer":
         """The rows of every (keys, values) part [rows_i, heads, length_i, dim], in order, each
         left-padded with zeros to `length` (padding is masked, but must not be NaN)."""
+        return cls(*cls._stack(parts, length), length)
+
+    @classmethod
+    def _stack(cls, parts: list[tuple[torch.Tensor, torch.Tensor]], length: int) -> list[torch.Tensor]:
         rows = sum(k.shape[0] for k, _ in parts)
         bufs = []
         for which in (0, 1):
@@ -55,7 +59,7 @@ class SpareLayer(DynamicLayer):
                 buf[r:r + b, :, pad:length].copy_(t)
                 r += b
             bufs.append(buf)
-        return cls(bufs[0], bufs[1], length)
+        return bufs
 
     def select(self, rows: list[int], start: int) -> "SpareLayer":
         """A new layer of rows `rows` (indices), positions `start` on."""
@@ -93,10 +97,7 @@ class SpareLayer(DynamicLayer):
             rows = like_k.shape[0]
             self._use(self._buffer(like_k, rows, 0), self._buffer(like_v, rows, 0), 0)
             return
-        bk, bv = self._buffer(k, k.shape[0], k.shape[2]), self._buffer(v, v.shape[0], v.shape[2])
-        bk[:, :, :k.shape[2]].copy_(k)
-        bv[:, :, :v.shape[2]].copy_(v)
-        self._use(bk, bv, k.shape[2])
+        self._use(*self._stack([(k, v)], k.shape[2]), k.shape[2])
 
 
 def cache(layers: list[SpareLayer]) -> DynamicCache:
